@@ -1,0 +1,97 @@
+"""The public entry point: `lmlab.load(source)` -> `LM`, a model with its tokenizer and a generate method.
+
+`source` may be an lmlab checkpoint directory, a training run directory (its best checkpoint), or an HF
+transformers checkpoint directory (config.json + safetensors). GGUF files and named pretrained models
+come with the pretrained-models work.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.config import ModelConfig
+from lmlab.errors import LmlabError
+from lmlab.generate import SamplingConfig, generate_text, stream_text
+from lmlab.model import Transformer
+from lmlab.tokenizer import Tokenizer
+from lmlab.utils import resolve_device, resolve_dtype
+
+
+@dataclass
+class LM:
+    """A loaded model: `.model` maps LongTensor (B, T) to logits (B, T, vocab); `.tokenizer` encodes text."""
+
+    model: Transformer
+    tokenizer: Tokenizer | None
+    source: str
+    meta: dict[str, Any] | None = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.wte.weight.device
+
+    def _tok(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise LmlabError(f"{self.source} has no tokenizer (tokenizer.json), so it cannot take text; "
+                             "pass token ids to .model, or add the tokenizer file")
+        return self.tokenizer
+
+    def generate(self, prompt: str | list[str], max_new_tokens: int = 256, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 seed: int | None = None, stop: str | tuple[str, ...] | list[str] = (), truncate: bool = False,
+                 on_text: Callable[[str], None] | None = None) -> str | list[str]:
+        """The continuation of `prompt` (a list of prompts gives a list, generated as one batch).
+
+        temperature=0 is greedy; top_k=0, top_p=1 and min_p=0 switch those filters off. Generation stops at
+        the tokenizer's EOS, at any string in `stop` (not included in the result), or after max_new_tokens.
+        `on_text(delta)` receives the text as it is produced (single prompt only)."""
+        s = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                           stop=(stop,) if isinstance(stop, str) else tuple(stop), truncate=truncate)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        callback = None
+        if on_text is not None:
+            if len(prompts) != 1:
+                raise LmlabError("on_text streaming takes a single prompt; use .stream per prompt")
+            callback = lambda row, delta: on_text(delta)  # noqa: E731
+        out = generate_text(self.model, self._tok(), prompts, s, callback)
+        return out[0] if isinstance(prompt, str) else out
+
+    def stream(self, prompt: str, **kwargs) -> Iterator[str]:
+        """Yield the continuation of `prompt` piece by piece (same settings as generate)."""
+        s = SamplingConfig(**kwargs)
+        for _, delta in stream_text(self.model, self._tok(), [prompt], s):
+            yield delta
+
+
+def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
+         dtype: str | torch.dtype | None = None) -> LM:
+    """Load a model for inference (eval mode). dtype defaults to float32."""
+    from lmlab.checkpoint import load_model, resolve_checkpoint
+    from lmlab.weights.hf import is_hf_dir, load_hf_dir
+
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    path = Path(source)
+    if not path.exists():
+        raise LmlabError(f"model not found: {source} is neither an existing path nor a known model name")
+    ckpt = resolve_checkpoint(path) if path.is_dir() else None
+    if ckpt is not None:
+        model, tok, meta = load_model(ckpt, dev, dt)
+        return LM(model, tok, str(ckpt), meta)
+    if is_hf_dir(path):
+        model, tok = load_hf_dir(path, dev, dt)
+        return LM(model, tok, str(path))
+    if path.suffix == ".gguf":
+        raise LmlabError(f"{source}: GGUF files are not supported yet; use an HF safetensors directory")
+    raise LmlabError(f"{source} is not a model: expected an lmlab checkpoint or run directory (lmlab.json) "
+                     "or an HF directory (config.json + *.safetensors)")

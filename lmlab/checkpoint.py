@@ -1,0 +1,122 @@
+"""Our checkpoint format: a directory of plain, portable files, written atomically.
+
+    model.safetensors   weights under our module names (tied head stored once)
+    lmlab.json          {"format": "lmlab", "version": 1, "config": {...}, "tokenizer": {...}, ...extra}
+    tokenizer.json      the tokenizer file (char or HF tokenizers JSON)
+
+A save builds the new directory beside the old one and swaps it in with renames, so a crash or a full
+disk mid-save leaves the previous checkpoint intact. A run directory holds `best/` and `last/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.config import ModelConfig
+from lmlab.errors import LmlabError
+from lmlab.model import Transformer
+from lmlab.tokenizer import Tokenizer, load_tokenizer, tokenizer_meta
+
+META = "lmlab.json"
+FORMAT_VERSION = 1
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / META).is_file()
+
+
+def resolve_checkpoint(path: Path) -> Path | None:
+    """A checkpoint dir itself, or a run dir's best/ (falling back to last/), or None."""
+    for candidate in (path, path / "best", path / "last"):
+        if is_checkpoint(candidate):
+            return candidate
+    return None
+
+
+def save_model(path: str | os.PathLike, model: Transformer, tokenizer: Tokenizer | None,
+               extra: dict[str, Any] | None = None, files: dict[str, bytes] | None = None) -> Path:
+    """Write model (+ tokenizer, + extra JSON fields, + extra files) as a checkpoint directory, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if model.cfg.tie_embeddings:
+            state.pop("lm_head.weight", None)  # the same tensor as wte.weight
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        meta = {"format": "lmlab", "version": FORMAT_VERSION, "config": model.cfg.to_dict(),
+                "tokenizer": tokenizer_meta(tokenizer) if tokenizer is not None else None, **(extra or {})}
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.json")
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)
+        (tmp / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        for f in tmp.iterdir():  # durable before it becomes visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Replace directory `path` by `new`: rename the old one aside, rename the new one in, drop the old."""
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(new, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LmlabError(f"{path / META} is not valid JSON ({e}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or meta.get("format") != "lmlab" or "config" not in meta:
+        raise LmlabError(f"{path / META} is not an lmlab checkpoint description")
+    if meta.get("version", 0) > FORMAT_VERSION:
+        raise LmlabError(f"{path} was written by a newer lmlab (format {meta['version']}); upgrade lmlab")
+    return meta
+
+
+def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, Tokenizer | None, dict]:
+    """A checkpoint directory -> (model in eval mode, tokenizer or None, its lmlab.json)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from lmlab.weights.hf import finish_load
+
+    meta = read_meta(path)
+    cfg = ModelConfig.from_dict(meta["config"])
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except FileNotFoundError:
+        raise LmlabError(f"{path / 'model.safetensors'} is missing; the checkpoint is incomplete") from None
+    except (SafetensorError, OSError) as e:
+        raise LmlabError(f"{path / 'model.safetensors'} is unreadable ({e}); it may be truncated") from None
+    try:
+        finish_load(model, state)
+    except RuntimeError as e:
+        raise LmlabError(f"{path}: weights do not match lmlab.json's config ({str(e).splitlines()[0]})") from None
+    model.to(device=device, dtype=dtype).eval()
+    tokenizer = None
+    if meta.get("tokenizer") is not None:
+        tokenizer = load_tokenizer(path / "tokenizer.json", meta["tokenizer"])
+    return model, tokenizer, meta

@@ -1,0 +1,200 @@
+"""Model configuration: one frozen dataclass for the GPT-2 and Llama families, and the named presets.
+
+Every architectural knob lives here once, is validated once in `__post_init__`, and reaches the model
+only through this object. The two families differ only in field values (litgpt's approach):
+
+    GPT-2 (Radford et al. 2019)  pos=learned  norm=layernorm  mlp=gelu    bias=True   tie_embeddings=True
+    Llama (Touvron et al. 2023)  pos=rope     norm=rmsnorm    mlp=swiglu  bias=False  n_kv_heads < n_heads
+
+`family` picks those defaults; any field given explicitly wins. Presets give the published shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from lmlab.errors import LmlabError, closest, unknown
+
+FAMILIES = ("gpt2", "llama")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+MLPS = ("gelu", "swiglu")
+ROPE_SCALINGS = ("none", "llama3")
+INITS = ("gpt2", "xavier", "orthogonal")
+
+# What `family` implies for fields left unset (None).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", bias=True, tie_embeddings=True, norm_eps=1e-5),
+    "llama": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, tie_embeddings=False, norm_eps=1e-5),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of one decoder-only Transformer. Unset (None) fields take the family's default."""
+
+    family: str = "gpt2"
+    vocab_size: int = 50257
+    context_length: int = 1024
+    d_model: int = 768  # embedding (residual stream) width
+    d_ff: int | None = None  # MLP hidden width; default 4*d_model (gelu) or Llama's 8/3 rule (swiglu)
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # < n_heads means grouped-query attention; default n_heads
+    bias: bool | None = None  # biases in every linear layer and norm, as GPT-2 has
+    qkv_bias: bool | None = None  # biases on q/k/v alone (Qwen-style); default = bias
+    norm: str | None = None
+    norm_eps: float | None = None
+    pos: str | None = None
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # "llama3": Llama 3.1's frequency-dependent context extension
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
+    mlp: str | None = None
+    tie_embeddings: bool | None = None
+    dropout: float = 0.0  # default rate for every dropout site
+    dropout_embed: float | None = None  # on token + position embeddings
+    dropout_attn: float | None = None  # on attention probabilities (SDPA's dropout_p)
+    dropout_resid: float | None = None  # on each sub-layer output before the residual add
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise unknown("family", self.family, FAMILIES)
+        resolved = dict(FAMILY_DEFAULTS[self.family])
+        resolved["n_kv_heads"] = self.n_heads
+        for site in ("dropout_embed", "dropout_attn", "dropout_resid"):
+            resolved[site] = self.dropout
+        for name, default in resolved.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        if self.qkv_bias is None:
+            object.__setattr__(self, "qkv_bias", self.bias)
+        if self.d_ff is None:
+            object.__setattr__(self, "d_ff", default_d_ff(self.d_model, self.mlp))
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("vocab_size", "context_length", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads",
+                     "rope_original_context"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LmlabError(f"config field {name} must be a positive integer, got {value!r}")
+        for name, choices in (("norm", NORMS), ("pos", POSITIONS), ("mlp", MLPS), ("rope_scaling", ROPE_SCALINGS)):
+            if getattr(self, name) not in choices:
+                raise unknown(f"config value for {name}:", getattr(self, name), choices)
+        for name in ("bias", "qkv_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise LmlabError(f"config field {name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("dropout", "dropout_embed", "dropout_attn", "dropout_resid"):
+            check_rate(name, getattr(self, name))
+        for name in ("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise LmlabError(f"config field {name} must be a positive number, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise LmlabError(f"config: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise LmlabError(f"config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise LmlabError(f"config: rope needs an even head dimension, got d_model/n_heads = {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed, validated again. Unknown names get a suggestion.
+
+        Fields that were following a default keep following it: changing `n_heads` of a config whose
+        `n_kv_heads` equalled `n_heads` moves both, and changing `dropout` moves every site still at it.
+        """
+        check_keys(changes, ModelConfig)
+        d = self.to_dict()
+        following = dict(FAMILY_DEFAULTS[self.family], n_kv_heads=self.n_heads, qkv_bias=self.bias,
+                         d_ff=default_d_ff(self.d_model, self.mlp), dropout_embed=self.dropout,
+                         dropout_attn=self.dropout, dropout_resid=self.dropout)
+        for name, default in following.items():
+            if name not in changes and d[name] == default:
+                d[name] = None
+        d.update(changes)
+        return ModelConfig(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        check_keys(d, cls)
+        return cls(**d)
+
+    def num_params(self) -> int:
+        """Exact parameter count, computed from the shapes (the model's own count must agree)."""
+        d, ff, hd = self.d_model, self.d_ff, self.head_dim
+        n_norm = 2 if (self.norm == "layernorm" and self.bias) else 1
+        qkv = d * (self.n_heads + 2 * self.n_kv_heads) * hd + (self.n_heads + 2 * self.n_kv_heads) * hd * self.qkv_bias
+        attn = qkv + d * d + d * self.bias
+        n_up = 2 if self.mlp == "swiglu" else 1
+        mlp = n_up * (d * ff + ff * self.bias) + ff * d + d * self.bias
+        block = attn + mlp + 2 * n_norm * d
+        emb = self.vocab_size * d + (self.context_length * d if self.pos == "learned" else 0)
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return emb + self.n_layers * block + n_norm * d + head
+
+
+def default_d_ff(d_model: int, mlp: str | None) -> int:
+    """4*d for GELU; for SwiGLU, Llama's 2/3 * 4d rounded up to a multiple of 256 (same FLOPs as 4d GELU)."""
+    if mlp == "swiglu":
+        return 256 * math.ceil(int(8 * d_model / 3) / 256)
+    return 4 * d_model
+
+
+def check_rate(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise LmlabError(f"{name} must be a rate in [0, 1), got {value!r}")
+
+
+def check_keys(d: dict[str, Any], cls: type) -> None:
+    names = [f.name for f in fields(cls)]
+    for key in d:
+        if key not in names:
+            raise LmlabError(f"unknown config key {key!r}{closest(key, names)}")
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # GPT-2 paper sizes (Radford et al. 2019, table 2), with OpenAI's released vocabulary and context.
+    "gpt2-124m": ModelConfig(family="gpt2", n_layers=12, n_heads=12, d_model=768),
+    "gpt2-355m": ModelConfig(family="gpt2", n_layers=24, n_heads=16, d_model=1024),
+    "gpt2-774m": ModelConfig(family="gpt2", n_layers=36, n_heads=20, d_model=1280),
+    "gpt2-1558m": ModelConfig(family="gpt2", n_layers=48, n_heads=25, d_model=1600),
+    # Llama-family shapes, from each model's published config.json.
+    "smollm2-135m": ModelConfig(
+        family="llama", vocab_size=49152, context_length=8192, d_model=576, d_ff=1536, n_layers=30, n_heads=9,
+        n_kv_heads=3, rope_theta=100000.0, tie_embeddings=True),
+    "llama-3.2-1b": ModelConfig(
+        family="llama", vocab_size=128256, context_length=131072, d_model=2048, d_ff=8192, n_layers=16, n_heads=32,
+        n_kv_heads=8, rope_theta=500000.0, rope_scaling="llama3", rope_factor=32.0, tie_embeddings=True),
+    "llama-3.1-8b": ModelConfig(
+        family="llama", vocab_size=128256, context_length=131072, d_model=4096, d_ff=14336, n_layers=32, n_heads=32,
+        n_kv_heads=8, rope_theta=500000.0, rope_scaling="llama3", rope_factor=8.0, tie_embeddings=False),
+    # Small CPU presets. vocab_size is a placeholder: training replaces it with the tokenizer's.
+    # char-baby is nanoGPT's shakespeare_char "baby GPT"; char-cpu its README's CPU-sized variant.
+    "char-baby": ModelConfig(
+        family="gpt2", vocab_size=65, context_length=256, d_model=384, n_layers=6, n_heads=6, bias=False,
+        dropout=0.2),
+    "char-cpu": ModelConfig(
+        family="gpt2", vocab_size=65, context_length=64, d_model=128, n_layers=4, n_heads=4, bias=False, dropout=0.0),
+    "llama-cpu": ModelConfig(
+        family="llama", vocab_size=65, context_length=64, d_model=128, d_ff=352, n_layers=4, n_heads=4, n_kv_heads=2,
+        tie_embeddings=True),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise unknown("preset", name, PRESETS)
+    return PRESETS[name]

@@ -1,0 +1,285 @@
+"""Text generation: pure logit filters, a prefill/decode engine over the static KV cache, and text streaming.
+
+The filters are small pure functions on logits (B, V), applied in the order HF transformers applies its
+logits processors (`GenerationMixin._get_logits_processor`): repetition penalty, then temperature, top-k,
+top-p (Holtzman et al. 2020), min-p (Nguyen et al. 2024). Greedy decoding (temperature 0) applies the
+penalty alone and takes the argmax, as HF does with do_sample=False.
+
+The engine prefills the whole prompt once, then feeds one token per step into the cache: the context is
+never re-run. Prompts of different lengths are left-padded and each row's padding is masked out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lmlab.errors import LmlabError
+from lmlab.model import Transformer
+from lmlab.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each next token, and when to stop. Validated once; errors name the parameter."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off (CTRL, Keskar et al. 2019)
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    truncate: bool = False  # cut a too-long prompt from the left instead of refusing it
+
+    def __post_init__(self) -> None:
+        def number(name: str, value, kind=(int, float)):
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise LmlabError(f"{name} must be a number, got {value!r}")
+
+        number("max_new_tokens", self.max_new_tokens, int)
+        if self.max_new_tokens < 0:
+            raise LmlabError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        number("temperature", self.temperature)
+        if not self.temperature >= 0:
+            raise LmlabError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        number("top_k", self.top_k, int)
+        if self.top_k < 0:
+            raise LmlabError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        number("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise LmlabError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
+        number("min_p", self.min_p)
+        if not 0 <= self.min_p <= 1:
+            raise LmlabError(f"min_p must be in [0, 1] (0 turns it off), got {self.min_p}")
+        number("repetition_penalty", self.repetition_penalty)
+        if not self.repetition_penalty > 0:
+            raise LmlabError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+        if self.seed is not None:
+            number("seed", self.seed, int)
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure filters on logits (B, V). Each returns new logits with removed tokens at -inf.
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make already-seen tokens less likely: positive logits divided by `penalty`, negative ones multiplied.
+    `seen` is a (B, V) boolean mask of the tokens in each row's context."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits / temperature
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k highest logits (ties with the k-th kept too, as HF does)."""
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (nucleus sampling)."""
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - p)  # the low tail holding at most 1-p of the mass
+    remove_sorted[..., -1:] = False  # always keep the most likely token
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def apply_min_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below p times the top token's probability."""
+    probs = logits.softmax(dim=-1)
+    remove = probs < p * probs.amax(dim=-1, keepdim=True)
+    remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, s: SamplingConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """All filters of `s`, in HF's order. Greedy settings apply the repetition penalty alone."""
+    logits = logits.float()
+    if s.repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, s.repetition_penalty)
+    if s.greedy:
+        return logits
+    if s.temperature != 1.0:
+        logits = apply_temperature(logits, s.temperature)
+    if s.top_k:
+        logits = apply_top_k(logits, s.top_k)
+    if s.top_p < 1.0:
+        logits = apply_top_p(logits, s.top_p)
+    if s.min_p:
+        logits = apply_min_p(logits, s.min_p)
+    return logits
+
+
+def select(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None = None,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V): the argmax when greedy, else a draw from the filtered softmax."""
+    logits = process_logits(logits, s, seen)
+    if s.greedy:
+        return logits.argmax(dim=-1)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engine: token ids in, token ids out.
+
+@dataclass
+class Finished:
+    """Why each row stopped: 'eos', 'stop' (a stop string), 'length' (max_new_tokens or the context)."""
+
+    reasons: list[str | None]
+
+
+def fit_prompts(prompts: list[list[int]], s: SamplingConfig, context_length: int) -> list[list[int]]:
+    """Check prompt lengths against the context; cut from the left only when `s.truncate` asks for it."""
+    out = []
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise LmlabError(f"prompt {i} is empty (0 tokens) and this tokenizer adds no BOS; give some text")
+        if len(ids) > context_length:
+            if not s.truncate:
+                raise LmlabError(f"prompt has {len(ids)} tokens but the model's context is {context_length}; "
+                                 "shorten it or allow truncation (truncate=True, --truncate)")
+            keep = context_length - min(s.max_new_tokens, context_length // 2)
+            ids = ids[-keep:]
+        out.append(list(ids))
+    return out
+
+
+@torch.inference_mode()
+def generate_ids(model: Transformer, prompts: list[list[int]], s: SamplingConfig, eos_id: int | None = None,
+                 should_stop: Callable[[int, list[int]], bool] | None = None) -> Iterator[list[int | None]]:
+    """Yield, per decoding step, each row's new token (None for rows already finished).
+
+    `should_stop(row, generated_ids)` lets the caller end a row early (stop strings). The generator's
+    return value (StopIteration.value) is a `Finished` with each row's reason."""
+    prompts = fit_prompts(prompts, s, model.cfg.context_length)
+    B, L = len(prompts), max(len(p) for p in prompts)
+    device = model.wte.weight.device
+    reasons: list[str | None] = [None] * B
+    if s.max_new_tokens == 0:
+        return Finished(["length"] * B)
+    pad = eos_id if eos_id is not None else 0
+    idx = torch.tensor([[pad] * (L - len(p)) + p for p in prompts], device=device)  # left-padded (B, L)
+    offset = torch.tensor([L - len(p) for p in prompts], device=device)
+    S = min(model.cfg.context_length, L + s.max_new_tokens)  # cache slots ever needed
+    seen = None
+    if s.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
+        for b, p in enumerate(prompts):
+            seen[b, p] = True
+    generator = None
+    if s.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(s.seed)
+    generated: list[list[int]] = [[] for _ in range(B)]
+    was_training = model.training
+    model.eval()
+    model.setup_cache(B, S)
+    try:
+        logits = model(idx, torch.arange(L, device=device), offset, last_only=True)[:, -1]  # prefill, (B, V)
+        for step in range(s.max_new_tokens):
+            next_ids = select(logits, s, generator, seen)  # (B,)
+            out: list[int | None] = []
+            for b, tok in enumerate(next_ids.tolist()):
+                if reasons[b] is not None:
+                    out.append(None)
+                    continue
+                generated[b].append(tok)
+                out.append(tok)
+                if eos_id is not None and tok == eos_id:
+                    reasons[b] = "eos"
+                elif should_stop is not None and should_stop(b, generated[b]):
+                    reasons[b] = "stop"
+            yield out
+            pos = L + step  # the slot the token just chosen goes into
+            if all(r is not None for r in reasons) or step + 1 == s.max_new_tokens or pos >= S:
+                break
+            if seen is not None:
+                seen[torch.arange(B, device=device), next_ids] = True
+            logits = model(next_ids[:, None], torch.tensor([pos], device=device), offset)[:, -1]
+    finally:
+        model.clear_cache()
+        model.train(was_training)
+    return Finished([r or "length" for r in reasons])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text in, text out.
+
+class TextStream:
+    """Turns one row's growing token list into text deltas: holds back an incomplete UTF-8 character (�)
+    and any tail that could still become a stop string, and cuts the text at a stop string once one shows."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def feed(self, ids: list[int]) -> bool:
+        """Decode the row's generated ids (EOS excluded); True once a stop string has appeared."""
+        if not self.stopped:
+            self.text = self.tokenizer.decode(ids)
+            for stop in self.stop:
+                at = self.text.find(stop)
+                if at >= 0:
+                    self.text, self.stopped = self.text[:at], True
+        return self.stopped
+
+    def take(self, final: bool = False) -> str:
+        """The text not yet handed out that is safe to hand out now (all of it when `final`)."""
+        end = len(self.text)
+        if not (final or self.stopped):
+            while end > self.emitted and self.text[end - 1] == "\ufffd":
+                end -= 1
+            hold = max((k for stop in self.stop for k in range(1, len(stop))
+                        if self.text[:end].endswith(stop[:k])), default=0)
+            end -= hold
+        delta = self.text[self.emitted:end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return delta
+
+
+def stream_text(model: Transformer, tokenizer: Tokenizer, prompts: list[str], s: SamplingConfig,
+                eos_id: int | None = None) -> Iterator[tuple[int, str]]:
+    """Yield (row, text delta) as tokens arrive. The EOS token and stop strings are not part of the text."""
+    eos_id = tokenizer.eos_id if eos_id is None else eos_id
+    streams = [TextStream(tokenizer, s.stop) for _ in prompts]
+    engine = generate_ids(model, [tokenizer.encode(p) for p in prompts], s, eos_id,
+                          should_stop=lambda row, generated: streams[row].feed(generated))
+    for step in engine:
+        for row, tok in enumerate(step):
+            if tok is not None:
+                delta = streams[row].take()
+                if delta:
+                    yield row, delta
+    for row, stream in enumerate(streams):
+        delta = stream.take(final=True)
+        if delta:
+            yield row, delta
+
+
+def generate_text(model: Transformer, tokenizer: Tokenizer, prompts: list[str], s: SamplingConfig,
+                  on_text: Callable[[int, str], None] | None = None) -> list[str]:
+    """Each prompt's continuation. `on_text(row, delta)` is called as text arrives (streaming)."""
+    out = [""] * len(prompts)
+    for row, delta in stream_text(model, tokenizer, prompts, s):
+        out[row] += delta
+        if on_text is not None:
+            on_text(row, delta)
+    return out

@@ -1,0 +1,290 @@
+"""One decoder-only Transformer for the GPT-2 and Llama families, chosen by `ModelConfig` fields.
+
+References: GPT-2 (Radford et al. 2019; nanoGPT's model.py), Llama (Touvron et al. 2023; HF
+`modeling_llama.py`), dropout placement from "Attention Is All You Need" (Vaswani et al. 2017, sec. 5.4),
+the static KV cache from gpt-fast. Imports torch and config only.
+
+Dropout sites, each inverted dropout through torch's own ops, active only in train():
+    (a) embed  on tok_emb (+ pos_emb)                         nn.Dropout  `self.drop_embed`
+    (b) attn   on the attention probabilities                 SDPA's dropout_p, so fused kernels still apply
+    (c) resid  on each sub-layer output, before the residual  nn.Dropout  `block.drop_attn`, `block.drop_mlp`
+`set_dropout()` changes the rates in place, so a schedule can move them during training.
+
+Shapes: B batch, T query length, S cache length, C d_model, H heads, K kv heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmlab.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 as Llama does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary frequencies theta^(-2i/D), with Llama 3.1's scaling of the low frequencies when asked. (D/2,)"""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if cfg.rope_scaling == "llama3":
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        low_wavelen = cfg.rope_original_context / cfg.rope_low_freq_factor
+        high_wavelen = cfg.rope_original_context / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (cfg.rope_original_context / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        interpolated = (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq)
+        is_medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv_freq = torch.where(is_medium, interpolated, inv_freq)
+    return inv_freq.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2), the rotate-half layout HF Llama checkpoints use. x (B,H,T,D), cos/sin (B,1,T,D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static-shape cache of keys and values, written at `input_pos` (gpt-fast): shapes never change while
+    decoding, so the step is friendly to torch.compile and CUDA graphs."""
+
+    def __init__(self, batch: int, n_kv_heads: int, length: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        shape = (batch, n_kv_heads, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))  # (B, K, S, D)
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # q, k and v in one matmul: (H + 2K) * D outputs.
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout_p = cfg.dropout_attn
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                input_pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.cache is not None and input_pos is not None:
+            k, v = self.cache.update(input_pos, k, v)  # (B, K, S, D)
+        y = attend(q, k, v, mask, self.dropout_p if self.training else 0.0)  # (B, H, T, D)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           dropout_p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v, with inverted dropout on the probabilities, via SDPA.
+
+    mask None means plain causal attention (the fused flash/efficient kernels); otherwise a boolean
+    (B or 1, 1, T, S) mask, True where attention is allowed. K < H heads share keys (grouped-query)."""
+    gqa = k.shape[1] != q.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+
+
+class MLP(nn.Module):
+    """GPT-2: down(gelu_tanh(up(x))). Llama (SwiGLU, Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.gelu(self.up(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.drop_attn = nn.Dropout(cfg.dropout_resid)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop_mlp = nn.Dropout(cfg.dropout_resid)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                input_pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.drop_attn(self.attn(self.norm1(x), rope, input_pos, mask))
+        return x + self.drop_mlp(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    """Token ids (B, T) -> logits (B, T, vocab).
+
+    Training calls `model(idx)`. Incremental decoding first calls `setup_cache(B, S)`, then passes
+    `input_pos` (T,), the cache slots being written, and optionally `offset` (B,), the number of left-pad
+    slots in each row: row b's real tokens start at slot offset[b], and its positions count from there.
+    `last_only` returns logits for the last position alone, (B, 1, vocab).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.context_length, cfg.d_model) if cfg.pos == "learned" else None
+        self.drop_embed = nn.Dropout(cfg.dropout_embed)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.init_rope()
+        self.init_weights("gpt2")
+
+    def init_rope(self) -> None:
+        """(Re)build the rotary frequencies (needed after building the model on the meta device).
+
+        A plain float32 attribute rather than a buffer, so `model.to(bfloat16)` cannot round it: positions
+        times frequencies must stay exact to thousands of tokens. forward() moves it to the input's device."""
+        self.inv_freq = rope_inv_freq(self.cfg) if self.cfg.pos == "rope" else None
+
+    @torch.no_grad()
+    def init_weights(self, scheme: str = "gpt2") -> None:
+        """Initialize every parameter by a named scheme.
+
+        gpt2: N(0, 0.02) for matrices and embeddings, and residual projections (attn.proj, mlp.down)
+        scaled by 1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth
+        (GPT-2 paper, sec. 2.3). xavier: Glorot uniform for matrices (Glorot & Bengio 2010).
+        orthogonal: orthogonal matrices (Saxe et al. 2014). Biases start at 0, norm gains at 1.
+        """
+        if scheme not in ("gpt2", "xavier", "orthogonal"):
+            from lmlab.errors import unknown
+
+            raise unknown("init", scheme, ("gpt2", "xavier", "orthogonal"))
+        resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                if module is self.lm_head and self.cfg.tie_embeddings:
+                    continue
+                is_resid = name.endswith("attn.proj") or name.endswith("mlp.down")
+                if scheme == "gpt2":
+                    nn.init.normal_(module.weight, 0.0, resid_std if is_resid else 0.02)
+                elif scheme == "xavier":
+                    nn.init.xavier_uniform_(module.weight)
+                else:
+                    nn.init.orthogonal_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def set_dropout(self, embed: float | None = None, attn: float | None = None, resid: float | None = None) -> None:
+        """Change dropout rates in place (a schedule calls this between steps); None leaves a site as it is."""
+        if embed is not None:
+            self.drop_embed.p = embed
+        for block in self.blocks:
+            if attn is not None:
+                block.attn.dropout_p = attn
+            if resid is not None:
+                block.drop_attn.p = resid
+                block.drop_mlp.p = resid
+
+    def setup_cache(self, batch_size: int, length: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a static KV cache of `length` slots in every layer (replacing any earlier one)."""
+        if length > self.cfg.context_length:
+            raise ValueError(f"cache length {length} exceeds the context length {self.cfg.context_length}")
+        dtype = dtype or self.wte.weight.dtype
+        for block in self.blocks:
+            block.attn.cache = KVCache(batch_size, self.cfg.n_kv_heads, length, self.cfg.head_dim, dtype,
+                                       self.wte.weight.device)
+
+    def clear_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.cache = None
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
+                offset: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        B, T = idx.shape
+        device = idx.device
+        mask = None
+        if input_pos is None:
+            if T > self.cfg.context_length:
+                raise ValueError(f"sequence length {T} exceeds the context length {self.cfg.context_length}")
+            pos = torch.arange(T, device=device).expand(B, T)
+            if offset is not None:  # a left-padded batch without the cache
+                input_pos = torch.arange(T, device=device)
+        else:
+            pos = input_pos.expand(B, T)
+        if input_pos is not None:
+            cache = self.blocks[0].attn.cache
+            slots = torch.arange(cache.k.shape[2] if cache is not None else T, device=device)  # (S,)
+            mask = slots[None, :] <= input_pos[:, None]  # causal over slots, (T, S)
+            if offset is not None:
+                mask = mask & (slots >= offset[:, None])[:, None, :]  # hide each row's padding, (B, T, S)
+                pos = (pos - offset[:, None]).clamp(min=0)
+            mask = mask.unsqueeze(-3)  # (B or 1, 1, T, S)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        else:
+            if self.inv_freq.device != device:
+                self.inv_freq = self.inv_freq.to(device)
+            freqs = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+            rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+        x = self.drop_embed(x)
+        for block in self.blocks:
+            x = block(x, rope, input_pos, mask)
+        if last_only:  # a prefill needs only the next-token logits, not (B, T, vocab) of them
+            x = x[:, -1:]
+        return self.lm_head(self.norm_f(x))  # (B, T, vocab)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # a tied head is counted once

@@ -1,0 +1,149 @@
+"""Tokenizers behind one small interface: encode(str) -> list[int], decode(list[int]) -> str, eos_id, vocab_size.
+
+Two kinds:
+- `CharTokenizer`: one id per distinct character of the training text, as nanoGPT's shakespeare_char.
+  It has no end-of-text token (eos_id is None): a character corpus carries no document boundaries.
+- `BPETokenizer`: byte-level BPE (GPT-2's scheme, Sennrich et al. 2016 over bytes) as an HF `tokenizers`
+  Tokenizer, trained here or read from any `tokenizer.json` (GPT-2, Llama 3, SmolLM2 ...).
+
+Both save to one JSON file and come back through `load_tokenizer(path)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+from lmlab.errors import LmlabError
+
+EOT = "<|endoftext|>"
+
+
+class Tokenizer(Protocol):
+    eos_id: int | None
+    bos_id: int | None
+    vocab_size: int
+    chat_template: str | None
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+    def save(self, path: str | os.PathLike) -> None: ...
+
+
+class CharTokenizer:
+    """Character-level: ids are positions in `chars`, the sorted set of characters seen in training."""
+
+    kind = "char"
+    eos_id = None
+    bos_id = None
+    chat_template = None
+
+    def __init__(self, chars: str) -> None:
+        if len(set(chars)) != len(chars):
+            raise LmlabError("char tokenizer: the character list has duplicates; rebuild it with CharTokenizer.train")
+        self.chars = chars
+        self.vocab_size = len(chars)
+        self._stoi = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> CharTokenizer:
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        if not seen:
+            raise LmlabError("char tokenizer: the training text is empty; give a corpus with some text in it")
+        return cls("".join(sorted(seen)))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._stoi[c] for c in text]
+        except KeyError as e:
+            raise LmlabError(f"character {e.args[0]!r} is not in this model's {self.vocab_size}-character "
+                             "vocabulary; use only characters from its training text") from None
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False), encoding="utf-8")
+
+
+class BPETokenizer:
+    """Byte-level BPE through HF `tokenizers`: any `tokenizer.json`, or one trained with `train`."""
+
+    kind = "bpe"
+
+    def __init__(self, tok, eos_token: str | None = None, bos_token: str | None = None,
+                 chat_template: str | None = None, add_special_tokens: bool = True) -> None:
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.eos_token, self.bos_token = eos_token, bos_token
+        self.eos_id = tok.token_to_id(eos_token) if eos_token else None
+        self.bos_id = tok.token_to_id(bos_token) if bos_token else None
+        self.chat_template = chat_template
+        self.add_special_tokens = add_special_tokens
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> BPETokenizer:
+        """GPT-2-style byte-level BPE with one special token, <|endoftext|>, as EOS."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        if vocab_size < 257 + 1:
+            raise LmlabError(f"BPE vocab size must be at least 258 (256 bytes + EOS + merges), got {vocab_size}")
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=show_progress,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok, eos_token=EOT)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **kwargs) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            return cls(HFTokenizer.from_file(str(path)), **kwargs)
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise LmlabError(f"cannot read tokenizer file {path}: {str(e).splitlines()[0]}; "
+                             "it must be an HF tokenizers JSON file") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=self.add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        self.tok.save(str(path))
+
+    def meta(self) -> dict:
+        """What a checkpoint records beside tokenizer.json to rebuild this object."""
+        return {"type": "bpe", "eos_token": self.eos_token, "bos_token": self.bos_token,
+                "chat_template": self.chat_template, "add_special_tokens": self.add_special_tokens}
+
+
+def tokenizer_meta(tok: Tokenizer) -> dict:
+    return tok.meta() if isinstance(tok, BPETokenizer) else {"type": "char"}
+
+
+def load_tokenizer(path: str | os.PathLike, meta: dict | None = None) -> Tokenizer:
+    """Read a tokenizer file saved by either class (the JSON's shape tells which)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmlabError(f"tokenizer file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LmlabError(f"tokenizer file {path} is not valid JSON ({e}); re-create it") from None
+    if isinstance(data, dict) and data.get("type") == "char":
+        if not isinstance(data.get("chars"), str):
+            raise LmlabError(f"char tokenizer file {path} has no 'chars' string; re-create it")
+        return CharTokenizer(data["chars"])
+    meta = dict(meta or {})
+    meta.pop("type", None)
+    return BPETokenizer.from_file(path, **meta)

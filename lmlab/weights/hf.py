@@ -1,0 +1,290 @@
+"""HF transformers checkpoint directories: config.json + *.safetensors (sharded or not) + tokenizer.json.
+
+Supported: GPT2LMHeadModel (model_type gpt2), LlamaForCausalLM (llama) and Qwen2ForCausalLM (qwen2: Llama
+with q/k/v biases). Weights map onto our module names through the tables below: one row per parameter
+of ours, naming the HF tensors it is built from and how (GPT-2's Conv1D stores weights transposed; HF
+Llama keeps q, k and v apart while we fuse them into one matmul).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lmlab.config import ModelConfig
+from lmlab.errors import LmlabError
+
+Transform = Callable[..., torch.Tensor]
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _transpose(t: torch.Tensor) -> torch.Tensor:
+    return t.t().contiguous()
+
+
+def _cat(*ts: torch.Tensor) -> torch.Tensor:
+    return torch.cat(ts, dim=0)
+
+
+# (our key, HF keys it is built from, transform). "{i}" is the layer index.
+GPT2_KEYS: list[tuple[str, tuple[str, ...], Transform]] = [
+    ("wte.weight", ("transformer.wte.weight",), _same),
+    ("wpe.weight", ("transformer.wpe.weight",), _same),
+    ("blocks.{i}.norm1.weight", ("transformer.h.{i}.ln_1.weight",), _same),
+    ("blocks.{i}.norm1.bias", ("transformer.h.{i}.ln_1.bias",), _same),
+    ("blocks.{i}.attn.qkv.weight", ("transformer.h.{i}.attn.c_attn.weight",), _transpose),
+    ("blocks.{i}.attn.qkv.bias", ("transformer.h.{i}.attn.c_attn.bias",), _same),
+    ("blocks.{i}.attn.proj.weight", ("transformer.h.{i}.attn.c_proj.weight",), _transpose),
+    ("blocks.{i}.attn.proj.bias", ("transformer.h.{i}.attn.c_proj.bias",), _same),
+    ("blocks.{i}.norm2.weight", ("transformer.h.{i}.ln_2.weight",), _same),
+    ("blocks.{i}.norm2.bias", ("transformer.h.{i}.ln_2.bias",), _same),
+    ("blocks.{i}.mlp.up.weight", ("transformer.h.{i}.mlp.c_fc.weight",), _transpose),
+    ("blocks.{i}.mlp.up.bias", ("transformer.h.{i}.mlp.c_fc.bias",), _same),
+    ("blocks.{i}.mlp.down.weight", ("transformer.h.{i}.mlp.c_proj.weight",), _transpose),
+    ("blocks.{i}.mlp.down.bias", ("transformer.h.{i}.mlp.c_proj.bias",), _same),
+    ("norm_f.weight", ("transformer.ln_f.weight",), _same),
+    ("norm_f.bias", ("transformer.ln_f.bias",), _same),
+    ("lm_head.weight", ("lm_head.weight",), _same),
+]
+
+_L = "model.layers.{i}."
+LLAMA_KEYS: list[tuple[str, tuple[str, ...], Transform]] = [
+    ("wte.weight", ("model.embed_tokens.weight",), _same),
+    ("blocks.{i}.norm1.weight", (_L + "input_layernorm.weight",), _same),
+    ("blocks.{i}.attn.qkv.weight", tuple(_L + f"self_attn.{p}_proj.weight" for p in "qkv"), _cat),
+    ("blocks.{i}.attn.qkv.bias", tuple(_L + f"self_attn.{p}_proj.bias" for p in "qkv"), _cat),
+    ("blocks.{i}.attn.proj.weight", (_L + "self_attn.o_proj.weight",), _same),
+    ("blocks.{i}.attn.proj.bias", (_L + "self_attn.o_proj.bias",), _same),
+    ("blocks.{i}.norm2.weight", (_L + "post_attention_layernorm.weight",), _same),
+    ("blocks.{i}.mlp.gate.weight", (_L + "mlp.gate_proj.weight",), _same),
+    ("blocks.{i}.mlp.gate.bias", (_L + "mlp.gate_proj.bias",), _same),
+    ("blocks.{i}.mlp.up.weight", (_L + "mlp.up_proj.weight",), _same),
+    ("blocks.{i}.mlp.up.bias", (_L + "mlp.up_proj.bias",), _same),
+    ("blocks.{i}.mlp.down.weight", (_L + "mlp.down_proj.weight",), _same),
+    ("blocks.{i}.mlp.down.bias", (_L + "mlp.down_proj.bias",), _same),
+    ("norm_f.weight", ("model.norm.weight",), _same),
+    ("lm_head.weight", ("lm_head.weight",), _same),
+]
+
+KEY_TABLES = {"gpt2": GPT2_KEYS, "llama": LLAMA_KEYS}
+
+
+def _compile(table):
+    return [(re.compile(re.escape(ours).replace(r"\{i\}", r"(?P<i>\d+)") + "$"), theirs, fn)
+            for ours, theirs, fn in table]
+
+
+def map_weights(cfg: ModelConfig, our_keys: list[str], get: Callable[[str], torch.Tensor | None],
+                source: str) -> dict[str, torch.Tensor]:
+    """Build our state dict key by key from foreign tensors fetched with `get(key)` (None when absent)."""
+    rules = _compile(KEY_TABLES[cfg.family])
+    out: dict[str, torch.Tensor] = {}
+    for key in our_keys:
+        if key == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # tied to wte; the model re-ties after loading
+        for pattern, theirs, fn in rules:
+            m = pattern.match(key)
+            if m:
+                names = [t.format(i=m.group("i")) if "{i}" in t else t for t in theirs]
+                tensors = [get(n) for n in names]
+                missing = [n for n, t in zip(names, tensors) if t is None]
+                if missing:
+                    raise LmlabError(f"{source}: checkpoint lacks tensor {missing[0]!r} that this "
+                                     f"{cfg.family} config needs; the file is incomplete or the config mismatched")
+                out[key] = fn(*tensors)
+                break
+        else:
+            raise LmlabError(f"{source}: no key-map rule for parameter {key!r}")  # a bug here, not the user's
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# config.json -> ModelConfig
+
+
+def _rope(d: dict) -> dict:
+    """Rope settings from either the transformers 5 `rope_parameters` or the older top-level fields."""
+    params = dict(d.get("rope_scaling") or {})
+    params.update(d.get("rope_parameters") or {})
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    out = {"rope_theta": float(theta)}
+    if kind == "llama3":
+        out.update(rope_scaling="llama3", rope_factor=float(params["factor"]),
+                   rope_low_freq_factor=float(params["low_freq_factor"]),
+                   rope_high_freq_factor=float(params["high_freq_factor"]),
+                   rope_original_context=int(params["original_max_position_embeddings"]))
+    elif kind != "default":
+        raise LmlabError(f"rope scaling type {kind!r} is not supported; supported: default, llama3")
+    return out
+
+
+def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
+    """Translate an HF config.json into our ModelConfig, refusing options our model would get wrong."""
+    model_type = d.get("model_type")
+    try:
+        if model_type == "gpt2":
+            act = d.get("activation_function", "gelu_new")
+            if act not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise LmlabError(f"{source}: GPT-2 activation {act!r} is not supported; only gelu_new (tanh GELU)")
+            if d.get("scale_attn_by_inverse_layer_idx") or d.get("reorder_and_upcast_attn") or \
+                    d.get("scale_attn_weights") is False:
+                raise LmlabError(f"{source}: GPT-2 attention scaling variants are not supported")
+            return ModelConfig(
+                family="gpt2", vocab_size=d["vocab_size"], context_length=d["n_positions"], d_model=d["n_embd"],
+                d_ff=d.get("n_inner") or 4 * d["n_embd"], n_layers=d["n_layer"], n_heads=d["n_head"],
+                norm_eps=d.get("layer_norm_epsilon", 1e-5), tie_embeddings=d.get("tie_word_embeddings", True),
+                dropout_embed=d.get("embd_pdrop", 0.1), dropout_attn=d.get("attn_pdrop", 0.1),
+                dropout_resid=d.get("resid_pdrop", 0.1))
+        if model_type in ("llama", "qwen2", "mistral"):
+            if d.get("hidden_act", "silu") != "silu":
+                raise LmlabError(f"{source}: activation {d['hidden_act']!r} is not supported; only silu (SwiGLU)")
+            n_heads = d["num_attention_heads"]
+            if d.get("head_dim") not in (None, d["hidden_size"] // n_heads):
+                raise LmlabError(f"{source}: head_dim {d['head_dim']} != hidden_size / num_attention_heads is "
+                                 "not supported")
+            if d.get("use_sliding_window") or (model_type == "mistral" and d.get("sliding_window")):
+                raise LmlabError(f"{source}: sliding-window attention is not supported")
+            if model_type == "qwen2":
+                bias, qkv_bias = False, True
+            else:
+                bias = bool(d.get("attention_bias", False))
+                if bool(d.get("mlp_bias", False)) != bias:
+                    raise LmlabError(f"{source}: attention_bias and mlp_bias must agree to be loaded here")
+                qkv_bias = bias
+            return ModelConfig(
+                family="llama", vocab_size=d["vocab_size"], context_length=d.get("max_position_embeddings", 2048),
+                d_model=d["hidden_size"], d_ff=d["intermediate_size"], n_layers=d["num_hidden_layers"],
+                n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads, bias=bias, qkv_bias=qkv_bias,
+                norm_eps=d.get("rms_norm_eps", 1e-6), tie_embeddings=d.get("tie_word_embeddings", False),
+                dropout_attn=d.get("attention_dropout", 0.0), **_rope(d))
+    except KeyError as e:
+        raise LmlabError(f"{source}: missing field {e.args[0]!r} for model_type {model_type!r}") from None
+    except TypeError as e:
+        raise LmlabError(f"{source}: a field has the wrong type ({e})") from None
+    raise LmlabError(f"{source}: model_type {model_type!r} is not supported; supported: gpt2, llama, qwen2, mistral")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmlabError(f"{path} not found") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LmlabError(f"{path} is not valid JSON ({e}); re-download or re-export it") from None
+    if not isinstance(data, dict):
+        raise LmlabError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# safetensors files
+
+
+class SafetensorsReader:
+    """Lazy reads from one safetensors file or a sharded set listed in model.safetensors.index.json."""
+
+    def __init__(self, directory: Path) -> None:
+        from safetensors import safe_open
+
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise LmlabError(f"{index} has no weight_map; re-download or re-export the checkpoint")
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in directory.glob("*.safetensors"))
+            if not files:
+                raise LmlabError(f"{directory} holds no *.safetensors file; only safetensors checkpoints are read "
+                                 "(convert .bin files with transformers' save_pretrained)")
+            weight_map = None
+        self.handles = {}
+        for name in files:
+            path = directory / name
+            if not path.is_file():
+                raise LmlabError(f"shard {path} listed in the index is missing; re-download the checkpoint")
+            try:
+                self.handles[name] = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as e:
+                raise LmlabError(f"{path} is not a readable safetensors file ({e}); it may be truncated") from None
+        self.where = dict(weight_map) if weight_map else {k: n for n, h in self.handles.items() for k in h.keys()}
+
+    def get(self, key: str) -> torch.Tensor | None:
+        name = self.where.get(key)
+        if name is None:
+            return None
+        try:
+            return self.handles[name].get_tensor(key)
+        except Exception as e:
+            raise LmlabError(f"cannot read tensor {key!r} from {name} ({e}); the file may be truncated") from None
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def load_hf_dir(path: Path, device: torch.device, dtype: torch.dtype):
+    """An HF checkpoint directory -> (Transformer in eval mode, tokenizer or None)."""
+    from lmlab.model import Transformer
+
+    cfg = config_from_hf(read_json(path / "config.json"), str(path / "config.json"))
+    reader = SafetensorsReader(path)
+    prefix_free = {"gpt2": "transformer.", "llama": "model."}[cfg.family]
+
+    def get(key: str) -> torch.Tensor | None:
+        t = reader.get(key)
+        if t is None and key.startswith(prefix_free):  # a base model (GPT2Model) saves without the prefix
+            t = reader.get(key[len(prefix_free):])
+        return t
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = map_weights(cfg, list(model.state_dict().keys()), get, str(path))
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    for k, t in state.items():
+        if t.shape != expected[k]:
+            raise LmlabError(f"{path}: tensor for {k} has shape {tuple(t.shape)} but config.json implies "
+                             f"{tuple(expected[k])}; config and weights do not match")
+    finish_load(model, state)
+    model.to(device=device, dtype=dtype).eval()
+    return model, hf_tokenizer(path)
+
+
+def finish_load(model, state: dict[str, torch.Tensor]) -> None:
+    """Assign a complete state dict to a model built on the meta device, then rebuild what is derived."""
+    if model.cfg.tie_embeddings:
+        state = dict(state, **{"lm_head.weight": state["wte.weight"]})
+    model.load_state_dict(state, strict=True, assign=True)
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    model.init_rope()
+
+
+def hf_tokenizer(path: Path):
+    """tokenizer.json with its special tokens and chat template from tokenizer_config.json, or None."""
+    from lmlab.tokenizer import BPETokenizer
+
+    tok_file = path / "tokenizer.json"
+    if not tok_file.is_file():
+        return None
+    tc = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+
+    def token(v):
+        return v.get("content") if isinstance(v, dict) else v
+
+    template = tc.get("chat_template")
+    if template is None and (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    return BPETokenizer.from_file(tok_file, eos_token=token(tc.get("eos_token")), bos_token=token(tc.get("bos_token")),
+                                  chat_template=template if isinstance(template, str) else None)

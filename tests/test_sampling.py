@@ -1,0 +1,214 @@
+"""Selection: our logit filters against HF transformers' logits processors on random logits, a chi-square
+test of top-k sampling, and the generation engine's stops, streaming, batching and seeding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.checkpoint import save_model
+from lmlab.config import ModelConfig
+from lmlab.errors import LmlabError
+from lmlab.generate import (
+    SamplingConfig,
+    apply_min_p,
+    apply_repetition_penalty,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
+    generate_ids,
+    process_logits,
+    select,
+)
+from lmlab.model import Transformer
+from lmlab.tokenizer import CharTokenizer
+
+V = 300
+
+
+def _logits(seed: int, B: int = 6) -> torch.Tensor:
+    return 3 * torch.randn(B, V, generator=torch.Generator().manual_seed(seed))
+
+
+def _same(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref)), "different tokens removed"
+    keep = ~torch.isinf(ref)
+    assert torch.allclose(ours[keep], ref[keep], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def hf_proc():
+    return pytest.importorskip("transformers.generation.logits_process")
+
+
+@pytest.mark.parametrize("k", [1, 5, 50, V, V + 10])
+def test_top_k_equals_hf(hf_proc, k):
+    for seed in range(3):
+        x = _logits(seed)
+        _same(apply_top_k(x, k), hf_proc.TopKLogitsWarper(top_k=k)(None, x.clone()))
+
+
+@pytest.mark.parametrize("p", [0.01, 0.3, 0.9, 0.999, 1.0])
+def test_top_p_equals_hf(hf_proc, p):
+    for seed in range(3):
+        x = _logits(seed)
+        _same(apply_top_p(x, p), hf_proc.TopPLogitsWarper(top_p=p)(None, x.clone()))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.2, 0.9, 1.0])
+def test_min_p_equals_hf(hf_proc, p):
+    for seed in range(3):
+        x = _logits(seed)
+        _same(apply_min_p(x, p), hf_proc.MinPLogitsWarper(min_p=p)(None, x.clone()))
+
+
+@pytest.mark.parametrize("t", [0.3, 1.0, 2.5])
+def test_temperature_equals_hf(hf_proc, t):
+    x = _logits(0)
+    _same(apply_temperature(x, t), hf_proc.TemperatureLogitsWarper(t)(None, x.clone()))
+
+
+@pytest.mark.parametrize("penalty", [0.7, 1.3, 2.0])
+def test_repetition_penalty_equals_hf(hf_proc, penalty):
+    x = _logits(1)
+    ids = torch.randint(0, V, (x.shape[0], 40), generator=torch.Generator().manual_seed(2))  # repeats included
+    seen = torch.zeros_like(x, dtype=torch.bool).scatter_(1, ids, True)
+    _same(apply_repetition_penalty(x, seen, penalty),
+          hf_proc.RepetitionPenaltyLogitsProcessor(penalty)(ids, x.clone()))
+
+
+@pytest.mark.parametrize("settings", [
+    dict(temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.2),
+    dict(temperature=1.5, top_k=0, top_p=0.5, min_p=0.0, repetition_penalty=1.0),
+    dict(temperature=0.9, top_k=10, top_p=1.0, min_p=0.3, repetition_penalty=0.8),
+])
+def test_composed_filters_follow_hf_order(hf_proc, settings):
+    """The whole chain equals HF's processor list in the order GenerationMixin builds it."""
+    x = _logits(3)
+    ids = torch.randint(0, V, (x.shape[0], 25), generator=torch.Generator().manual_seed(4))
+    seen = torch.zeros_like(x, dtype=torch.bool).scatter_(1, ids, True)
+    chain = hf_proc.LogitsProcessorList()
+    if settings["repetition_penalty"] != 1.0:
+        chain.append(hf_proc.RepetitionPenaltyLogitsProcessor(settings["repetition_penalty"]))
+    chain.append(hf_proc.TemperatureLogitsWarper(settings["temperature"]))
+    if settings["top_k"]:
+        chain.append(hf_proc.TopKLogitsWarper(settings["top_k"]))
+    if settings["top_p"] < 1:
+        chain.append(hf_proc.TopPLogitsWarper(settings["top_p"]))
+    if settings["min_p"]:
+        chain.append(hf_proc.MinPLogitsWarper(settings["min_p"]))
+    _same(process_logits(x, SamplingConfig(**settings), seen), chain(ids, x.clone()))
+
+
+def test_top_k_sampling_statistics():
+    """Every draw lies in the top-k set, and the draw frequencies match the renormalized top-k
+    probabilities (chi-square goodness of fit, fixed seed)."""
+    from scipy.stats import chisquare
+
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
+    k, n = 8, 40000
+    s = SamplingConfig(top_k=k, temperature=1.0)
+    topk = torch.topk(logits[0], k)
+    g = torch.Generator().manual_seed(123)
+    draws = select(logits.expand(n, -1), s, g)
+    assert set(draws.tolist()) <= set(topk.indices.tolist())
+    counts = torch.bincount(draws, minlength=50)[topk.indices].double()
+    expected = topk.values.double().softmax(-1) * counts.sum()
+    stat, p_value = chisquare(counts.numpy(), expected.numpy())
+    assert p_value > 1e-3, f"chi-square {stat:.1f}, p={p_value:.2g}"
+
+
+def test_temperature_zero_is_greedy():
+    x = _logits(5)
+    assert torch.equal(select(x, SamplingConfig(temperature=0)), x.argmax(-1))
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(top_k=-1), "top_k"), (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.01), "top_p"), (dict(min_p=-0.01), "min_p"), (dict(min_p=1.5), "min_p"),
+    (dict(max_new_tokens=-1), "max_new_tokens"), (dict(repetition_penalty=0), "repetition_penalty"),
+])
+def test_invalid_settings_name_the_parameter(bad, field):
+    with pytest.raises(LmlabError, match=f"^{field} "):
+        SamplingConfig(**bad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engine and the text layer, on a tiny random char model.
+
+TEXT = "the quick brown fox jumps over the lazy dog. THE END!\n"
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    torch.manual_seed(0)
+    tok = CharTokenizer.train([TEXT])
+    cfg = ModelConfig(family="llama", vocab_size=tok.vocab_size, context_length=48, d_model=32, n_layers=2,
+                      n_heads=4, n_kv_heads=2)
+    model = Transformer(cfg)
+    with torch.no_grad():  # sharper logits than the 0.02 init, so sampling and greedy differ visibly
+        model.lm_head.weight.mul_(20)
+    path = save_model(tmp_path_factory.mktemp("ckpt"), model, tok)
+    return lmlab.load(path, device="cpu")
+
+
+def test_same_seed_same_text(lm):
+    kw = dict(max_new_tokens=30, temperature=1.0, top_p=0.95, seed=7)
+    a, b = lm.generate("the", **kw), lm.generate("the", **kw)
+    assert a == b and len(a) == 30
+    assert lm.generate("the", **dict(kw, seed=8)) != a
+
+
+def test_kv_cache_decoding_equals_recomputing_the_context(lm):
+    """Greedy with the cache equals the naive loop that re-runs the whole sequence for every token."""
+    ids = lm.tokenizer.encode("the lazy")
+    naive = list(ids)
+    with torch.no_grad():
+        for _ in range(20):
+            naive.append(int(lm.model(torch.tensor([naive]))[0, -1].argmax()))
+    cached = [t[0] for t in generate_ids(lm.model, [ids], SamplingConfig(max_new_tokens=20, temperature=0))]
+    assert cached == naive[len(ids):]
+
+
+def test_batch_equals_one_by_one(lm):
+    prompts = ["t", "the quick", "over the la"]
+    batch = lm.generate(prompts, max_new_tokens=15, temperature=0)
+    assert batch == [lm.generate(p, max_new_tokens=15, temperature=0) for p in prompts]
+
+
+def test_stop_string_cuts_the_text(lm):
+    full = lm.generate("the", max_new_tokens=30, temperature=0)
+    stop = full[5:7]
+    cut = lm.generate("the", max_new_tokens=30, temperature=0, stop=[stop])
+    assert cut == full[: full.index(stop)]
+
+
+def test_eos_stops_generation(lm):
+    ids = lm.tokenizer.encode("the")
+    free = [t[0] for t in generate_ids(lm.model, [ids], SamplingConfig(max_new_tokens=20, temperature=0))]
+    eos = free[4]
+    engine = generate_ids(lm.model, [ids], SamplingConfig(max_new_tokens=20, temperature=0), eos_id=eos)
+    stopped = [t[0] for t in engine]
+    assert stopped == free[: free.index(eos) + 1]
+
+
+def test_streaming_pieces_add_up_to_the_result(lm):
+    pieces: list[str] = []
+    out = lm.generate("the", max_new_tokens=25, temperature=0.8, seed=3, on_text=pieces.append)
+    assert len(pieces) > 1 and "".join(pieces) == out
+    assert "".join(lm.stream("the", max_new_tokens=25, temperature=0.8, seed=3)) == out
+
+
+def test_max_new_tokens_and_context_limit(lm):
+    assert lm.generate("the", max_new_tokens=0) == ""
+    # 40 prompt tokens + 30 new would pass the 48-token context: generation stops at the context's end.
+    out = lm.generate("the quick brown fox jumps over the lazy dog", max_new_tokens=30, temperature=0)
+    assert len(out) == 48 - 43 + 1
+
+
+def test_prompt_longer_than_context(lm):
+    long = TEXT * 2
+    with pytest.raises(LmlabError, match="context"):
+        lm.generate(long, max_new_tokens=5)
+    assert len(lm.generate(long, max_new_tokens=5, truncate=True, temperature=0)) == 5

@@ -42,18 +42,25 @@ def resolve_checkpoint(path: Path) -> Path | None:
 
 def save_model(path: str | os.PathLike, model: Transformer, tokenizer: Tokenizer | None,
                extra: dict[str, Any] | None = None, files: dict[str, bytes] | None = None) -> Path:
-    """Write model (+ tokenizer, + extra JSON fields, + extra files) as a checkpoint directory, atomically."""
+    """Write a model (+ tokenizer, + extra JSON fields, + extra files) as a checkpoint directory, atomically."""
+    return save_checkpoint(path, model.cfg, model.state_dict(), tokenizer, extra, files)
+
+
+def save_checkpoint(path: str | os.PathLike, cfg: ModelConfig, state: dict[str, torch.Tensor],
+                    tokenizer: Tokenizer | None, extra: dict[str, Any] | None = None,
+                    files: dict[str, bytes] | None = None) -> Path:
+    """Write weights `state` of a model with config `cfg` as a checkpoint directory, atomically."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        if model.cfg.tie_embeddings:
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        if cfg.tie_embeddings:
             state.pop("lm_head.weight", None)  # the same tensor as wte.weight
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        meta = {"format": "lmlab", "version": FORMAT_VERSION, "config": model.cfg.to_dict(),
+        meta = {"format": "lmlab", "version": FORMAT_VERSION, "config": cfg.to_dict(),
                 "tokenizer": tokenizer_meta(tokenizer) if tokenizer is not None else None, **(extra or {})}
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")

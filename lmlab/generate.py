@@ -61,6 +61,8 @@ class SamplingConfig:
             raise LmlabError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
         if self.seed is not None:
             number("seed", self.seed, int)
+            if not 0 <= self.seed < 2**63:
+                raise LmlabError(f"seed must be in [0, 2**63), got {self.seed}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmlab.config import ModelConfig
+from lmlab.config import INITS, ModelConfig, check_rate
 
 
 class RMSNorm(nn.Module):
@@ -181,7 +181,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.init_rope()
-        self.init_weights("gpt2")
+        if self.wte.weight.device.type != "meta":  # built on meta for loading: weights come from a file
+            self.init_weights("gpt2")
 
     def init_rope(self) -> None:
         """(Re)build the rotary frequencies (needed after building the model on the meta device).
@@ -199,10 +200,10 @@ class Transformer(nn.Module):
         (GPT-2 paper, sec. 2.3). xavier: Glorot uniform for matrices (Glorot & Bengio 2010).
         orthogonal: orthogonal matrices (Saxe et al. 2014). Biases start at 0, norm gains at 1.
         """
-        if scheme not in ("gpt2", "xavier", "orthogonal"):
+        if scheme not in INITS:
             from lmlab.errors import unknown
 
-            raise unknown("init", scheme, ("gpt2", "xavier", "orthogonal"))
+            raise unknown("init", scheme, INITS)
         resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -226,6 +227,9 @@ class Transformer(nn.Module):
 
     def set_dropout(self, embed: float | None = None, attn: float | None = None, resid: float | None = None) -> None:
         """Change dropout rates in place (a schedule calls this between steps); None leaves a site as it is."""
+        for name, rate in (("embed", embed), ("attn", attn), ("resid", resid)):
+            if rate is not None:
+                check_rate(f"dropout rate for {name}", rate)
         if embed is not None:
             self.drop_embed.p = embed
         for block in self.blocks:

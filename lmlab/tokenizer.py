@@ -6,7 +6,9 @@ Two kinds:
 - `BPETokenizer`: byte-level BPE (GPT-2's scheme, Sennrich et al. 2016 over bytes) as an HF `tokenizers`
   Tokenizer, trained here or read from any `tokenizer.json` (GPT-2, Llama 3, SmolLM2 ...).
 
-Both save to one JSON file and come back through `load_tokenizer(path)`.
+Both save to one JSON file and come back through `load_tokenizer(path, meta)`, where `meta` (kept in
+checkpoints and data directories) restores the special tokens and chat template of a BPE tokenizer; a
+bare file takes <|endoftext|> as EOS when it has that token.
 """
 
 from __future__ import annotations
@@ -144,6 +146,11 @@ def load_tokenizer(path: str | os.PathLike, meta: dict | None = None) -> Tokeniz
         if not isinstance(data.get("chars"), str):
             raise LmlabError(f"char tokenizer file {path} has no 'chars' string; re-create it")
         return CharTokenizer(data["chars"])
-    meta = dict(meta or {})
+    if meta is None:  # a bare tokenizer file: our own BPE files carry <|endoftext|> as EOS
+        tok = BPETokenizer.from_file(path)
+        if tok.tok.token_to_id(EOT) is not None:
+            tok = BPETokenizer(tok.tok, eos_token=EOT)
+        return tok
+    meta = dict(meta)
     meta.pop("type", None)
     return BPETokenizer.from_file(path, **meta)

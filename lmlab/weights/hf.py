@@ -94,7 +94,7 @@ def map_weights(cfg: ModelConfig, our_keys: list[str], get: Callable[[str], torc
             if m:
                 names = [t.format(i=m.group("i")) if "{i}" in t else t for t in theirs]
                 tensors = [get(n) for n in names]
-                missing = [n for n, t in zip(names, tensors) if t is None]
+                missing = [n for n, t in zip(names, tensors, strict=True) if t is None]
                 if missing:
                     raise LmlabError(f"{source}: checkpoint lacks tensor {missing[0]!r} that this "
                                      f"{cfg.family} config needs; the file is incomplete or the config mismatched")

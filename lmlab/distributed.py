@@ -1,0 +1,110 @@
+"""The only module that knows torch.distributed: torchrun's environment, DDP/FSDP2 wrapping, rank-0 output.
+
+Model code stays single-device (torchtitan's rule); parallelism is applied here, from outside, in one place.
+Under `torchrun --nproc_per_node=N -m lmlab train ...` each process reads RANK/WORLD_SIZE/LOCAL_RANK, joins
+a process group (NCCL on CUDA, gloo on CPU), and trains on its own slice of each global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lmlab.utils import resolve_device
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join torchrun's process group when launched by it; otherwise a single process on `device`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(device=resolve_device(device))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev
+                                if dev.type == "cuda" else None)
+    return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def wrap(model: torch.nn.Module, info: DistInfo, fsdp: bool) -> torch.nn.Module:
+    """DDP (replicated weights, all-reduced gradients) or FSDP2 (each block's weights sharded)."""
+    if not info.enabled:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)  # DDP
+
+
+def full_state_dict(model: torch.nn.Module, info: DistInfo, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The whole model's weights on CPU (gathered from every rank under FSDP; a collective call then)."""
+    if info.enabled and fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def all_reduce_mean(value: float, info: DistInfo) -> float:
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item() / info.world
+
+
+def broadcast_flag(flag: bool, info: DistInfo) -> bool:
+    """Rank 0's decision (stop now?) for every rank, so all leave the loop at the same step."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([int(flag)], device=info.device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(info: DistInfo, *args, **kwargs) -> None:
+    if info.is_main:
+        print(*args, **kwargs)

@@ -1,0 +1,58 @@
+"""Loss and perplexity of a model on a prepared split or a text file, over every non-overlapping window."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmlab.data import TokenData, iter_windows, windows_to_batch
+from lmlab.errors import LmlabError
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean next-token cross-entropy, nats
+    perplexity: float
+    tokens: int
+
+
+def tokens_for(lm, data: str | Path, split: str = "val") -> np.ndarray:
+    """A prepared data directory's split (its tokenizer must be the model's), or a text file tokenized."""
+    path = Path(data)
+    if path.is_dir():
+        td = TokenData(path)
+        if td.vocab_size > lm.config.vocab_size:
+            raise LmlabError(f"{path} was tokenized with {td.vocab_size} tokens but the model knows "
+                             f"{lm.config.vocab_size}; evaluate on data prepared with the model's tokenizer")
+        if split not in td.splits:
+            raise LmlabError(f"{path} has no split {split!r}; it has {', '.join(td.splits)}")
+        return td.split(split)
+    if path.is_file():
+        if lm.tokenizer is None:
+            raise LmlabError(f"{lm.source} has no tokenizer, so it cannot read a text file")
+        return np.asarray(lm.tokenizer.encode(path.read_text(encoding="utf-8")), dtype=np.int64)
+    raise LmlabError(f"data {data} not found: give a prepared data directory or a text file")
+
+
+@torch.no_grad()
+def evaluate(lm, tokens: np.ndarray, batch_size: int = 8, max_batches: int = 0, context: int = 0) -> EvalResult:
+    """Mean loss over non-overlapping windows of `context` tokens (default: the model's context)."""
+    T = min(context or lm.config.context_length, lm.config.context_length, max(1, len(tokens) - 1))
+    if len(tokens) < 2:
+        raise LmlabError("the evaluation data holds fewer than 2 tokens; give more text")
+    model = lm.model.eval()
+    total, count = 0.0, 0
+    for i, starts in enumerate(iter_windows(tokens, T, batch_size)):
+        if max_batches and i >= max_batches:
+            break
+        x, y = windows_to_batch(tokens, starts, T, lm.device)
+        logits = model(x).float()
+        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+        count += y.numel()
+    loss = total / count
+    return EvalResult(loss, math.exp(min(loss, 700)), count)

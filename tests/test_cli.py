@@ -1,0 +1,282 @@
+"""The `lmlab` command line: output, exit codes, and one-line errors for bad input.
+
+Most cases call `lmlab.cli.main(argv)` in-process (what `python -m lmlab` runs, minus interpreter start-up,
+which costs about 1.5 s a call); an exception escaping main() fails the test, as a traceback would. A few
+cases also run as a real `python -m lmlab` process and must give the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.checkpoint import save_model
+from lmlab.config import PRESETS, ModelConfig
+from lmlab.model import Transformer
+from lmlab.tokenizer import CharTokenizer
+
+# One torch thread: the model is tiny, and OpenMP threads wait badly for each other when the CPU is shared.
+ENV = dict(os.environ, PYTHONIOENCODING="utf-8", OMP_NUM_THREADS="1")
+TEXT = "the quick brown fox jumps over the lazy dog\nabba cabbage, a bad bed.\n"
+CONTEXT = 16
+
+
+@dataclass(frozen=True)
+class Result:
+    rc: int
+    out: str
+    err: str
+
+
+def run_plain(args: list[str], cwd: Path) -> Result:
+    p = subprocess.run([sys.executable, "-m", "lmlab", *args], capture_output=True, text=True, encoding="utf-8",
+                       env=ENV, cwd=cwd, timeout=120)
+    return Result(p.returncode, p.stdout, p.stderr)
+
+
+def run_inprocess(args: list[str], capsys) -> Result:
+    from lmlab.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(list(args))
+    except SystemExit as e:  # --help exits through argparse
+        rc = e.code if isinstance(e.code, int) else 0
+    out, err = capsys.readouterr()
+    return Result(rc, out, err)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture
+def cli(capsys):
+    return lambda *args: run_inprocess(list(args), capsys)
+
+
+@pytest.fixture(scope="session")
+def ckpt(workdir) -> Path:
+    """A tiny random-weight char model with a 16-token context, saved as an lmlab checkpoint."""
+    torch.manual_seed(0)
+    tok = CharTokenizer.train([TEXT])
+    cfg = ModelConfig(family="gpt2", vocab_size=tok.vocab_size, context_length=CONTEXT, d_model=16, n_layers=1,
+                      n_heads=2)
+    return save_model(workdir / "tiny", Transformer(cfg), tok)
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(workdir) -> dict[str, Path]:
+    """HF-style model directories whose config.json is broken in different ways."""
+    configs = {
+        "invalid-json": '{"model_type": "gpt2", "n_embd": 16,',
+        "missing-field": json.dumps({"model_type": "gpt2", "vocab_size": 20, "n_positions": 16, "n_layer": 1,
+                                     "n_head": 2}),
+        "unsupported": json.dumps({"model_type": "bert", "vocab_size": 20, "hidden_size": 16}),
+    }
+    dirs = {}
+    for name, text in configs.items():
+        d = workdir / "hf" / name
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(text, encoding="utf-8")
+        dirs[name] = d
+    return dirs
+
+
+def assert_user_error(r: Result, *names: str) -> str:
+    """Exit 2, exactly one stderr line `lmlab: error: ...` naming each of `names`, nothing else, no traceback."""
+    assert "Traceback" not in r.out + r.err, r.err
+    assert r.rc == 2, (r.rc, r.err)
+    lines = r.err.splitlines()
+    assert len(lines) == 1, r.err
+    assert lines[0].startswith("lmlab: error: ")
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    assert r.out == ""
+    return lines[0]
+
+
+def assert_ok(r: Result) -> None:
+    assert "Traceback" not in r.out + r.err, r.err
+    assert r.rc == 0, (r.rc, r.err)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# info and --help
+
+
+def test_info_preset_param_count(cli):
+    r = cli("info", "gpt2-124m")
+    assert_ok(r)
+    assert r.out.splitlines()[0] == "preset gpt2-124m"
+    assert "parameters: 124,439,808" in r.out  # GPT-2 small, tied head (HF GPT2LMHeadModel's count)
+
+
+def test_info_lists_presets(cli):
+    r = cli("info")
+    assert_ok(r)
+    lines = r.out.splitlines()
+    assert lines[0].split()[0] == "preset"
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == set(PRESETS)
+    for name, cfg in PRESETS.items():
+        assert rows[name].split()[1] == cfg.family
+        assert rows[name].endswith(f"{cfg.num_params():,}")
+
+
+def test_info_of_a_checkpoint(cli, ckpt):
+    r = cli("info", str(ckpt))
+    assert_ok(r)
+    from safetensors.torch import load_file
+
+    n_params = sum(t.numel() for t in load_file(ckpt / "model.safetensors").values())  # tied head stored once
+    assert f"parameters: {n_params:,}" in r.out
+    assert f"context_length         {CONTEXT}" in r.out
+
+
+@pytest.mark.parametrize("args", [["--help"], ["info", "--help"], ["generate", "--help"], ["-h"]],
+                         ids=["lmlab", "info", "generate", "short"])
+def test_help(cli, args):
+    r = cli(*args)
+    assert_ok(r)
+    prog = " ".join(["lmlab"] + [a for a in args if not a.startswith("-")])
+    assert r.out.startswith(f"usage: {prog}")
+    assert r.err == ""
+    if "generate" in args:
+        for flag in ("--model", "--prompt", "--top-k", "--top-p", "--min-p", "--temperature", "--max-new-tokens",
+                     "--seed", "--stream", "--truncate"):
+            assert flag in r.out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: exit 2 and one line naming the problem
+
+
+def test_unknown_preset_suggests_the_nearest(cli):
+    line = assert_user_error(cli("info", "gpt2-125m"), "gpt2-125m")
+    assert "did you mean 'gpt2-124m'" in line
+
+
+def test_no_command(cli):
+    assert_user_error(cli(), "COMMAND")
+
+
+def test_unknown_command(cli):
+    assert_user_error(cli("trian"), "trian")
+
+
+def test_generate_missing_model_path(cli, workdir):
+    missing = workdir / "no-such-model"
+    assert_user_error(cli("generate", "--model", str(missing), "--prompt", "ab"), str(missing), "not found")
+
+
+def test_generate_requires_model_and_prompt(cli):
+    assert_user_error(cli("generate", "--prompt", "ab"), "--model")
+
+
+@pytest.mark.parametrize(("case", "names"), [
+    ("invalid-json", ("config.json", "not valid JSON")),
+    ("missing-field", ("config.json", "n_embd")),
+    ("unsupported", ("config.json", "'bert'", "not supported")),
+])
+def test_generate_malformed_config_json(cli, hf_dirs, case, names):
+    assert_user_error(cli("generate", "--model", str(hf_dirs[case]), "--prompt", "ab", "--device", "cpu"), *names)
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--top-k", "-1"),
+    ("--temperature", "-0.5"),
+    ("--top-p", "0"),
+    ("--top-p", "1.5"),
+    ("--min-p", "-0.1"),
+    ("--min-p", "1.5"),
+    ("--max-new-tokens", "-1"),
+    ("--repetition-penalty", "0"),
+    ("--temperature", "nan"),
+    ("--top-k", "abc"),
+])
+def test_generate_invalid_sampling_setting(cli, ckpt, flag, value):
+    r = cli("generate", "--model", str(ckpt), "--prompt", "ab", "--device", "cpu", flag, value)
+    assert_user_error(r, flag, value)
+
+
+def test_prompt_longer_than_context(cli, ckpt):
+    prompt = ("abc " * 10)[:40]
+    line = assert_user_error(cli("generate", "--model", str(ckpt), "--prompt", prompt, "--device", "cpu"),
+                             "--truncate", "40", str(CONTEXT))
+    assert "prompt" in line
+
+
+def test_truncate_lets_a_long_prompt_through(cli, ckpt):
+    prompt = ("abc " * 10)[:40]
+    r = cli("generate", "--model", str(ckpt), "--prompt", prompt, "--device", "cpu", "--truncate",
+            "--max-new-tokens", "5", "--temperature", "0")
+    assert_ok(r)
+    assert r.out.startswith(prompt)
+    assert len(r.out) == len(prompt) + 5 + 1  # the prompt, 5 characters, a newline
+
+
+def test_seed_out_of_range(cli, ckpt):
+    assert_user_error(cli("generate", "--model", str(ckpt), "--prompt", "ab", "--device", "cpu", "--seed",
+                          str(2**70)), "--seed")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generate that works
+
+
+def generate(cli, ckpt, *extra: str) -> Result:
+    return cli("generate", "--model", str(ckpt), "--prompt", "ab", "--device", "cpu", *extra)
+
+
+def test_generate_greedy_and_stream(cli, ckpt):
+    r = generate(cli, ckpt, "--max-new-tokens", "5", "--temperature", "0")
+    assert_ok(r)
+    assert r.out.startswith("ab") and r.out.endswith("\n")
+    continuation = r.out[len("ab"):-1]
+    assert len(continuation) == 5
+    assert set(continuation) <= set(TEXT)
+    # The library call the CLI stands for gives the same text.
+    assert lmlab.load(ckpt, device="cpu").generate("ab", max_new_tokens=5, temperature=0) == continuation
+
+    s = generate(cli, ckpt, "--max-new-tokens", "5", "--temperature", "0", "--stream")
+    assert_ok(s)
+    assert s.out == continuation + "\n"  # streaming prints the continuation alone
+
+
+def test_generate_same_seed_same_text(cli, ckpt):
+    def sample(seed: int) -> str:
+        r = generate(cli, ckpt, "--max-new-tokens", "12", "--temperature", "1.0", "--top-k", "10", "--seed", str(seed))
+        assert_ok(r)
+        return r.out
+
+    first = sample(7)
+    assert sample(7) == first
+    assert len({first, sample(8), sample(9)}) > 1  # the seed is used at all
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The runner against the real thing
+
+
+@pytest.mark.parametrize("kind", ["info", "error", "generate"])
+def test_plain_subprocess_agrees_with_runner(cli, ckpt, workdir, kind):
+    args = {"info": ["info", "gpt2-124m"],
+            "error": ["info", "gpt2-125m"],
+            "generate": ["generate", "--model", str(ckpt), "--prompt", "ab", "--device", "cpu", "--max-new-tokens",
+                         "5", "--temperature", "0"]}[kind]
+    plain = run_plain(args, workdir)
+    assert plain == cli(*args)
+    if kind == "error":
+        assert_user_error(plain, "gpt2-125m", "gpt2-124m")
+    else:
+        assert_ok(plain)

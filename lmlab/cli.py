@@ -217,6 +217,96 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D), /help; Ctrl-C stops a reply"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import json
+
+    import lmlab
+    from lmlab.chat import ChatSession, check_messages, reply
+
+    s = _sampling(args)
+    if args.prompt is not None and args.messages is not None:
+        raise LmlabError("give --prompt or --messages, not both")
+    messages = None
+    if args.messages is not None:
+        raw = sys.stdin.read() if args.messages == "-" else _read_text(args.messages)
+        try:
+            messages = check_messages(json.loads(raw))
+        except ValueError as e:
+            if isinstance(e, LmlabError):
+                raise
+            raise LmlabError(f"--messages: not valid JSON ({e})") from None
+    lm = lmlab.load(args.model, device=args.device, dtype=args.dtype)
+    if args.prompt is not None or messages is not None:  # for scripts: the reply alone
+        if messages is None:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": args.prompt}]
+        print(reply(lm, messages, s).strip())
+        return 0
+    session = ChatSession(lm, s, system=args.system)
+    print(f"chatting with {lm.source} ({CHAT_HELP})", file=sys.stderr)
+    while True:
+        try:
+            text = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        command = text.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            return 0
+        if command == "/reset":
+            session.reset()
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if command == "/help":
+            print(CHAT_HELP, file=sys.stderr)
+            continue
+        print("bot> ", end="", flush=True)
+        try:
+            session.ask(text, on_text=lambda d: print(d, end="", flush=True))
+            print()
+        except KeyboardInterrupt:
+            print("\n(reply stopped)", file=sys.stderr)
+
+
+def _read_text(path: str) -> str:
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise LmlabError(f"cannot read {path}: {e.strerror}") from None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import lmlab
+
+    if args.format not in ("hf", "gguf"):
+        from lmlab.errors import unknown
+
+        raise unknown("export format", args.format, ("hf", "gguf"))
+    lm = lmlab.load(args.source, device="cpu", dtype="float32")
+    out = Path(args.out)
+    if args.format == "hf":
+        from lmlab.weights.hf import export_hf
+
+        export_hf(lm.model, lm.tokenizer, out)
+    else:
+        from lmlab.weights.gguf import export_gguf
+
+        if out.suffix != ".gguf":
+            raise LmlabError(f"--out {out}: a GGUF export is one file; give a name ending in .gguf")
+        export_gguf(lm.model, lm.tokenizer, out, dtype=args.dtype or "float32")
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> Parser:
     p = Parser(prog="lmlab", description="Pretrain and run GPT-2- and Llama-family language models.",
                allow_abbrev=False)
@@ -280,6 +370,29 @@ def build_parser() -> Parser:
     pl.add_argument("--out", required=True, metavar="FILE.png")
     pl.add_argument("--title", default=None)
     pl.set_defaults(func=cmd_plot)
+
+    ch = sub.add_parser("chat", help="chat with a model, using its own chat template",
+                        description="Interactive multi-turn chat with streaming (" + CHAT_HELP + "). With --prompt "
+                                    "or --messages it answers once and prints only the reply.")
+    ch.add_argument("--model", default="smollm2-135m-instruct", metavar="SOURCE",
+                    help="a named model, GGUF file, HF directory or lmlab run (default: smollm2-135m-instruct)")
+    ch.add_argument("--prompt", default=None, help="answer this one message and exit")
+    ch.add_argument("--messages", default=None, metavar="FILE",
+                    help='answer a JSON list of {"role", "content"} messages from FILE (- for stdin) and exit')
+    ch.add_argument("--system", default=None, help="a system message to start the conversation")
+    ch.add_argument("--device", default="auto")
+    ch.add_argument("--dtype", default=None)
+    _add_sampling(ch, temperature=0.3, top_p=0.9, max_new_tokens=512)
+    ch.set_defaults(func=cmd_chat)
+
+    ex = sub.add_parser("export", help="write a model as an HF directory or a GGUF file",
+                        description="hf: config.json, model.safetensors, tokenizer.json, tokenizer_config.json for "
+                                    "transformers' AutoModelForCausalLM; gguf: one F32/F16 file for llama.cpp.")
+    ex.add_argument("source", metavar="SOURCE", help="an lmlab run or checkpoint, HF dir, GGUF file or named model")
+    ex.add_argument("--format", required=True, help="hf or gguf")
+    ex.add_argument("--out", required=True, metavar="PATH", help="a directory (hf) or a .gguf file (gguf)")
+    ex.add_argument("--dtype", default=None, help="gguf only: float32 (default) or float16")
+    ex.set_defaults(func=cmd_export)
 
     demo = sub.add_parser("demo", help="the main job: prepare Shakespeare, train a small GPT on CPU, generate, plot")
     demo.add_argument("--out", default="runs/demo", help="where the demo writes its data, run and plot")

@@ -78,6 +78,29 @@ def full_state_dict(model: torch.nn.Module, info: DistInfo, fsdp: bool) -> dict[
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
+def optimizer_state(model: torch.nn.Module, opt, info: DistInfo, fsdp: bool) -> dict:
+    """The optimizer state for a checkpoint; under FSDP gathered whole (keyed by parameter name), collectively."""
+    if info.enabled and fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = get_optimizer_state_dict(model, opt.optimizers[0],
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {"optimizers": [full]}
+    return opt.state_dict()
+
+
+def load_optimizer_state(model: torch.nn.Module, opt, state: dict, info: DistInfo, fsdp: bool) -> None:
+    if info.enabled and fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt.optimizers[0], optim_state_dict=state["optimizers"][0],
+                                 options=StateDictOptions(full_state_dict=True))
+        for group in opt.param_groups:
+            group.setdefault("base_lr", group["lr"])
+        return
+    opt.load_state_dict(state)
+
+
 def all_reduce_mean(value: float, info: DistInfo) -> float:
     if not info.enabled:
         return value
@@ -93,6 +116,15 @@ def broadcast_flag(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([int(flag)], device=info.device)
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's `obj`, in rank order (a collective: all ranks call it)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(info: DistInfo) -> None:

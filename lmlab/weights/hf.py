@@ -288,3 +288,115 @@ def hf_tokenizer(path: Path):
         template = (path / "chat_template.jinja").read_text(encoding="utf-8")
     return BPETokenizer.from_file(tok_file, eos_token=token(tc.get("eos_token")), bos_token=token(tc.get("bos_token")),
                                   chat_template=template if isinstance(template, str) else None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export: our model -> an HF directory that AutoModelForCausalLM.from_pretrained reads.
+
+
+def _split_qkv(cfg: ModelConfig, t: torch.Tensor) -> list[torch.Tensor]:
+    D = cfg.head_dim
+    return list(t.split([cfg.n_heads * D, cfg.n_kv_heads * D, cfg.n_kv_heads * D], dim=0))
+
+
+INVERSE: dict[Transform, Callable[[ModelConfig, torch.Tensor], list[torch.Tensor]]] = {
+    _same: lambda cfg, t: [t],
+    _transpose: lambda cfg, t: [t.t().contiguous()],
+    _cat: _split_qkv,
+}
+
+
+def hf_config(cfg: ModelConfig, tokenizer=None) -> dict:
+    """config.json for the HF class that computes what our model computes, or an error saying why none does."""
+    special = {}
+    if tokenizer is not None:
+        special = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    if cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":
+        if cfg.n_kv_heads != cfg.n_heads or cfg.qkv_bias != cfg.bias:
+            raise LmlabError("this GPT-2-family model uses grouped-query attention or q/k/v-only biases, which HF's "
+                             "GPT2LMHeadModel cannot express; it cannot be exported to HF")
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+                "n_positions": cfg.context_length, "n_embd": cfg.d_model, "n_layer": cfg.n_layers,
+                "n_head": cfg.n_heads, "n_inner": cfg.d_ff, "activation_function": "gelu_new",
+                "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+                "resid_pdrop": cfg.dropout_resid, "embd_pdrop": cfg.dropout_embed, "attn_pdrop": cfg.dropout_attn,
+                "torch_dtype": "float32", **special}
+    if cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
+        qwen = cfg.qkv_bias and not cfg.bias
+        out = {"architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+               "model_type": "qwen2" if qwen else "llama", "vocab_size": cfg.vocab_size,
+               "max_position_embeddings": cfg.context_length, "hidden_size": cfg.d_model,
+               "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+               "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+               "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
+               "attention_dropout": cfg.dropout_attn, "torch_dtype": "float32", **special}
+        if not qwen:
+            out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
+        if cfg.rope_scaling == "llama3":
+            out["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_factor,
+                                   "low_freq_factor": cfg.rope_low_freq_factor,
+                                   "high_freq_factor": cfg.rope_high_freq_factor,
+                                   "original_max_position_embeddings": cfg.rope_original_context}
+        return out
+    raise LmlabError(f"this model mixes families (pos={cfg.pos}, norm={cfg.norm}, mlp={cfg.mlp}); HF has no class "
+                     "for it, so it cannot be exported to HF")
+
+
+def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict under HF names, through the same key-map table read backwards. A GPT-2-family model
+    trained without biases gets zero biases, which HF's GPT-2 always has and which change nothing."""
+    rules = _compile(KEY_TABLES[cfg.family])
+    out: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        if key == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        for pattern, theirs, fn in rules:
+            m = pattern.match(key)
+            if m:
+                names = [n.format(i=m.group("i")) if "{i}" in n else n for n in theirs]
+                for name, part in zip(names, INVERSE[fn](cfg, t.detach().cpu().float()), strict=True):
+                    out[name] = part.contiguous()
+                break
+    if cfg.family == "gpt2" and not cfg.bias:
+        for i in range(cfg.n_layers):
+            h = f"transformer.h.{i}."
+            for name, size in (("ln_1.bias", cfg.d_model), ("ln_2.bias", cfg.d_model),
+                               ("attn.c_proj.bias", cfg.d_model), ("mlp.c_fc.bias", cfg.d_ff),
+                               ("mlp.c_proj.bias", cfg.d_model), ("attn.c_attn.bias", 3 * cfg.d_model)):
+                out.setdefault(h + name, torch.zeros(size))
+        out.setdefault("transformer.ln_f.bias", torch.zeros(cfg.d_model))
+    return out
+
+
+def export_hf(model, tokenizer, out: Path) -> Path:
+    """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json into `out`."""
+    from safetensors.torch import save_file
+
+    from lmlab.tokenizer import BPETokenizer
+
+    cfg = model.cfg
+    config = hf_config(cfg, tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    state = to_hf_state(cfg, model.state_dict())
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer is not None:
+        hf_tok = tokenizer.tok if isinstance(tokenizer, BPETokenizer) else char_tokenizer_as_hf(tokenizer)
+        hf_tok.save(str(out / "tokenizer.json"))
+        tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.context_length,
+              "clean_up_tokenization_spaces": False}
+        if isinstance(tokenizer, BPETokenizer):
+            tc.update({k: v for k, v in (("eos_token", tokenizer.eos_token), ("bos_token", tokenizer.bos_token),
+                                         ("chat_template", tokenizer.chat_template)) if v is not None})
+        (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+    return out
+
+
+def char_tokenizer_as_hf(tokenizer):
+    """A character tokenizer as an HF `tokenizers` Tokenizer: one word-level token per character."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(tokenizer.chars)}, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return tok

@@ -1,0 +1,429 @@
+"""GGUF files (llama.cpp's format): Llama-family weights, quantized or not, and the tokenizer in their metadata.
+
+The file is read with the `gguf` package's `GGUFReader` (llama.cpp's own Python reader) and every tensor is
+expanded to the compute dtype with `gguf.quants.dequantize` (F32, F16, BF16, Q4_0 ... Q8_0, the K-quants and
+whatever else that package can dequantize). Tensor names map onto ours through the table below, as in
+weights/hf.py. Two things differ from an HF checkpoint:
+
+- llama.cpp's converter (convert_hf_to_gguf.py, `LlamaModel.permute`) reorders the rows of each head of q and
+  k so that ggml's rope rotates adjacent pairs (2i, 2i+1); our model, like HF, rotates (i, i + D/2), so the
+  loader puts the rows back (`_unpermute`, the inverse of llama.cpp's permute).
+- Llama 3.1's rope scaling is not in the metadata but in a tensor of per-frequency divisors,
+  `rope_freqs.weight`; the loader recovers the four numbers of `rope_scaling="llama3"` that generate it and
+  checks that they regenerate it.
+
+The tokenizer (tokenizer.ggml.model "gpt2": byte-level BPE) is rebuilt as an HF `tokenizers.Tokenizer` the way
+transformers' GGUF integration builds it (integrations/gguf/gguf_tokenizer_mapping.py), so both encode a text
+to the same ids.
+References: the GGUF spec (ggml docs/gguf.md); llama.cpp convert_hf_to_gguf.py and gguf-py/gguf/constants.py.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmlab.config import ModelConfig
+from lmlab.errors import LmlabError
+from lmlab.weights.hf import finish_load
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_TOKENIZERS = ("gpt2",)
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation: within each head, rows (0, D/2, 1, D/2+1, ...) back to (0, 1, ...).
+
+    llama.cpp's `permute`: w.reshape(H, 2, D/2, C).swapaxes(1, 2) makes rotate-half pairs adjacent; this is its
+    inverse. (H*D, C) -> (H*D, C)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _same(cfg: ModelConfig, t: np.ndarray) -> np.ndarray:
+    return t
+
+
+def _qkv(cfg: ModelConfig, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Our fused rows [q; k; v]: (H*D + 2*K*D, C), q and k back in the rotate-half layout."""
+    return np.concatenate((_unpermute(q, cfg.n_heads), _unpermute(k, cfg.n_kv_heads), v), axis=0)
+
+
+# (our key, GGUF tensors it is built from, transform(cfg, *tensors)). "{i}" is the layer index.
+# output.weight absent means the head is tied to the embeddings.
+_B = "blk.{i}."
+GGUF_LLAMA_KEYS: list[tuple[str, tuple[str, ...], Callable[..., np.ndarray]]] = [
+    ("wte.weight", ("token_embd.weight",), _same),
+    ("blocks.{i}.norm1.weight", (_B + "attn_norm.weight",), _same),
+    ("blocks.{i}.attn.qkv.weight", (_B + "attn_q.weight", _B + "attn_k.weight", _B + "attn_v.weight"), _qkv),
+    ("blocks.{i}.attn.proj.weight", (_B + "attn_output.weight",), _same),
+    ("blocks.{i}.norm2.weight", (_B + "ffn_norm.weight",), _same),
+    ("blocks.{i}.mlp.gate.weight", (_B + "ffn_gate.weight",), _same),
+    ("blocks.{i}.mlp.up.weight", (_B + "ffn_up.weight",), _same),
+    ("blocks.{i}.mlp.down.weight", (_B + "ffn_down.weight",), _same),
+    ("norm_f.weight", ("output_norm.weight",), _same),
+    ("lm_head.weight", ("output.weight",), _same),
+]
+# Tensors read for the config rather than mapped onto a parameter.
+_CONFIG_TENSORS = ("rope_freqs.weight",)
+
+
+class GGUFFile:
+    """Metadata and lazily dequantized tensors of one GGUF file, every failure an LmlabError."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LmlabError(f"GGUF file not found: {self.path}")
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise LmlabError(f"{self.path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')"
+                             + ("; it is empty" if not magic else ""))
+        try:
+            reader = _reader_class()(self.path)
+        except Exception as e:  # the reader fails in many ways on a damaged file: IndexError, ValueError, ...
+            raise LmlabError(f"{self.path} is not a readable GGUF file ({type(e).__name__}: {e}); it is truncated "
+                             "or corrupt, download it again") from None
+        self.fields = reader.fields
+        self.tensors = {t.name: t for t in reader.tensors}
+        for t in reader.tensors:
+            if t.data.nbytes != t.n_bytes:
+                raise LmlabError(f"{self.path} is truncated: tensor {t.name} needs {t.n_bytes} bytes but the file "
+                                 f"holds {t.data.nbytes}; download it again")
+
+    def close(self) -> None:
+        """Drop the references to the memory map (the tensors already built are copies)."""
+        self.fields, self.tensors = {}, {}
+
+    def meta(self, key: str, default: Any = ...) -> Any:
+        """A metadata value as a Python str, number, bool or list; `default` when absent (else an error)."""
+        field = self.fields.get(key)
+        if field is None:
+            if default is ...:
+                raise LmlabError(f"{self.path}: metadata key {key!r} is missing; the file is incomplete")
+            return default
+        try:
+            return field.contents()
+        except Exception as e:
+            raise LmlabError(f"{self.path}: cannot read metadata key {key!r} ({e}); the file is corrupt") from None
+
+    def array(self, name: str) -> np.ndarray | None:
+        """The tensor `name` dequantized to float32, in torch's (rows, columns) order; None if absent."""
+        from gguf import quants
+
+        t = self.tensors.get(name)
+        if t is None:
+            return None
+        try:
+            arr = quants.dequantize(t.data, t.tensor_type)  # float32, shape reversed from ggml's (columns first)
+        except NotImplementedError:
+            raise LmlabError(f"{self.path}: tensor {name} is stored as {t.tensor_type.name}, which cannot be "
+                             f"dequantized; supported types: {', '.join(supported_types())}") from None
+        except ValueError as e:
+            raise LmlabError(f"{self.path}: tensor {name} ({t.tensor_type.name}) is malformed ({e})") from None
+        return arr
+
+
+def _reader_class():
+    """GGUFReader over a plain ndarray view of its memory map.
+
+    The reader slices its `np.memmap` once per string of the vocabulary and merges (several per entry), and
+    each slice of a memmap subclass runs Python-level bookkeeping (`__array_finalize__`); slicing a plain view
+    of the same mapping is ~4x faster, and dequantizing from it too. Only the public `data` attribute is
+    intercepted, so the reader's own parsing is unchanged."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise LmlabError("reading GGUF files needs the `gguf` package: pip install gguf") from None
+
+    class PlainViewReader(GGUFReader):
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._plain = value.view(np.ndarray)  # shares the mapping, which stays open while views exist
+
+    return PlainViewReader
+
+
+def supported_types() -> list[str]:
+    """The GGUF tensor types this installation of `gguf` can dequantize."""
+    from gguf import GGMLQuantizationType, quants
+
+    traits = getattr(quants, "_type_traits", {})
+    return ["F32", "F16", *(q.name for q in GGMLQuantizationType if q in traits)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metadata -> ModelConfig
+
+
+def config_from_gguf(f: GGUFFile) -> ModelConfig:
+    """Translate llama.cpp's `llama.*` metadata into our ModelConfig, refusing what our model would get wrong."""
+    arch = f.meta("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise LmlabError(f"{f.path}: GGUF architecture {arch!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+    def num(key: str, default: Any = ...) -> Any:
+        value = f.meta(f"{arch}.{key}", default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LmlabError(f"{f.path}: metadata {arch}.{key} must be a number, got {value!r}")
+        return value
+
+    if num("expert_count", 0) > 0:
+        raise LmlabError(f"{f.path}: mixture-of-experts models ({arch}.expert_count > 0) are not supported")
+    d_model, n_heads = int(num("embedding_length")), int(num("attention.head_count"))
+    n_kv_heads = int(num("attention.head_count_kv", n_heads))
+    if n_heads < 1 or d_model % n_heads:
+        raise LmlabError(f"{f.path}: embedding_length {d_model} is not a multiple of head_count {n_heads}")
+    head_dim = d_model // n_heads
+    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        if int(num(key, head_dim)) != head_dim:
+            raise LmlabError(f"{f.path}: {arch}.{key} = {num(key)} differs from embedding_length / head_count = "
+                             f"{head_dim}; partial rotary or a separate head size is not supported")
+    scaling = f.meta(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none":
+        raise LmlabError(f"{f.path}: rope scaling type {scaling!r} is not supported; supported: none, and Llama 3's "
+                         "rope_freqs tensor")
+    embd = f.tensors.get("token_embd.weight")
+    if embd is None:
+        raise LmlabError(f"{f.path}: the file has no token_embd.weight tensor; it is incomplete")
+    theta = float(num("rope.freq_base", 10000.0))
+    rope: dict[str, Any] = {}
+    if "rope_freqs.weight" in f.tensors:
+        factors = torch.from_numpy(f.array("rope_freqs.weight").astype(np.float64))
+        rope = _llama3_rope(factors, theta, head_dim, str(f.path))
+    try:
+        return ModelConfig(
+            family="llama", vocab_size=int(embd.shape[-1]), context_length=int(num("context_length")),
+            d_model=d_model, d_ff=int(num("feed_forward_length")), n_layers=int(num("block_count")),
+            n_heads=n_heads, n_kv_heads=n_kv_heads, norm_eps=float(num("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=theta, tie_embeddings="output.weight" not in f.tensors, **rope)
+    except LmlabError as e:
+        raise LmlabError(f"{f.path}: metadata gives an invalid model: {e}") from None
+
+
+def _llama3_rope(factors: torch.Tensor, theta: float, head_dim: int, source: str) -> dict[str, Any]:
+    """The `rope_scaling="llama3"` settings that generate llama.cpp's per-frequency divisors `factors` (D/2,).
+
+    convert_hf_to_gguf.py writes 1 for short wavelengths, `factor` for long ones and 1 / ((1 - s) / factor + s)
+    between, with s = original_context / wavelength - low) / (high - low): linear in 1 / wavelength, so the band
+    gives s = a / wavelength - b, and only a and b matter. With low = 1 (every Llama 3 release):
+    high = 1 + 1 / b and original_context = a / b. The result is checked by regenerating the divisors."""
+    from lmlab.model import rope_inv_freq
+
+    if factors.shape != (head_dim // 2,):
+        raise LmlabError(f"{source}: rope_freqs.weight has shape {tuple(factors.shape)}, expected ({head_dim // 2},)")
+    factor = float(factors.max())
+    if abs(factor - 1.0) < 1e-6 and float(factors.min()) > 1 - 1e-6:
+        return {}  # all ones: no scaling
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    s = (1 / factors - 1 / factor) / (1 - 1 / factor)
+    band = (s > 1e-4) & (s < 1 - 1e-4)
+    settings: dict[str, Any] | None = None
+    if int(band.sum()) >= 2:
+        x = torch.stack((1 / wavelen[band], -torch.ones(int(band.sum()), dtype=torch.float64)), dim=1)
+        a, b = torch.linalg.lstsq(x, s[band].unsqueeze(1)).solution.flatten().tolist()
+        if a > 0 and b > 0:
+            settings = dict(rope_scaling="llama3", rope_factor=factor, rope_low_freq_factor=1.0,
+                            rope_high_freq_factor=1.0 + 1.0 / b, rope_original_context=max(1, round(a / b)))
+    if settings is not None:
+        cfg = ModelConfig(family="llama", d_model=head_dim, n_heads=1, rope_theta=theta, **settings)
+        expected = (inv_freq / factors).float()
+        if torch.allclose(rope_inv_freq(cfg), expected, rtol=1e-4, atol=0):
+            return settings
+    raise LmlabError(f"{source}: rope_freqs.weight does not follow Llama 3's rope scaling (factors "
+                     f"{factors.min():.3g}..{factor:.3g}); this rope scaling is not supported")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _compile(table):
+    return [(re.compile(re.escape(ours).replace(r"\{i\}", r"(?P<i>\d+)") + "$"), theirs, fn)
+            for ours, theirs, fn in table]
+
+
+def map_gguf_weights(cfg: ModelConfig, our_keys: list[str], get: Callable[[str], np.ndarray | None],
+                     source: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(our key, float32 array) for each parameter, built from GGUF tensors fetched with `get(name)`.
+
+    The rearranging is done in numpy, as llama.cpp's converter writes it. One parameter at a time, so a
+    caller converting each to a smaller dtype never holds the whole model in float32."""
+    rules = _compile(GGUF_LLAMA_KEYS)
+    for key in our_keys:
+        if key == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # tied to wte: finish_load re-ties it
+        for pattern, theirs, fn in rules:
+            m = pattern.match(key)
+            if m:
+                names = [t.format(i=m.group("i")) if "{i}" in t else t for t in theirs]
+                tensors = [get(n) for n in names]
+                missing = [n for n, t in zip(names, tensors, strict=True) if t is None]
+                if missing:
+                    raise LmlabError(f"{source}: the file lacks tensor {missing[0]!r} that a {cfg.n_layers}-layer "
+                                     "llama model needs; it is incomplete or its metadata is wrong")
+                yield key, fn(cfg, *tensors)
+                break
+        else:
+            raise LmlabError(f"{source}: no GGUF key-map rule for parameter {key!r}")  # a bug here, not the user's
+
+
+def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """A GGUF file -> (Transformer in eval mode, BPETokenizer or None when the file carries no tokenizer)."""
+    from lmlab.model import Transformer
+
+    device = torch.device(device)
+    f = GGUFFile(path)
+    cfg = config_from_gguf(f)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    unused = sorted(set(f.tensors) - set(_CONFIG_TENSORS) - {
+        n.format(i=i) for _, names, _ in GGUF_LLAMA_KEYS for n in names for i in range(cfg.n_layers)})
+    if unused:
+        raise LmlabError(f"{f.path}: tensor {unused[0]!r} ({len(unused)} such in all) has no place in our llama "
+                         "model (biases, experts or another variant); this file is not supported")
+    state = {}
+    for k, a in map_gguf_weights(cfg, list(expected), f.array, str(f.path)):
+        if tuple(a.shape) != tuple(expected[k]):
+            raise LmlabError(f"{f.path}: tensor for {k} has shape {tuple(a.shape)} but the metadata implies "
+                             f"{tuple(expected[k])}; metadata and weights do not match")
+        if not a.flags.writeable or not a.flags.c_contiguous:  # F32 tensors are views of the read-only file map
+            a = np.ascontiguousarray(a) if a.flags.writeable else np.array(a)
+        state[k] = torch.from_numpy(a).to(device=device, dtype=dtype)
+    finish_load(model, state)
+    model.eval()
+    return model, gguf_tokenizer(f)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the tokenizer from the metadata
+
+# Split regexes for tokenizer.ggml.pre values whose merges were learned on pieces other than GPT-2's, as
+# transformers' GGUF integration has them (GGUF_PRE_TOKENIZER_SPLITS); any other value gets GPT-2's ByteLevel.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZER_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                     "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
+    "tekken": _TEKKEN_SPLIT,
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
+    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
+}
+
+_CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (bytes_to_unicode in openai/gpt-2 encoder.py)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def gguf_tokenizer(f: GGUFFile):
+    """The tokenizer the metadata describes, as a BPETokenizer; None when the file has no tokenizer."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from lmlab.tokenizer import BPETokenizer
+
+    kind = f.meta("tokenizer.ggml.model", None)
+    if kind is None:
+        return None
+    if kind not in SUPPORTED_TOKENIZERS:
+        raise LmlabError(f"{f.path}: tokenizer model {kind!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_TOKENIZERS)} (byte-level BPE)")
+    tokens = f.meta("tokenizer.ggml.tokens")
+    merges = f.meta("tokenizer.ggml.merges", [])
+    types = f.meta("tokenizer.ggml.token_type", [])
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise LmlabError(f"{f.path}: tokenizer.ggml.tokens must be a list of strings")
+    # A token outside the byte alphabet is stored as plain text: spell its UTF-8 bytes (as transformers does).
+    spelling = _byte_alphabet()
+    alphabet = set(spelling.values())
+    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+             for i, t in enumerate(tokens)}
+    try:
+        bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], dropout=None,
+                         continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
+    except Exception as e:
+        raise LmlabError(f"{f.path}: the tokenizer's vocabulary or merges are malformed ({e})") from None
+    tok = HFTokenizer(bpe)
+    split = PRE_TOKENIZER_SPLITS.get(f.meta("tokenizer.ggml.pre", None))
+    if split is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    # Control tokens (<|im_start|> ...) are special and matched whole; one spelled outside the byte alphabet is
+    # a llama.cpp mislabel and is skipped. User-defined ones (<think>) are matched whole but are not special.
+    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types, strict=False)
+               if ty == _CONTROL and set(t) <= alphabet]
+    if control:
+        tok.add_special_tokens(control)
+    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types, strict=False)
+            if ty == _USER_DEFINED and t in vocab]
+    if user:
+        tok.add_tokens(user)
+
+    def special(key: str) -> str | None:
+        i = f.meta(f"tokenizer.ggml.{key}", None)
+        if i is None:
+            return None
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(tokens):
+            raise LmlabError(f"{f.path}: tokenizer.ggml.{key} = {i!r} is not a token id below {len(tokens)}")
+        return tokens[i]
+
+    named = {key: special(key) for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")}
+    have = {str(t) for t in tok.get_added_tokens_decoder().values()}
+    extra = [AddedToken(t, normalized=False, special=True) for t in dict.fromkeys(named.values())
+             if t is not None and t not in have]
+    if extra:  # transformers registers bos/eos/unk/pad as special tokens too
+        tok.add_special_tokens(extra)
+    bos, eos = named["bos_token_id"], named["eos_token_id"]
+    add_bos = bool(f.meta("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(f.meta("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    first, last = ([bos] if add_bos else []), ([eos] if add_eos else [])  # what encode() adds, as transformers
+    single = " ".join([*(f"{t}:0" for t in first), "$A:0", *(f"{t}:0" for t in last)])
+    pair = " ".join([single, *(f"{t}:1" for t in first), "$B:1", *(f"{t}:1" for t in last)])
+    specials = [(t, tok.token_to_id(t)) for t in dict.fromkeys(first + last)]
+    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+    template = f.meta("tokenizer.chat_template", None)
+    return BPETokenizer(tok, eos_token=eos, bos_token=bos,
+                        chat_template=template if isinstance(template, str) else None)

@@ -20,6 +20,7 @@ References: the GGUF spec (ggml docs/gguf.md); llama.cpp convert_hf_to_gguf.py a
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -33,7 +34,7 @@ from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.weights.hf import finish_load
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "gpt2")
 SUPPORTED_TOKENIZERS = ("gpt2",)
 
 
@@ -70,6 +71,18 @@ GGUF_LLAMA_KEYS: list[tuple[str, tuple[str, ...], Callable[..., np.ndarray]]] = 
     ("norm_f.weight", ("output_norm.weight",), _same),
     ("lm_head.weight", ("output.weight",), _same),
 ]
+# llama.cpp's gpt2 architecture keeps q, k and v fused as we do, and stores every matrix as (out, in).
+GGUF_GPT2_KEYS: list[tuple[str, tuple[str, ...], Callable[..., np.ndarray]]] = [
+    ("wte.weight", ("token_embd.weight",), _same),
+    ("wpe.weight", ("position_embd.weight",), _same),
+    *[(f"blocks.{{i}}.{ours}.{p}", (f"{_B}{theirs}.{p}",), _same) for ours, theirs in (
+        ("norm1", "attn_norm"), ("attn.qkv", "attn_qkv"), ("attn.proj", "attn_output"), ("norm2", "ffn_norm"),
+        ("mlp.up", "ffn_up"), ("mlp.down", "ffn_down")) for p in ("weight", "bias")],
+    ("norm_f.weight", ("output_norm.weight",), _same),
+    ("norm_f.bias", ("output_norm.bias",), _same),
+    ("lm_head.weight", ("output.weight",), _same),
+]
+GGUF_KEYS = {"llama": GGUF_LLAMA_KEYS, "gpt2": GGUF_GPT2_KEYS}
 # Tensors read for the config rather than mapped onto a parameter.
 _CONFIG_TENSORS = ("rope_freqs.weight",)
 
@@ -97,10 +110,6 @@ class GGUFFile:
             if t.data.nbytes != t.n_bytes:
                 raise LmlabError(f"{self.path} is truncated: tensor {t.name} needs {t.n_bytes} bytes but the file "
                                  f"holds {t.data.nbytes}; download it again")
-
-    def close(self) -> None:
-        """Drop the references to the memory map (the tensors already built are copies)."""
-        self.fields, self.tensors = {}, {}
 
     def meta(self, key: str, default: Any = ...) -> Any:
         """A metadata value as a Python str, number, bool or list; `default` when absent (else an error)."""
@@ -131,6 +140,7 @@ class GGUFFile:
         return arr
 
 
+@functools.cache
 def _reader_class():
     """GGUFReader over a plain ndarray view of its memory map.
 
@@ -180,6 +190,19 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
             raise LmlabError(f"{f.path}: metadata {arch}.{key} must be a number, got {value!r}")
         return value
 
+    if arch == "gpt2":
+        embd = f.tensors.get("token_embd.weight")
+        if embd is None:
+            raise LmlabError(f"{f.path}: the file has no token_embd.weight tensor; it is incomplete")
+        try:
+            return ModelConfig(
+                family="gpt2", vocab_size=int(embd.shape[-1]), context_length=int(num("context_length")),
+                d_model=int(num("embedding_length")), d_ff=int(num("feed_forward_length")),
+                n_layers=int(num("block_count")), n_heads=int(num("attention.head_count")),
+                norm_eps=float(num("attention.layer_norm_epsilon", 1e-5)),
+                tie_embeddings="output.weight" not in f.tensors)
+        except LmlabError as e:
+            raise LmlabError(f"{f.path}: metadata gives an invalid model: {e}") from None
     if num("expert_count", 0) > 0:
         raise LmlabError(f"{f.path}: mixture-of-experts models ({arch}.expert_count > 0) are not supported")
     d_model, n_heads = int(num("embedding_length")), int(num("attention.head_count"))
@@ -195,7 +218,7 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     if scaling != "none":
         raise LmlabError(f"{f.path}: rope scaling type {scaling!r} is not supported; supported: none, and Llama 3's "
                          "rope_freqs tensor")
-    embd = f.tensors.get("token_embd.weight")
+    embd = f.tensors.get("token_embd.weight")  # ggml lists dimensions columns first: shape (C, vocab)
     if embd is None:
         raise LmlabError(f"{f.path}: the file has no token_embd.weight tensor; it is incomplete")
     theta = float(num("rope.freq_base", 10000.0))
@@ -262,7 +285,7 @@ def map_gguf_weights(cfg: ModelConfig, our_keys: list[str], get: Callable[[str],
 
     The rearranging is done in numpy, as llama.cpp's converter writes it. One parameter at a time, so a
     caller converting each to a smaller dtype never holds the whole model in float32."""
-    rules = _compile(GGUF_LLAMA_KEYS)
+    rules = _compile(GGUF_KEYS[cfg.family])
     for key in our_keys:
         if key == "lm_head.weight" and cfg.tie_embeddings:
             continue  # tied to wte: finish_load re-ties it
@@ -274,7 +297,7 @@ def map_gguf_weights(cfg: ModelConfig, our_keys: list[str], get: Callable[[str],
                 missing = [n for n, t in zip(names, tensors, strict=True) if t is None]
                 if missing:
                     raise LmlabError(f"{source}: the file lacks tensor {missing[0]!r} that a {cfg.n_layers}-layer "
-                                     "llama model needs; it is incomplete or its metadata is wrong")
+                                     f"{cfg.family} model needs; it is incomplete or its metadata is wrong")
                 yield key, fn(cfg, *tensors)
                 break
         else:
@@ -292,10 +315,10 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch
         model = Transformer(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     unused = sorted(set(f.tensors) - set(_CONFIG_TENSORS) - {
-        n.format(i=i) for _, names, _ in GGUF_LLAMA_KEYS for n in names for i in range(cfg.n_layers)})
+        n.format(i=i) for _, names, _ in GGUF_KEYS[cfg.family] for n in names for i in range(cfg.n_layers)})
     if unused:
-        raise LmlabError(f"{f.path}: tensor {unused[0]!r} ({len(unused)} such in all) has no place in our llama "
-                         "model (biases, experts or another variant); this file is not supported")
+        raise LmlabError(f"{f.path}: tensor {unused[0]!r} ({len(unused)} such in all) has no place in our "
+                         f"{cfg.family} model (biases, experts or another variant); this file is not supported")
     state = {}
     for k, a in map_gguf_weights(cfg, list(expected), f.array, str(f.path)):
         if tuple(a.shape) != tuple(expected[k]):
@@ -427,3 +450,160 @@ def gguf_tokenizer(f: GGUFFile):
     template = f.meta("tokenizer.chat_template", None)
     return BPETokenizer(tok, eos_token=eos, bos_token=bos,
                         chat_template=template if isinstance(template, str) else None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# export: our model -> a GGUF file llama.cpp (and our loader) reads
+
+
+def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's q/k row permutation (convert_hf_to_gguf.py `LlamaModel.permute`), the inverse of _unpermute."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _split_qkv(cfg: ModelConfig, t: np.ndarray) -> list[np.ndarray]:
+    D = cfg.head_dim
+    q, k, v = np.split(t, [cfg.n_heads * D, (cfg.n_heads + cfg.n_kv_heads) * D], axis=0)
+    return [_permute(q, cfg.n_heads), _permute(k, cfg.n_kv_heads), v]
+
+
+_INVERSE = {_same: lambda cfg, t: [t], _qkv: _split_qkv}
+
+
+def gguf_tensors(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Our weights under GGUF names, through the key-map table read backwards (float32 arrays)."""
+    rules = _compile(GGUF_KEYS[cfg.family])
+    out: dict[str, np.ndarray] = {}
+    for key, t in state.items():
+        if key == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        for pattern, theirs, fn in rules:
+            m = pattern.match(key)
+            if m:
+                names = [n.format(i=m.group("i")) if "{i}" in n else n for n in theirs]
+                parts = _INVERSE[fn](cfg, t.detach().cpu().float().numpy())
+                out.update(zip(names, (np.ascontiguousarray(p) for p in parts), strict=True))
+                break
+    if cfg.family == "gpt2" and not cfg.bias:  # llama.cpp's gpt2 graph always has biases: zeros change nothing
+        for _, theirs, _ in GGUF_GPT2_KEYS:
+            for n in theirs:
+                for i in range(cfg.n_layers):
+                    name = n.format(i=i)
+                    if name.endswith(".bias") and name not in out:
+                        out[name] = np.zeros(out[name.replace(".bias", ".weight")].shape[0], dtype=np.float32)
+    if cfg.family == "llama" and cfg.rope_scaling == "llama3":  # llama.cpp keeps it as per-frequency divisors
+        from lmlab.model import rope_inv_freq
+
+        plain = rope_inv_freq(dataclass_replace(cfg, rope_scaling="none"))
+        out["rope_freqs.weight"] = (plain / rope_inv_freq(cfg)).numpy().astype(np.float32)
+    return out
+
+
+def dataclass_replace(cfg: ModelConfig, **changes) -> ModelConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
+def _check_exportable(cfg: ModelConfig) -> str:
+    if cfg.family == "llama" and (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu") and not (
+            cfg.bias or cfg.qkv_bias):
+        return "llama"
+    if cfg.family == "gpt2" and (cfg.pos, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu") and \
+            cfg.n_kv_heads == cfg.n_heads and cfg.qkv_bias == cfg.bias:
+        return "gpt2"
+    raise LmlabError("GGUF export covers llama.cpp's llama architecture (rope, rmsnorm, swiglu, no biases) and its "
+                     "gpt2 architecture (learned positions, layernorm, gelu, no GQA); this model is neither")
+
+
+def _tokenizer_fields(tokenizer) -> dict[str, Any] | None:
+    """tokenizer.ggml.* values for a byte-level BPE tokenizer, or a character tokenizer spelled as one."""
+    import json
+
+    from lmlab.tokenizer import BPETokenizer, CharTokenizer
+
+    if isinstance(tokenizer, CharTokenizer):
+        spelling = _byte_alphabet()
+        if any(ord(c) > 127 for c in tokenizer.chars):
+            raise LmlabError("a character tokenizer with non-ASCII characters cannot be written as GGUF's byte-level "
+                             "BPE; export to HF instead (--format hf)")
+        # One byte per character and no merges: byte-level BPE then gives exactly the character ids.
+        return {"tokens": [spelling[ord(c)] for c in tokenizer.chars], "merges": [], "types": [1] * len(tokenizer.chars),
+                "pre": "gpt2", "bos": None, "eos": None, "add_bos": False, "template": None}
+    if not isinstance(tokenizer, BPETokenizer):
+        return None
+    spec = json.loads(tokenizer.tok.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise LmlabError(f"GGUF export needs a BPE tokenizer, this one is {model.get('type')!r}")
+    vocab = tokenizer.tok.get_vocab(with_added_tokens=True)
+    tokens = [""] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    special = {a["content"] for a in spec.get("added_tokens", []) if a.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    post = spec.get("post_processor") or {}
+    add_bos = bool(tokenizer.bos_token) and tokenizer.bos_token in json.dumps(post.get("single", ""))
+    return {"tokens": tokens, "merges": merges, "types": [3 if t in special else 1 for t in tokens], "pre": "gpt2",
+            "bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "add_bos": add_bos, "template": tokenizer.chat_template}
+
+
+def export_gguf(model, tokenizer, out: str | Path, dtype: str = "float32") -> Path:
+    """Write `model` (+ its tokenizer) as one GGUF file, F32 or F16 (norms and biases stay F32, as llama.cpp
+    keeps them), with the `gguf` package's writer. The file is written beside `out` and renamed into place."""
+    import os
+    import tempfile
+
+    from gguf import GGUFWriter
+
+    if dtype not in ("float32", "float16"):
+        raise LmlabError(f"GGUF export writes float32 or float16, not {dtype!r}")
+    cfg = model.cfg
+    arch = _check_exportable(cfg)
+    tensors = gguf_tensors(cfg, model.state_dict())
+    tok = _tokenizer_fields(tokenizer) if tokenizer is not None else None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        w = GGUFWriter(tmp, arch)
+        w.add_name("lmlab export")
+        w.add_context_length(cfg.context_length)
+        w.add_embedding_length(cfg.d_model)
+        w.add_feed_forward_length(cfg.d_ff)
+        w.add_block_count(cfg.n_layers)
+        w.add_head_count(cfg.n_heads)
+        if arch == "llama":
+            w.add_head_count_kv(cfg.n_kv_heads)
+            w.add_rope_freq_base(cfg.rope_theta)
+            w.add_rope_dimension_count(cfg.head_dim)
+            w.add_layer_norm_rms_eps(cfg.norm_eps)
+        else:
+            w.add_layer_norm_eps(cfg.norm_eps)
+        w.add_file_type(1 if dtype == "float16" else 0)  # llama_ftype: ALL_F32 = 0, MOSTLY_F16 = 1
+        if tok is not None:
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre(tok["pre"])
+            w.add_token_list(tok["tokens"])
+            w.add_token_types(tok["types"])
+            w.add_token_merges(tok["merges"])
+            if tok["bos"] is not None:
+                w.add_bos_token_id(tok["bos"])
+            if tok["eos"] is not None:
+                w.add_eos_token_id(tok["eos"])
+            w.add_add_bos_token(tok["add_bos"])
+            if tok["template"]:
+                w.add_chat_template(tok["template"])
+        for name, a in tensors.items():
+            w.add_tensor(name, a.astype(np.float16) if dtype == "float16" and a.ndim >= 2 else a)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out

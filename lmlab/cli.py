@@ -62,7 +62,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
         import lmlab
 
-        if not Path(args.name).exists():
+        from lmlab.fetch import NAMED_MODELS
+
+        if not Path(args.name).exists() and args.name not in NAMED_MODELS:
             preset(args.name)  # raises: unknown preset, with the nearest name
         lm = lmlab.load(args.name, device="cpu")
         cfg, title = lm.config, f"model {args.name}"
@@ -315,7 +317,7 @@ def build_parser() -> Parser:
 
     info = sub.add_parser("info", help="show a preset's (or a model's) architecture and exact parameter count",
                           description="Without a name, list the presets.")
-    info.add_argument("name", nargs="?", help="a preset name (lmlab info lists them) or a model path")
+    info.add_argument("name", nargs="?", help="a preset (lmlab info lists them), a model path or a named model")
     info.set_defaults(func=cmd_info)
 
     gen = sub.add_parser("generate", help="continue a prompt with a model",

@@ -182,7 +182,9 @@ def train(mc: ModelConfig, tc: TrainConfig, data_dir: str | Path, run_dir: str |
     """Train a model described by `mc` with settings `tc` on a prepared data directory, into `run_dir`."""
     info = init_distributed(tc.device)
     try:
-        return _train(mc, tc, Path(data_dir), Path(run_dir), resume, quiet, info)
+        result = _train(mc, tc, Path(data_dir), Path(run_dir), resume, quiet, info)
+        barrier(info)  # leave together: gloo aborts a rank that tears down while its peer still talks
+        return result
     finally:
         shutdown(info)
 

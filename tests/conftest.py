@@ -12,16 +12,33 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
+OPENING = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+WORDS = ("the of and to in that is was he for it with as his on be at by I had not are but from or have an they which "
+         "one you were her all she there would their we him been has when who will more no if out so said what up its "
+         "about into than them can only other new some could time these two may then do first any my now such like "
+         "our over man me even most made after also did many before must through back years where much your way well "
+         "down should because each just those people how too little state good very make world still own see men work "
+         "long get here between both life being under never day same another know while last might us great old year "
+         "off come since against go came right used take three citizen king queen lord hello there speak hear").split()
+SPEAKERS = ("First Citizen", "Second Citizen", "MENENIUS", "MARCIUS", "ROMEO", "JULIET", "KING HENRY", "QUEEN",
+            "Hello", "All", "BRUTUS", "VOLUMNIA", "GLOUCESTER", "PETRUCHIO", "YORK", "Zounds", "Whither")
+
+
 def corpus_text(n_chars: int = 60_000) -> str:
-    """The head of tinyshakespeare (the standard test corpus), or generated English-like text without it."""
+    """The head of tinyshakespeare (the standard test corpus beside the repo), or, where it is absent, a play-like
+    text made from a fixed word list: every ASCII letter, digits and punctuation, and the same opening lines."""
     if TINY.is_file():
         return TINY.read_text(encoding="utf-8")[:n_chars]
-    words = "the king and queen of england said that all is well that ends well in the night".split()
-    out, i = [], 0
-    while sum(map(len, out)) < n_chars:
-        out.append(words[(i * 7 + i // 3) % len(words)] + ("\n" if i % 11 == 10 else " "))
-        i += 1
-    return "".join(out)[:n_chars]
+    import random
+    import string
+
+    rng = random.Random(0)
+    parts = [OPENING, string.ascii_letters + string.digits + " .,;:!?'-&[]\n\n"]
+    while sum(map(len, parts)) < n_chars:
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
+        line = " ".join(words).capitalize() + rng.choice(".,;!?:")
+        parts.append(f"{rng.choice(SPEAKERS)}:\n{line}\n\n" if rng.random() < 0.3 else line + "\n")
+    return "".join(parts)[:n_chars]
 
 
 @pytest.fixture(scope="session")

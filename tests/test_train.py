@@ -26,6 +26,15 @@ FLAGS = ["--family", "gpt2", "--context-length", "32", "--d-model", "32", "--n-l
          "--bias", "false", "--batch-size", "4", "--seed", "3", "--eval-batches", "2", "--device", "cpu", "--quiet"]
 
 
+# --standalone: torchrun's own rendezvous on a free port, so tests never collide on a fixed one.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def _child_errors(stderr: str) -> str:
+    """What the workers said, without torchrun's summary banner."""
+    return "\n".join(ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith(("E1", "W1", "I1")))[:6000]
+
+
 def events(run: Path, kind: str) -> list[dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [e for e in map(json.loads, lines) if e["event"] == kind]
@@ -59,6 +68,15 @@ def test_dropout_schedule_reaches_the_model(tmp_path, char_data):
     logged = {e["step"]: e["dropout"] for e in events(run, "train")}
     assert logged[5] == [0.2, 0.2, 0.2] and logged[20] == [0.2, 0.2, 0.2]  # step 19 < 0.5 * 40
     assert logged[25] == [0.0, 0.0, 0.0] and logged[40] == [0.0, 0.0, 0.0]
+
+
+def test_bfloat16_autocast_trains(tmp_path, char_data):
+    run = tmp_path / "run"
+    train(TINY, TrainConfig(max_steps=30, eval_interval=30, eval_batches=2, batch_size=8, lr=3e-3, warmup_steps=2,
+                            dtype="bfloat16", device="cpu"), char_data, run, quiet=True)
+    evals = events(run, "eval")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
+    assert load_file(str(run / "last" / "model.safetensors"))["wte.weight"].dtype == torch.float32  # master weights
 
 
 def test_max_tokens_ends_training(tmp_path, char_data):
@@ -237,10 +255,9 @@ def test_ddp_two_processes_match_one(tmp_path, char_data, mode):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     subprocess.run(lmlab_cmd("train", *common, "--batch-size", "8", "--out", str(single)), check=True,
                    env=subprocess_env())
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                        "-m", "lmlab", "train", *common, "--batch-size", "4", "--out", str(ddp)],
+    r = subprocess.run([*TORCHRUN, "-m", "lmlab", "train", *common, "--batch-size", "4", "--out", str(ddp)],
                        capture_output=True, text=True, env=subprocess_env())
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, _child_errors(r.stderr)
     a, b = weights(single / "last"), weights(ddp / "last")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     la = [e["loss"] for e in events(single, "train")]
@@ -255,14 +272,13 @@ def test_ddp_resume_under_torchrun(tmp_path, char_data, mode):
     """Stop a 2-process run at step 4, resume it under torchrun to step 8: the same weights as 8 straight steps."""
     common = [*FLAGS, "--data", str(char_data), "--eval-interval", "4", "--dropout", "0.1",
               *(["--fsdp"] if mode == "fsdp" else [])]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", "-m", "lmlab",
-              "train", *common]
+    launch = [*TORCHRUN, "-m", "lmlab", "train", *common]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for cmd in ([*launch, "--max-steps", "8", "--out", str(straight)],
                 [*launch, "--max-steps", "4", "--out", str(resumed)],
                 [*launch, "--max-steps", "8", "--out", str(resumed), "--resume"]):
         r = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env())
-        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.returncode == 0, _child_errors(r.stderr)
     a, b = weights(straight / "last"), weights(resumed / "last")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -61,7 +61,6 @@ def cmd_info(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         import lmlab
-
         from lmlab.fetch import NAMED_MODELS
 
         if not Path(args.name).exists() and args.name not in NAMED_MODELS:

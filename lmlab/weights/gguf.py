@@ -99,8 +99,9 @@ class GGUFFile:
         if magic != b"GGUF":
             raise LmlabError(f"{self.path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')"
                              + ("; it is empty" if not magic else ""))
+        reader_class = _reader_class()  # a missing `gguf` package is its own error, not a damaged file
         try:
-            reader = _reader_class()(self.path)
+            reader = reader_class(self.path)
         except Exception as e:  # the reader fails in many ways on a damaged file: IndexError, ValueError, ...
             raise LmlabError(f"{self.path} is not a readable GGUF file ({type(e).__name__}: {e}); it is truncated "
                              "or corrupt, download it again") from None

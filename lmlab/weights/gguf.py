@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import torch
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.weights.hf import finish_load
+from lmlab.weights.keymap import KeyMap, Row
 
 SUPPORTED_ARCHITECTURES = ("llama", "gpt2")
 SUPPORTED_TOKENIZERS = ("gpt2",)
@@ -59,7 +59,7 @@ def _qkv(cfg: ModelConfig, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.nd
 # (our key, GGUF tensors it is built from, transform(cfg, *tensors)). "{i}" is the layer index.
 # output.weight absent means the head is tied to the embeddings.
 _B = "blk.{i}."
-GGUF_LLAMA_KEYS: list[tuple[str, tuple[str, ...], Callable[..., np.ndarray]]] = [
+GGUF_LLAMA_KEYS: list[Row] = [
     ("wte.weight", ("token_embd.weight",), _same),
     ("blocks.{i}.norm1.weight", (_B + "attn_norm.weight",), _same),
     ("blocks.{i}.attn.qkv.weight", (_B + "attn_q.weight", _B + "attn_k.weight", _B + "attn_v.weight"), _qkv),
@@ -72,7 +72,7 @@ GGUF_LLAMA_KEYS: list[tuple[str, tuple[str, ...], Callable[..., np.ndarray]]] = 
     ("lm_head.weight", ("output.weight",), _same),
 ]
 # llama.cpp's gpt2 architecture keeps q, k and v fused as we do, and stores every matrix as (out, in).
-GGUF_GPT2_KEYS: list[tuple[str, tuple[str, ...], Callable[..., np.ndarray]]] = [
+GGUF_GPT2_KEYS: list[Row] = [
     ("wte.weight", ("token_embd.weight",), _same),
     ("wpe.weight", ("position_embd.weight",), _same),
     *[(f"blocks.{{i}}.{ours}.{p}", (f"{_B}{theirs}.{p}",), _same) for ours, theirs in (
@@ -82,7 +82,6 @@ GGUF_GPT2_KEYS: list[tuple[str, tuple[str, ...], Callable[..., np.ndarray]]] = [
     ("norm_f.bias", ("output_norm.bias",), _same),
     ("lm_head.weight", ("output.weight",), _same),
 ]
-GGUF_KEYS = {"llama": GGUF_LLAMA_KEYS, "gpt2": GGUF_GPT2_KEYS}
 # Tensors read for the config rather than mapped onto a parameter.
 _CONFIG_TENSORS = ("rope_freqs.weight",)
 
@@ -275,34 +274,17 @@ def _llama3_rope(factors: torch.Tensor, theta: float, head_dim: int, source: str
 # loading
 
 
-def _compile(table):
-    return [(re.compile(re.escape(ours).replace(r"\{i\}", r"(?P<i>\d+)") + "$"), theirs, fn)
-            for ours, theirs, fn in table]
-
-
 def map_gguf_weights(cfg: ModelConfig, our_keys: list[str], get: Callable[[str], np.ndarray | None],
                      source: str) -> Iterator[tuple[str, np.ndarray]]:
     """(our key, float32 array) for each parameter, built from GGUF tensors fetched with `get(name)`.
 
     The rearranging is done in numpy, as llama.cpp's converter writes it. One parameter at a time, so a
     caller converting each to a smaller dtype never holds the whole model in float32."""
-    rules = _compile(GGUF_KEYS[cfg.family])
-    for key in our_keys:
-        if key == "lm_head.weight" and cfg.tie_embeddings:
-            continue  # tied to wte: finish_load re-ties it
-        for pattern, theirs, fn in rules:
-            m = pattern.match(key)
-            if m:
-                names = [t.format(i=m.group("i")) if "{i}" in t else t for t in theirs]
-                tensors = [get(n) for n in names]
-                missing = [n for n, t in zip(names, tensors, strict=True) if t is None]
-                if missing:
-                    raise LmlabError(f"{source}: the file lacks tensor {missing[0]!r} that a {cfg.n_layers}-layer "
-                                     f"{cfg.family} model needs; it is incomplete or its metadata is wrong")
-                yield key, fn(cfg, *tensors)
-                break
-        else:
-            raise LmlabError(f"{source}: no GGUF key-map rule for parameter {key!r}")  # a bug here, not the user's
+    def missing(name: str) -> LmlabError:
+        return LmlabError(f"{source}: the file lacks tensor {name!r} that a {cfg.n_layers}-layer {cfg.family} model "
+                          "needs; it is incomplete or its metadata is wrong")
+
+    return keymaps()[cfg.family].load(cfg, our_keys, get, missing)
 
 
 def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -315,8 +297,7 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    unused = sorted(set(f.tensors) - set(_CONFIG_TENSORS) - {
-        n.format(i=i) for _, names, _ in GGUF_KEYS[cfg.family] for n in names for i in range(cfg.n_layers)})
+    unused = sorted(set(f.tensors) - set(_CONFIG_TENSORS) - keymaps()[cfg.family].names(cfg.n_layers))
     if unused:
         raise LmlabError(f"{f.path}: tensor {unused[0]!r} ({len(unused)} such in all) has no place in our "
                          f"{cfg.family} model (biases, experts or another variant); this file is not supported")
@@ -469,23 +450,16 @@ def _split_qkv(cfg: ModelConfig, t: np.ndarray) -> list[np.ndarray]:
     return [_permute(q, cfg.n_heads), _permute(k, cfg.n_kv_heads), v]
 
 
-_INVERSE = {_same: lambda cfg, t: [t], _qkv: _split_qkv}
+@functools.cache
+def keymaps() -> dict[str, KeyMap]:
+    inverses = {_same: lambda cfg, t: [t], _qkv: _split_qkv}
+    return {"llama": KeyMap(GGUF_LLAMA_KEYS, inverses), "gpt2": KeyMap(GGUF_GPT2_KEYS, inverses)}
 
 
 def gguf_tensors(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """Our weights under GGUF names, through the key-map table read backwards (float32 arrays)."""
-    rules = _compile(GGUF_KEYS[cfg.family])
-    out: dict[str, np.ndarray] = {}
-    for key, t in state.items():
-        if key == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        for pattern, theirs, fn in rules:
-            m = pattern.match(key)
-            if m:
-                names = [n.format(i=m.group("i")) if "{i}" in n else n for n in theirs]
-                parts = _INVERSE[fn](cfg, t.detach().cpu().float().numpy())
-                out.update(zip(names, (np.ascontiguousarray(p) for p in parts), strict=True))
-                break
+    arrays = {k: v.detach().cpu().float().numpy() for k, v in state.items()}
+    out = {k: np.ascontiguousarray(v) for k, v in keymaps()[cfg.family].export(cfg, arrays).items()}
     if cfg.family == "gpt2" and not cfg.bias:  # llama.cpp's gpt2 graph always has biases: zeros change nothing
         for _, theirs, _ in GGUF_GPT2_KEYS:
             for n in theirs:

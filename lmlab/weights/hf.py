@@ -9,7 +9,6 @@ Llama keeps q, k and v apart while we fuse them into one matmul).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,24 +16,30 @@ import torch
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
+from lmlab.weights.keymap import KeyMap, Row
 
-Transform = Callable[..., torch.Tensor]
 
-
-def _same(t: torch.Tensor) -> torch.Tensor:
+def _same(cfg: ModelConfig, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _transpose(t: torch.Tensor) -> torch.Tensor:
+def _transpose(cfg: ModelConfig, t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous()
 
 
-def _cat(*ts: torch.Tensor) -> torch.Tensor:
+def _cat(cfg: ModelConfig, *ts: torch.Tensor) -> torch.Tensor:
     return torch.cat(ts, dim=0)
 
 
+def _split_qkv(cfg: ModelConfig, t: torch.Tensor) -> list[torch.Tensor]:
+    D = cfg.head_dim
+    return [p.contiguous() for p in t.split([cfg.n_heads * D, cfg.n_kv_heads * D, cfg.n_kv_heads * D], dim=0)]
+
+
+INVERSES = {_same: lambda cfg, t: [t], _transpose: lambda cfg, t: [t.t().contiguous()], _cat: _split_qkv}
+
 # (our key, HF keys it is built from, transform). "{i}" is the layer index.
-GPT2_KEYS: list[tuple[str, tuple[str, ...], Transform]] = [
+GPT2_KEYS: list[Row] = [
     ("wte.weight", ("transformer.wte.weight",), _same),
     ("wpe.weight", ("transformer.wpe.weight",), _same),
     ("blocks.{i}.norm1.weight", ("transformer.h.{i}.ln_1.weight",), _same),
@@ -55,7 +60,7 @@ GPT2_KEYS: list[tuple[str, tuple[str, ...], Transform]] = [
 ]
 
 _L = "model.layers.{i}."
-LLAMA_KEYS: list[tuple[str, tuple[str, ...], Transform]] = [
+LLAMA_KEYS: list[Row] = [
     ("wte.weight", ("model.embed_tokens.weight",), _same),
     ("blocks.{i}.norm1.weight", (_L + "input_layernorm.weight",), _same),
     ("blocks.{i}.attn.qkv.weight", tuple(_L + f"self_attn.{p}_proj.weight" for p in "qkv"), _cat),
@@ -73,36 +78,17 @@ LLAMA_KEYS: list[tuple[str, tuple[str, ...], Transform]] = [
     ("lm_head.weight", ("lm_head.weight",), _same),
 ]
 
-KEY_TABLES = {"gpt2": GPT2_KEYS, "llama": LLAMA_KEYS}
-
-
-def _compile(table):
-    return [(re.compile(re.escape(ours).replace(r"\{i\}", r"(?P<i>\d+)") + "$"), theirs, fn)
-            for ours, theirs, fn in table]
+KEYMAPS = {"gpt2": KeyMap(GPT2_KEYS, INVERSES), "llama": KeyMap(LLAMA_KEYS, INVERSES)}
 
 
 def map_weights(cfg: ModelConfig, our_keys: list[str], get: Callable[[str], torch.Tensor | None],
                 source: str) -> dict[str, torch.Tensor]:
-    """Build our state dict key by key from foreign tensors fetched with `get(key)` (None when absent)."""
-    rules = _compile(KEY_TABLES[cfg.family])
-    out: dict[str, torch.Tensor] = {}
-    for key in our_keys:
-        if key == "lm_head.weight" and cfg.tie_embeddings:
-            continue  # tied to wte; the model re-ties after loading
-        for pattern, theirs, fn in rules:
-            m = pattern.match(key)
-            if m:
-                names = [t.format(i=m.group("i")) if "{i}" in t else t for t in theirs]
-                tensors = [get(n) for n in names]
-                missing = [n for n, t in zip(names, tensors, strict=True) if t is None]
-                if missing:
-                    raise LmlabError(f"{source}: checkpoint lacks tensor {missing[0]!r} that this "
-                                     f"{cfg.family} config needs; the file is incomplete or the config mismatched")
-                out[key] = fn(*tensors)
-                break
-        else:
-            raise LmlabError(f"{source}: no key-map rule for parameter {key!r}")  # a bug here, not the user's
-    return out
+    """Build our state dict key by key from HF tensors fetched with `get(key)` (None when absent)."""
+    def missing(name: str) -> LmlabError:
+        return LmlabError(f"{source}: checkpoint lacks tensor {name!r} that this {cfg.family} config needs; the "
+                          "file is incomplete or the config mismatched")
+
+    return dict(KEYMAPS[cfg.family].load(cfg, our_keys, get, missing))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -294,18 +280,6 @@ def hf_tokenizer(path: Path):
 # Export: our model -> an HF directory that AutoModelForCausalLM.from_pretrained reads.
 
 
-def _split_qkv(cfg: ModelConfig, t: torch.Tensor) -> list[torch.Tensor]:
-    D = cfg.head_dim
-    return list(t.split([cfg.n_heads * D, cfg.n_kv_heads * D, cfg.n_kv_heads * D], dim=0))
-
-
-INVERSE: dict[Transform, Callable[[ModelConfig, torch.Tensor], list[torch.Tensor]]] = {
-    _same: lambda cfg, t: [t],
-    _transpose: lambda cfg, t: [t.t().contiguous()],
-    _cat: _split_qkv,
-}
-
-
 def hf_config(cfg: ModelConfig, tokenizer=None) -> dict:
     """config.json for the HF class that computes what our model computes, or an error saying why none does."""
     special = {}
@@ -345,18 +319,8 @@ def hf_config(cfg: ModelConfig, tokenizer=None) -> dict:
 def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict under HF names, through the same key-map table read backwards. A GPT-2-family model
     trained without biases gets zero biases, which HF's GPT-2 always has and which change nothing."""
-    rules = _compile(KEY_TABLES[cfg.family])
-    out: dict[str, torch.Tensor] = {}
-    for key, t in state.items():
-        if key == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        for pattern, theirs, fn in rules:
-            m = pattern.match(key)
-            if m:
-                names = [n.format(i=m.group("i")) if "{i}" in n else n for n in theirs]
-                for name, part in zip(names, INVERSE[fn](cfg, t.detach().cpu().float()), strict=True):
-                    out[name] = part.contiguous()
-                break
+    out = KEYMAPS[cfg.family].export(cfg, {k: v.detach().cpu().float() for k, v in state.items()})
+    out = {k: v.contiguous() for k, v in out.items()}
     if cfg.family == "gpt2" and not cfg.bias:
         for i in range(cfg.n_layers):
             h = f"transformer.h.{i}."

@@ -170,7 +170,8 @@ def _read_config_file(path: str) -> dict:
 
 
 def train_configs(args: argparse.Namespace):
-    """preset < config file < flags, split into (ModelConfig, TrainConfig), each validated once."""
+    """preset < config file < flags, split into (ModelConfig, TrainConfig), each validated once. With --resume
+    and neither --preset nor --config, the run's saved settings are the base: `--resume --max-steps N` extends it."""
     from dataclasses import fields
 
     from lmlab.config import ModelConfig, TrainConfig, check_keys, preset
@@ -186,9 +187,23 @@ def train_configs(args: argparse.Namespace):
     for k, v in vars(args).items():
         if k.startswith("cfg_") and v is not None:
             values[k[4:]] = v
-    base = preset(args.preset) if args.preset else ModelConfig(family=values.get("family", "gpt2"))
+    train_values = {}
+    if args.resume and not args.preset and not args.config:  # --resume alone: the run's own settings
+        from pathlib import Path
+
+        from lmlab.checkpoint import is_checkpoint, read_meta
+
+        last = Path(args.out) / "last"
+        if is_checkpoint(last):
+            meta = read_meta(last)
+            base = ModelConfig.from_dict(meta["config"])
+            train_values = dict(meta.get("train_config", {}))
+        else:
+            base = ModelConfig(family=values.get("family", "gpt2"))
+    else:
+        base = preset(args.preset) if args.preset else ModelConfig(family=values.get("family", "gpt2"))
     mc = base.replace(**{k: v for k, v in values.items() if k in model_keys})
-    tc = TrainConfig(**{k: v for k, v in values.items() if k in train_keys})
+    tc = TrainConfig(**{**train_values, **{k: v for k, v in values.items() if k in train_keys}})
     return mc, tc
 
 
@@ -349,7 +364,8 @@ def build_parser() -> Parser:
     tr.add_argument("--out", required=True, metavar="RUN", help="the run directory (best/, last/, metrics.jsonl)")
     tr.add_argument("--preset", help="a model preset, e.g. char-cpu (lmlab info lists them)")
     tr.add_argument("--config", metavar="FILE", help="a JSON or TOML file of config keys")
-    tr.add_argument("--resume", action="store_true", help="continue the run in RUN exactly where it stopped")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in RUN exactly where it stopped, with its saved settings unless given")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     _config_flags(tr)
     tr.set_defaults(func=cmd_train)

@@ -216,6 +216,18 @@ def test_resume_with_an_incompatible_config(tmp_path, char_data):
     assert all(torch.equal(before[k], weights(run / "last")[k]) for k in before)
 
 
+def test_resume_alone_takes_the_runs_own_settings(tmp_path, char_data):
+    run = tmp_path / "run"
+    subprocess.run(lmlab_cmd("train", *FLAGS, "--data", str(char_data), "--out", str(run), "--max-steps", "4",
+                             "--eval-interval", "2", "--lr", "0.003"), check=True, env=subprocess_env())
+    r = subprocess.run(lmlab_cmd("train", "--data", str(char_data), "--out", str(run), "--resume", "--max-steps", "6",
+                                 "--quiet"), capture_output=True, text=True, env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((run / "last" / "lmlab.json").read_text())
+    assert meta["run_state"]["step"] == 6 and meta["train_config"]["lr"] == 0.003
+    assert meta["config"]["d_model"] == 32 and meta["train_config"]["max_steps"] == 6
+
+
 def test_train_from_config_file(tmp_path, char_data):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"d_ff": 48, "max_steps": 3, "lr": 0.002, "eval_interval": 3}))

@@ -40,16 +40,22 @@ def tokens_for(lm, data: str | Path, split: str = "val") -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate(lm, tokens: np.ndarray, batch_size: int = 8, max_batches: int = 0, context: int = 0) -> EvalResult:
+def evaluate(lm, tokens: np.ndarray, batch_size: int = 8, max_batches: int = 0, context: int = 0,
+             quiet: bool = False) -> EvalResult:
     """Mean loss over non-overlapping windows of `context` tokens (default: the model's context)."""
+    from tqdm.auto import tqdm
+
     T = min(context or lm.config.context_length, lm.config.context_length, max(1, len(tokens) - 1))
     if len(tokens) < 2:
         raise LmlabError("the evaluation data holds fewer than 2 tokens; give more text")
     model = lm.model.eval()
     total, count = 0.0, 0
-    for i, starts in enumerate(iter_windows(tokens, T, batch_size)):
-        if max_batches and i >= max_batches:
-            break
+    n_batches = -(-len(range(0, len(tokens) - T, T)) // batch_size)
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    batches = iter_windows(tokens, T, batch_size)
+    for _, starts in zip(tqdm(range(n_batches), desc="evaluating", unit="batch", disable=quiet, leave=False),
+                         batches, strict=False):
         x, y = windows_to_batch(tokens, starts, T, lm.device)
         logits = model(x).float()
         total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()

@@ -7,6 +7,7 @@ errors too (the usage dump is dropped; `--help` still has it).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -212,6 +213,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     mc, tc = train_configs(args)
     train(mc, tc, args.data, args.out, resume=args.resume, quiet=args.quiet)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, once the run is saved and the process group is gone, leave without the interpreter's
+        # teardown: on a loaded machine gloo's threads can die in C++ static destructors there and abort
+        # (SIGABRT, "terminate called without an active exception") after all the work is done.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

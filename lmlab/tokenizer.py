@@ -13,6 +13,7 @@ bare file takes <|endoftext|> as EOS when it has that token.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -154,3 +155,14 @@ def load_tokenizer(path: str | os.PathLike, meta: dict | None = None) -> Tokeniz
     meta = dict(meta)
     meta.pop("type", None)
     return BPETokenizer.from_file(path, **meta)
+
+
+def tokenizer_sha256(tok: Tokenizer) -> str:
+    """A fingerprint of what token ids mean: equal for two tokenizers that give every token the same id, however
+    their files are formatted. Data directories record it, so a model is never evaluated on another's ids."""
+    if isinstance(tok, CharTokenizer):
+        payload = {"char": tok.chars}
+    else:
+        vocab = tok.tok.get_vocab(with_added_tokens=True)
+        payload = {"bpe": sorted(vocab.items(), key=lambda kv: kv[1])}
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()

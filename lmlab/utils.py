@@ -1,10 +1,15 @@
-"""Small shared helpers: device and dtype resolution, atomic file writes."""
+"""Small shared helpers: device and dtype resolution, atomic file and directory writes, reading JSON files."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,20 +48,123 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it: readers see old or new, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask can only set it)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a directory's entries (a rename, a new file) durable. A no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; on success fsync it, give it the umask's mode and rename
+    it over `path`: readers see the old file or the new one, never half of one. On failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600: others on a shared box could not read it
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (see atomic_file)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _old(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def recover_dir(path: str | os.PathLike) -> None:
+    """Finish a directory swap that a kill interrupted: if `path` is gone but its previous version was set
+    aside, put that back. Call before reading or replacing a directory written with atomic_dir."""
+    path = Path(path)
+    if not path.exists() and _old(path).is_dir():
+        os.replace(_old(path), path)
+        fsync_dir(path.parent)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside `path` to fill; on success make every file durable and swap it in.
+
+    The swap is two renames (old aside to .NAME.old, new in), then the old is deleted. A kill between the renames
+    leaves no `path` but a complete .NAME.old, which recover_dir (called by the next reader or writer) puts back:
+    at every instant one complete version exists. On failure the temporary directory is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.chmod(f, 0o666 & ~umask())
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
+        fsync_dir(tmp)
+        old = _old(path)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)  # a leftover from a kill during the last delete
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_json(path: str | os.PathLike, what: str = "file", expect: type | None = dict) -> Any:
+    """A JSON file's content, or an LmlabError naming the file and the fix (missing, unreadable, malformed, or
+    not of type `expect`)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmlabError(f"{what} {path} not found") from None
+    except IsADirectoryError:
+        raise LmlabError(f"{what} {path} is a directory, not a file") from None
+    except OSError as e:
+        raise LmlabError(f"cannot read {what} {path}: {e.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LmlabError(f"{what} {path} is not valid JSON ({e}); re-create it") from None
+    if expect is not None and not isinstance(data, expect):
+        raise LmlabError(f"{what} {path} must hold a JSON {expect.__name__}, got {type(data).__name__}")
+    return data

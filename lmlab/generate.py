@@ -151,6 +151,8 @@ class Finished:
 
 def fit_prompts(prompts: list[list[int]], s: SamplingConfig, context_length: int) -> list[list[int]]:
     """Check prompt lengths against the context; cut from the left only when `s.truncate` asks for it."""
+    if not prompts:
+        raise LmlabError("no prompts given: pass a prompt string, or a non-empty list of them")
     out = []
     for i, ids in enumerate(prompts):
         if not ids:

@@ -222,3 +222,11 @@ def test_prompt_longer_than_context(lm):
     with pytest.raises(LmlabError, match="context"):
         lm.generate(long, max_new_tokens=5)
     assert len(lm.generate(long, max_new_tokens=5, truncate=True, temperature=0)) == 5
+
+
+@pytest.mark.parametrize("prompts", [[], ()])
+def test_no_prompts_is_a_clear_error(lm, prompts):
+    with pytest.raises(LmlabError, match="no prompts"):
+        lm.generate(prompts)
+    with pytest.raises(LmlabError, match="no prompts"):
+        next(generate_ids(lm.model, list(prompts), SamplingConfig(max_new_tokens=3)))

@@ -230,3 +230,22 @@ def test_no_prompts_is_a_clear_error(lm, prompts):
         lm.generate(prompts)
     with pytest.raises(LmlabError, match="no prompts"):
         next(generate_ids(lm.model, list(prompts), SamplingConfig(max_new_tokens=3)))
+
+
+def test_left_padded_mask_has_no_empty_row(lm):
+    """A pad query that may read nothing is an all-False mask row, which SDPA's CUDA kernels can turn into NaN
+    that then leaks into real rows. Every row must allow at least its own slot, and the real rows must still
+    see exactly their own tokens, causally."""
+    from lmlab.model import attention_mask
+
+    offset = torch.tensor([3, 0, 5])
+    for input_pos, S in ((torch.arange(8), 8), (torch.arange(8), 12), (torch.tensor([8]), 12)):
+        mask = attention_mask(input_pos, S, offset)[:, 0]  # (B, T, S)
+        assert mask.any(-1).all(), "a query row with nothing to attend to"
+        for b, off in enumerate(offset.tolist()):
+            for t, q in enumerate(input_pos.tolist()):
+                if q >= off:  # a real token: its own row's real tokens up to itself, nothing else
+                    assert mask[b, t].tolist() == [off <= k <= q for k in range(S)]
+    idx = torch.tensor([[0] * 3 + [1] * 5, [2] * 8, [0] * 5 + [3] * 3])
+    with torch.no_grad():
+        assert torch.isfinite(lm.model(idx, torch.arange(8), offset)).all()

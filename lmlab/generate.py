@@ -11,7 +11,7 @@ never re-run. Prompts of different lengths are left-padded and each row's paddin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -168,9 +168,13 @@ def fit_prompts(prompts: list[list[int]], s: SamplingConfig, context_length: int
 
 
 @torch.inference_mode()
-def generate_ids(model: Transformer, prompts: list[list[int]], s: SamplingConfig, eos_id: int | None = None,
+def generate_ids(model: Transformer, prompts: list[list[int]], s: SamplingConfig,
+                 eos_id: int | Collection[int] | None = None,
                  should_stop: Callable[[int, list[int]], bool] | None = None) -> Iterator[list[int | None]]:
     """Yield, per decoding step, each row's new token (None for rows already finished).
+
+    `eos_id` is one id or several (an instruct model's generation_config.json may list end-of-text and
+    end-of-turn ids): a row ends at the first of them it produces, as HF generate does.
 
     `should_stop(row, generated_ids)` lets the caller end a row early (stop strings). The generator's
     return value (StopIteration.value) is a `Finished` with each row's reason.
@@ -185,7 +189,8 @@ def generate_ids(model: Transformer, prompts: list[list[int]], s: SamplingConfig
     reasons: list[str | None] = [None] * B
     if s.max_new_tokens == 0:
         return Finished(["length"] * B)
-    pad = eos_id if eos_id is not None else 0
+    eos = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
+    pad = min(eos) if eos else 0
     S = min(C, max(len(p) for p in prompts) + s.max_new_tokens)  # cache slots ever needed
     seen = None
     if s.repetition_penalty != 1.0:
@@ -220,7 +225,7 @@ def generate_ids(model: Transformer, prompts: list[list[int]], s: SamplingConfig
                     continue
                 generated[b].append(tok)
                 out.append(tok)
-                if eos_id is not None and tok == eos_id:
+                if tok in eos:
                     reasons[b] = "eos"
                 elif should_stop is not None and should_stop(b, generated[b]):
                     reasons[b] = "stop"
@@ -276,10 +281,11 @@ class TextStream:
 
 
 def stream_text(model: Transformer, tokenizer: Tokenizer, prompts: list[str] | list[list[int]], s: SamplingConfig,
-                eos_id: int | None = None) -> Iterator[tuple[int, str]]:
-    """Yield (row, text delta) as tokens arrive. The EOS token and stop strings are not part of the text.
+                eos_id: int | Collection[int] | None = None) -> Iterator[tuple[int, str]]:
+    """Yield (row, text delta) as tokens arrive. EOS tokens (all of the tokenizer's, unless `eos_id` says
+    otherwise) and stop strings are not part of the text.
     Prompts are strings, or token id lists already encoded (a chat template's output, say)."""
-    eos_id = tokenizer.eos_id if eos_id is None else eos_id
+    eos_id = tokenizer.eos_ids if eos_id is None else eos_id
     streams = [TextStream(tokenizer, s.stop) for _ in prompts]
     ids = [p if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
     engine = generate_ids(model, ids, s, eos_id,

@@ -249,3 +249,74 @@ def test_left_padded_mask_has_no_empty_row(lm):
     idx = torch.tensor([[0] * 3 + [1] * 5, [2] * 8, [0] * 5 + [3] * 3])
     with torch.no_grad():
         assert torch.isfinite(lm.model(idx, torch.arange(8), offset)).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Against HF generate on a tiny random HF directory with a BPE tokenizer.
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A random Llama saved by transformers, with a BPE tokenizer.json and no tokenizer_config.json."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from lmlab.tokenizer import BPETokenizer
+    from tests.conftest import corpus_text
+
+    path = tmp_path_factory.mktemp("hf")
+    tok = BPETokenizer.train([corpus_text(20_000)], vocab_size=300)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128))
+    with torch.no_grad():  # random but varied greedy text: sharper logits than the init's
+        for p in hf.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    hf.save_pretrained(path)
+    tok.save(path / "tokenizer.json")
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": None}))
+    return path
+
+
+def _hf_generate(path, prompt: list[int], n: int, **kw) -> list[int]:
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).float().eval()  # reads generation_config.json
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                      max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+def test_every_eos_id_in_generation_config_stops_like_hf(hf_dir):
+    """generation_config.json lists several EOS ids (Llama 3 instruct: 128001/128008/128009): generation ends at
+    whichever comes first, token for token as HF generate does, and the text stops there."""
+    import json
+
+    prompt = lmlab.load(hf_dir, device="cpu").tokenizer.encode("First Citizen:")
+    free = _hf_generate(hf_dir, prompt, 40)
+    firsts = list(dict.fromkeys(free))[1:4]  # three ids, first produced at increasing steps after the start
+    assert len(firsts) == 3, free
+    for k in range(3):
+        listed = firsts[k:][::-1]  # the earliest one last in the list: order must not matter
+        (hf_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": listed}))
+        ref = _hf_generate(hf_dir, prompt, 40)
+        lm = lmlab.load(hf_dir, device="cpu")
+        assert set(lm.tokenizer.eos_ids) == set(listed)
+        ours = [t[0] for t in generate_ids(lm.model, [prompt], SamplingConfig(max_new_tokens=40, temperature=0),
+                                           eos_id=lm.tokenizer.eos_ids)]
+        assert ours == ref == free[: free.index(firsts[k]) + 1]
+        text = lm.generate("First Citizen:", max_new_tokens=40, temperature=0)
+        assert text == lm.tokenizer.decode(free[: free.index(firsts[k])])
+    (hf_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": None}))
+
+
+@pytest.mark.parametrize("bad", ["2", [1, "x"], [10**6], True, {"a": 1}])
+def test_bad_generation_config_eos_is_a_clear_error(tmp_path, hf_dir, bad):
+    import json
+    import shutil
+
+    shutil.copytree(hf_dir, tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
+    with pytest.raises(LmlabError, match="eos_token_id"):
+        lmlab.load(tmp_path / "m", device="cpu")

@@ -249,34 +249,64 @@ def generate_ids(model: Transformer, prompts: list[list[int]], s: SamplingConfig
 # Text in, text out.
 
 class TextStream:
-    """Turns one row's growing token list into text deltas: holds back an incomplete UTF-8 character (�)
-    and any tail that could still become a stop string, and cuts the text at a stop string once one shows."""
+    """Turns one row's growing token list into text deltas, with the same work for every token however long the
+    text grows.
+
+    Decoding is incremental, as text-generation-inference's and vLLM's detokenizers do it: each step decodes only
+    the ids since the last character boundary, with the ids of the previous delta in front as context (a
+    SentencePiece-style decoder drops a leading space at the start of a text), and keeps what that adds to the
+    context's own text. A decode ending in U+FFFD (a UTF-8 character split over tokens) waits for the next token,
+    as HF's TextStreamer holds back an unfinished word; after MAX_WAIT ids it is invalid UTF-8, and goes out as is.
+    Stop strings are searched for in the new text and the longest stop's length - 1 characters before it, and a
+    tail that could still grow into a stop string is held back, so no stop can start in text already handed out.
+    """
+
+    MAX_WAIT = 8  # ids: a UTF-8 character has at most 4 bytes, and every byte-level token holds one or more
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
         self.tokenizer, self.stop = tokenizer, stop
-        self.text, self.emitted, self.stopped = "", 0, False
+        self.reach = max(map(len, stop), default=1) - 1  # characters a stop can reach back before new text
+        self.ids: list[int] = []  # the row's generated ids, as last fed: ids[:fed] are text
+        self.fed = self.prefix = self.read = 0  # ids[prefix:read] decoded to context_text; ids[read:fed] are new
+        self.context_text = ""
+        self.pending, self.stopped = "", False  # text decoded but not yet handed out
 
     def feed(self, ids: list[int]) -> bool:
-        """Decode the row's generated ids (EOS excluded); True once a stop string has appeared."""
-        if not self.stopped:
-            self.text = self.tokenizer.decode(ids)
-            for stop in self.stop:
-                at = self.text.find(stop)
-                if at >= 0:
-                    self.text, self.stopped = self.text[:at], True
+        """Take in the row's generated ids so far (EOS excluded); True once a stop string has appeared."""
+        self.ids, self.fed = ids, len(ids)
+        if not self.stopped and self.fed > self.read:
+            self._add(self._decode(final=False))
         return self.stopped
+
+    def _decode(self, final: bool) -> str:
+        """The text ids[read:fed] add after the context, once it ends on a whole character (or `final`)."""
+        text = self.tokenizer.decode(self.ids[self.prefix:self.fed])
+        whole = len(text) > len(self.context_text) and not text.endswith("\ufffd")
+        if not (whole or final or self.fed - self.read > self.MAX_WAIT):
+            return ""
+        new = text[len(self.context_text):]
+        self.prefix, self.read = self.read, self.fed
+        self.context_text = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        return new
+
+    def _add(self, new: str) -> None:
+        if not new:
+            return
+        start = max(0, len(self.pending) - self.reach)
+        self.pending += new
+        found = [at for at in (self.pending.find(stop, start) for stop in self.stop) if at >= 0]
+        if found:
+            self.pending, self.stopped = self.pending[:min(found)], True
 
     def take(self, final: bool = False) -> str:
         """The text not yet handed out that is safe to hand out now (all of it when `final`)."""
-        end = len(self.text)
+        if final and not self.stopped and self.fed > self.read:
+            self._add(self._decode(final=True))
+        hold = 0
         if not (final or self.stopped):
-            while end > self.emitted and self.text[end - 1] == "\ufffd":
-                end -= 1
             hold = max((k for stop in self.stop for k in range(1, len(stop))
-                        if self.text[:end].endswith(stop[:k])), default=0)
-            end -= hold
-        delta = self.text[self.emitted:end] if end > self.emitted else ""
-        self.emitted = max(self.emitted, end)
+                        if self.pending.endswith(stop[:k])), default=0)
+        delta, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
         return delta
 
 

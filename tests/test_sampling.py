@@ -320,3 +320,82 @@ def test_bad_generation_config_eos_is_a_clear_error(tmp_path, hf_dir, bad):
     (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
     with pytest.raises(LmlabError, match="eos_token_id"):
         lmlab.load(tmp_path / "m", device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The text layer alone: a BPE tokenizer's ids fed one at a time, as the engine feeds them.
+
+UNICODE = "नमस्ते, आप कैसे हैं? 你好，世界 🎉🎉 café naïve — «ok» ∑x² 日本語のテキスト 👩‍👩‍👧 "
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    from lmlab.tokenizer import BPETokenizer
+    from tests.conftest import corpus_text
+
+    return BPETokenizer.train([corpus_text(20_000), UNICODE * 3], vocab_size=400)
+
+
+def _stream(tok, ids: list[int], stop=()) -> tuple[list[str], bool]:
+    from lmlab.generate import TextStream
+
+    ts, deltas, fed = TextStream(tok, tuple(stop)), [], []
+    for i in ids:
+        fed.append(i)
+        stopped = ts.feed(fed)
+        deltas.append(ts.take())
+        if stopped:
+            break
+    deltas.append(ts.take(final=True))
+    return deltas, ts.stopped
+
+
+def test_streamed_text_equals_decoding_all_ids(bpe):
+    """Multi-byte characters split over several byte-level tokens: the deltas add up to the tokenizer's own
+    decode of all ids, and no delta carries half a character (U+FFFD)."""
+    text = ("First Citizen: " + UNICODE) * 4
+    ids = bpe.encode(text)
+    assert any("\ufffd" in bpe.decode([i]) for i in ids)  # some characters are split over tokens
+    deltas, stopped = _stream(bpe, ids)
+    assert "".join(deltas) == bpe.decode(ids) == text and not stopped
+    assert not any("\ufffd" in d for d in deltas)
+
+
+@pytest.mark.parametrize("stop", ["你好，世", "🎉🎉 ca", "speak. न", "ok» ∑", "x² 日"])
+def test_stop_strings_spanning_tokens(bpe, stop):
+    text = "First Citizen: speak, speak. " + UNICODE + UNICODE
+    ids = bpe.encode(text)
+    full = bpe.decode(ids)
+    at = full.index(stop)
+    boundaries = {len(bpe.decode(ids[:n])) for n in range(len(ids))}
+    assert any(at < b < at + len(stop) for b in boundaries), "the stop string should span a token boundary"
+    deltas, stopped = _stream(bpe, ids, stop=["never there", stop])
+    assert stopped and "".join(deltas) == full[:at]
+
+
+def test_text_layer_work_per_token_is_constant(bpe):
+    """8K tokens: feeding the last 1K ids costs no more than twice the first 1K (the old stream re-decoded
+    every id each step and rescanned all text for stops). Thread CPU time, best of three: robust to load."""
+    import time
+
+    from lmlab.generate import TextStream
+    from tests.conftest import corpus_text
+
+    ids = bpe.encode(corpus_text(60_000) + UNICODE * 200)[:8192]
+    assert len(ids) == 8192
+    stops = ("\nUSER:", "never appears here")
+    best = {"first": float("inf"), "last": float("inf")}
+    for _ in range(3):
+        ts, fed = TextStream(bpe, stops), []
+        for chunk in range(8):
+            t0 = time.thread_time()
+            for i in ids[chunk * 1024:(chunk + 1) * 1024]:
+                fed.append(i)
+                ts.feed(fed)
+                ts.take()
+            spent = time.thread_time() - t0
+            if chunk in (0, 7):
+                key = "first" if chunk == 0 else "last"
+                best[key] = min(best[key], spent)
+        assert not ts.stopped
+    assert best["last"] <= 2 * best["first"], best

@@ -23,6 +23,9 @@ PLAIN_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 PLAIN_STOP = ("\nUser:", "\nSystem:")
+# Chat's own sampling defaults, over SamplingConfig's: instruct models answer better colder (SmolLM2's model card
+# suggests temperature 0.2 and top_p 0.9), and an answer often runs past generate's 256 tokens.
+CHAT_SAMPLING = SamplingConfig(temperature=0.3, top_p=0.9, max_new_tokens=512)
 ROLES = ("system", "user", "assistant")
 
 
@@ -80,13 +83,14 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer.encode(text)
 
 
-def reply(lm, messages: list[dict], s: SamplingConfig, on_text: Callable[[str], None] | None = None) -> str:
+def reply(lm, messages: list[dict], s: SamplingConfig = CHAT_SAMPLING,
+          on_text: Callable[[str], None] | None = None) -> str:
     """The assistant's next message for this conversation."""
     tok = lm.tokenizer
     if tok is None:
         raise LmlabError(f"{lm.source} has no tokenizer, so it cannot chat")
     if not tok.chat_template:  # a plain-format model would otherwise run on into the next "User:" turn
-        s = SamplingConfig(**{**s.__dict__, "stop": tuple(s.stop) + PLAIN_STOP})
+        s = s.replace(stop=tuple(s.stop) + PLAIN_STOP)
     ids = chat_prompt_ids(tok, messages)
     callback = (lambda row, delta: on_text(delta)) if on_text is not None else None
     return generate_text(lm.model, tok, [ids], s, callback)[0]
@@ -95,7 +99,7 @@ def reply(lm, messages: list[dict], s: SamplingConfig, on_text: Callable[[str], 
 class ChatSession:
     """A multi-turn conversation: the history grows by each user message and the model's reply."""
 
-    def __init__(self, lm, s: SamplingConfig, system: str | None = None) -> None:
+    def __init__(self, lm, s: SamplingConfig = CHAT_SAMPLING, system: str | None = None) -> None:
         self.lm, self.s, self.system = lm, s, system
         self.messages: list[dict] = []
         self.reset()

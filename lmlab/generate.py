@@ -12,7 +12,7 @@ never re-run. Prompts of different lengths are left-padded and each row's paddin
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +24,15 @@ from lmlab.tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick each next token, and when to stop. Validated once; errors name the parameter."""
+    """How to pick each next token, and when to stop. Validated once; errors name the parameter.
+
+    The one home of the sampling defaults: `LM.generate`, `LM.stream` and the `lmlab generate` flags all start
+    from these. temperature 0.8 is nanoGPT's sample.py default (the model's distribution, slightly sharpened, so
+    small models garble fewer words); the truncation filters are off, as in HF's GenerationConfig. Chat starts
+    from its own documented variant, `lmlab.chat.CHAT_SAMPLING`."""
 
     max_new_tokens: int = 256
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 0.8  # 0 means greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     min_p: float = 0.0  # 0 = off
@@ -63,9 +68,21 @@ class SamplingConfig:
             number("seed", self.seed, int)
             if not 0 <= self.seed < 2**63:
                 raise LmlabError(f"seed must be in [0, 2**63), got {self.seed}")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise LmlabError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(s for s in stop if s))
+
+    def replace(self, **settings) -> SamplingConfig:
+        """These settings with some changed (validated again); an unknown name is an error naming the nearest."""
+        from lmlab.errors import closest
+
+        names = [f.name for f in fields(self)]
+        for name in settings:
+            if name not in names:
+                raise LmlabError(f"unknown sampling setting {name!r}{closest(name, names)}; "
+                                 f"known: {', '.join(names)}")
+        return replace(self, **settings)
 
     @property
     def greedy(self) -> bool:

@@ -399,3 +399,38 @@ def test_text_layer_work_per_token_is_constant(bpe):
                 best[key] = min(best[key], spent)
         assert not ts.stopped
     assert best["last"] <= 2 * best["first"], best
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One set of sampling settings: SamplingConfig's defaults reach the API and the CLI alike.
+
+
+def test_cli_and_api_share_samplingconfigs_defaults(lm):
+    import subprocess
+
+    from lmlab.cli import build_parser
+    from tests.conftest import lmlab_cmd, subprocess_env
+
+    d = SamplingConfig()
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p"])
+    assert (args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
+            args.seed, tuple(args.stop), args.truncate) == (d.max_new_tokens, d.temperature, d.top_k, d.top_p,
+                                                             d.min_p, d.repetition_penalty, d.seed, d.stop, d.truncate)
+    r = subprocess.run(lmlab_cmd("generate", "--model", lm.source, "--prompt", "the", "--seed", "5", "--device",
+                                 "cpu"), capture_output=True, text=True, env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    api = lm.generate("the", seed=5)
+    assert r.stdout == "the" + api + "\n" and len(api) == d.max_new_tokens
+    assert lm.generate("the", SamplingConfig(seed=5)) == api == "".join(lm.stream("the", seed=5))
+    assert lm.generate("the", SamplingConfig(seed=5, temperature=0.1), temperature=d.temperature) == api
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(temprature=0.5), "did you mean 'temperature'"), (dict(stop=[1]), "^stop must"),
+    (dict(stop=3), "^stop must"), (dict(top_k=1.5), "^top_k"),
+])
+def test_bad_settings_are_clear_errors(lm, settings, match):
+    with pytest.raises(LmlabError, match=match):
+        lm.generate("the", **settings)
+    with pytest.raises(LmlabError, match=match):
+        next(lm.stream("the", **settings))

@@ -241,69 +241,23 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-CHAT_HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D), /help; Ctrl-C stops a reply"
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
-    import json
-
     import lmlab
-    from lmlab.chat import CHAT_SAMPLING, ChatSession, check_messages, reply
+    from lmlab.chat import CHAT_SAMPLING, ChatSession, read_messages, repl, reply
 
     s = _sampling(args, CHAT_SAMPLING)
     if args.prompt is not None and args.messages is not None:
         raise LmlabError("give --prompt or --messages, not both")
-    messages = None
-    if args.messages is not None:
-        raw = sys.stdin.read() if args.messages == "-" else _read_text(args.messages)
-        try:
-            messages = check_messages(json.loads(raw))
-        except ValueError as e:
-            if isinstance(e, LmlabError):
-                raise
-            raise LmlabError(f"--messages: not valid JSON ({e})") from None
+    messages = read_messages(args.messages) if args.messages is not None else None
     lm = lmlab.load(args.model, device=args.device, dtype=args.dtype)
-    if args.prompt is not None or messages is not None:  # for scripts: the reply alone
-        if messages is None:
-            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-                {"role": "user", "content": args.prompt}]
-        print(reply(lm, messages, s).strip())
-        return 0
-    session = ChatSession(lm, s, system=args.system)
-    print(f"chatting with {lm.source} ({CHAT_HELP})", file=sys.stderr)
-    while True:
-        try:
-            text = input("you> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return 0
-        command = text.strip()
-        if not command:
-            continue
-        if command in ("/exit", "/quit"):
-            return 0
-        if command == "/reset":
-            session.reset()
-            print("(conversation reset)", file=sys.stderr)
-            continue
-        if command == "/help":
-            print(CHAT_HELP, file=sys.stderr)
-            continue
-        print("bot> ", end="", flush=True)
-        try:
-            session.ask(text, on_text=lambda d: print(d, end="", flush=True))
-            print()
-        except KeyboardInterrupt:
-            print("\n(reply stopped)", file=sys.stderr)
-
-
-def _read_text(path: str) -> str:
-    from pathlib import Path
-
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise LmlabError(f"cannot read {path}: {e.strerror}") from None
+    notify = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    if args.prompt is None and messages is None:
+        return repl(ChatSession(lm, s, system=args.system, notify=notify))
+    if messages is None:  # for scripts: the reply alone
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+    print(reply(lm, messages, s, notify=notify).strip())
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -398,8 +352,10 @@ def build_parser() -> Parser:
     pl.add_argument("--title", default=None)
     pl.set_defaults(func=cmd_plot)
 
+    from lmlab.chat import CHAT_SAMPLING, HELP
+
     ch = sub.add_parser("chat", help="chat with a model, using its own chat template",
-                        description="Interactive multi-turn chat with streaming (" + CHAT_HELP + "). With --prompt "
+                        description="Interactive multi-turn chat with streaming (" + HELP + "). With --prompt "
                                     "or --messages it answers once and prints only the reply.")
     ch.add_argument("--model", default="smollm2-135m-instruct", metavar="SOURCE",
                     help="a named model, GGUF file, HF directory or lmlab run (default: smollm2-135m-instruct)")
@@ -409,8 +365,6 @@ def build_parser() -> Parser:
     ch.add_argument("--system", default=None, help="a system message to start the conversation")
     ch.add_argument("--device", default="auto")
     ch.add_argument("--dtype", default=None)
-    from lmlab.chat import CHAT_SAMPLING
-
     _add_sampling(ch, CHAT_SAMPLING)
     ch.set_defaults(func=cmd_chat)
 

@@ -119,6 +119,54 @@ def test_top_k_sampling_statistics():
     assert p_value > 1e-3, f"chi-square {stat:.1f}, p={p_value:.2g}"
 
 
+def _draws_match(settings: dict, warpers: list, n: int = 40_000, seed: int = 0) -> None:
+    """Draw n tokens with our `select` and test the frequencies against the distribution HF's logits warpers
+    give (softmax of their output): every draw inside HF's support, and a chi-square goodness of fit."""
+    from scipy.stats import chisquare
+
+    logits = torch.randn(1, 40, generator=torch.Generator().manual_seed(seed))
+    ref = logits.clone()
+    for warper in warpers:
+        ref = warper(None, ref)
+    probs = ref.double().softmax(-1)[0]
+    support = probs > 0
+    draws = select(logits.expand(n, -1), SamplingConfig(**settings), torch.Generator().manual_seed(seed + 1))
+    counts = torch.bincount(draws, minlength=40).double()
+    assert counts[~support].sum() == 0, "a token HF's warpers remove was drawn"
+    expected, observed = probs * n, counts
+    rare = support & (expected < 5)  # pooled into one bin, so every bin expects at least a few draws
+    big = support & ~rare
+    if rare.any():
+        observed = torch.cat([observed[big], observed[rare].sum()[None]])
+        expected = torch.cat([expected[big], expected[rare].sum()[None]])
+    else:
+        observed, expected = observed[big], expected[big]
+    assert big.sum() >= 3  # some freedom for the test
+    stat, p_value = chisquare(observed.numpy(), expected.numpy())
+    assert p_value > 1e-3, f"chi-square {stat:.1f}, p={p_value:.2g}"
+
+
+@pytest.mark.parametrize("t", [0.5, 1.0, 1.7])
+def test_temperature_sampling_statistics(hf_proc, t):
+    _draws_match(dict(temperature=t), [hf_proc.TemperatureLogitsWarper(t)])
+
+
+@pytest.mark.parametrize("p", [0.5, 0.8, 0.95])
+def test_top_p_sampling_statistics(hf_proc, p):
+    _draws_match(dict(temperature=1.0, top_p=p), [hf_proc.TopPLogitsWarper(p)])
+
+
+@pytest.mark.parametrize("p", [0.02, 0.1, 0.25])
+def test_min_p_sampling_statistics(hf_proc, p):
+    _draws_match(dict(temperature=1.0, min_p=p), [hf_proc.MinPLogitsWarper(p)])
+
+
+def test_composed_sampling_statistics(hf_proc):
+    _draws_match(dict(temperature=0.7, top_k=20, top_p=0.9, min_p=0.02),
+                 [hf_proc.TemperatureLogitsWarper(0.7), hf_proc.TopKLogitsWarper(20), hf_proc.TopPLogitsWarper(0.9),
+                  hf_proc.MinPLogitsWarper(0.02)])
+
+
 def test_temperature_zero_is_greedy():
     x = _logits(5)
     assert torch.equal(select(x, SamplingConfig(temperature=0)), x.argmax(-1))
@@ -434,3 +482,20 @@ def test_bad_settings_are_clear_errors(lm, settings, match):
         lm.generate("the", **settings)
     with pytest.raises(LmlabError, match=match):
         next(lm.stream("the", **settings))
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.8])
+def test_engine_repetition_penalty_token_identical_to_hf(hf_dir, penalty):
+    """The whole engine with a repetition penalty (the prompt and each generated token count as seen), greedy,
+    against HF generate on the same random model: token for token, for two prompts of one length in a batch."""
+    lm = lmlab.load(hf_dir, device="cpu")
+    prompts = [lm.tokenizer.encode(t)[:6] for t in ("First Citizen: we are", "Speak, speak. hear me now")]
+    assert all(len(p) == 6 for p in prompts)
+    s = SamplingConfig(max_new_tokens=30, temperature=0, repetition_penalty=penalty)
+    steps = list(generate_ids(lm.model, prompts, s))
+    for b, prompt in enumerate(prompts):
+        ours = [step[b] for step in steps]
+        ref = _hf_generate(hf_dir, prompt, 30, repetition_penalty=penalty)
+        assert ours == ref
+    plain = [t[0] for t in generate_ids(lm.model, prompts[:1], SamplingConfig(max_new_tokens=30, temperature=0))]
+    assert plain != [step[0] for step in steps]  # the penalty changed the text, so the test can see it

@@ -5,8 +5,13 @@ logits processors (`GenerationMixin._get_logits_processor`): repetition penalty,
 top-p (Holtzman et al. 2020), min-p (Nguyen et al. 2024). Greedy decoding (temperature 0) applies the
 penalty alone and takes the argmax, as HF does with do_sample=False.
 
-The engine prefills the whole prompt once, then feeds one token per step into the cache: the context is
-never re-run. Prompts of different lengths are left-padded and each row's padding is masked out.
+The engine prefills the prompt, then feeds one token per step into the static cache. Prompts of different
+lengths are left-padded and each row's padding is masked out. When the text fills the context, the window
+slides by half a context: the cache is prefilled again from the last C/2 tokens (see `generate_ids`), so the
+context is re-run once every C/2 tokens, never per token.
+
+The text layer (`TextStream`) decodes incrementally and looks for stop strings only in new text, so its work
+per token does not grow with the length of the output.
 """
 
 from __future__ import annotations
@@ -196,10 +201,11 @@ def generate_ids(model: Transformer, prompts: list[list[int]], s: SamplingConfig
     `should_stop(row, generated_ids)` lets the caller end a row early (stop strings). The generator's
     return value (StopIteration.value) is a `Finished` with each row's reason.
 
-    When a row's text outgrows the context window, the window slides: the cache is refilled from the last
-    half-context of tokens (positions restart at 0, as nanoGPT's cropping does) and decoding goes on. That
-    costs one prefill of C/2 tokens every C/2 tokens, about one extra token of work per step, instead of
-    re-running the whole window for every token."""
+    When the batch's cache of C slots is full, the window slides by half a context: every row's last C/2
+    tokens are prefilled again into a fresh cache, positions restarting at 0, and decoding goes on in the
+    freed half. Unlike nanoGPT's sample loop, which crops to the last C tokens and re-runs them for every new
+    token, this re-runs C/2 tokens once every C/2 tokens: about one extra token of work per step, at the price
+    of a context that shrinks to C/2 right after each slide and grows back to C."""
     prompts = fit_prompts(prompts, s, model.cfg.context_length)
     B, C = len(prompts), model.cfg.context_length
     device = model.wte.weight.device
@@ -251,7 +257,7 @@ def generate_ids(model: Transformer, prompts: list[list[int]], s: SamplingConfig
                 break
             if seen is not None:
                 seen[torch.arange(B, device=device), next_ids] = True
-            if pos >= S:  # the window is full: slide it
+            if pos >= S:  # the context is full: slide the window by C/2 (a prefill of the last C/2 tokens)
                 logits, pos, offset = prefill([r[-max(1, C // 2):] for r in rows])
                 continue
             logits = model(next_ids[:, None], torch.tensor([pos], device=device), offset)[:, -1]

@@ -189,6 +189,43 @@ def fit_prompts(prompts: list[list[int]], s: SamplingConfig, context_length: int
     return out
 
 
+def _seen_mask(prompts: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(B, V) True for each token in a row's prompt: what the repetition penalty starts from."""
+    seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        seen[b, p] = True
+    return seen
+
+
+def _prefill(model: Transformer, seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Run left-padded `seqs` into the cache from slot 0: (next-token logits (B, V), slots used, pads per row)."""
+    device = model.wte.weight.device
+    L = max(len(q) for q in seqs)
+    idx = torch.tensor([[pad] * (L - len(q)) + q for q in seqs], device=device)  # left-padded (B, L)
+    offset = torch.tensor([L - len(q) for q in seqs], device=device)
+    logits = model(idx, torch.arange(L, device=device), offset, last_only=True)[:, -1]  # (B, V)
+    return logits, L, offset
+
+
+def _record(step: list[int], rows: list[list[int]], generated: list[list[int]], reasons: list[str | None],
+            eos: set[int], should_stop: Callable[[int, list[int]], bool] | None) -> list[int | None]:
+    """Append one step's tokens to every row and end the rows that hit an EOS id or a stop; the step as yielded
+    (None for rows finished before it)."""
+    out: list[int | None] = []
+    for b, tok in enumerate(step):
+        rows[b].append(tok)
+        if reasons[b] is not None:
+            out.append(None)
+            continue
+        generated[b].append(tok)
+        out.append(tok)
+        if tok in eos:
+            reasons[b] = "eos"
+        elif should_stop is not None and should_stop(b, generated[b]):
+            reasons[b] = "stop"
+    return out
+
+
 @torch.inference_mode()
 def generate_ids(model: Transformer, prompts: list[list[int]], s: SamplingConfig,
                  eos_id: int | Collection[int] | None = None,
@@ -215,50 +252,24 @@ def generate_ids(model: Transformer, prompts: list[list[int]], s: SamplingConfig
     eos = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     pad = min(eos) if eos else 0
     S = min(C, max(len(p) for p in prompts) + s.max_new_tokens)  # cache slots ever needed
-    seen = None
-    if s.repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
-        for b, p in enumerate(prompts):
-            seen[b, p] = True
-    generator = None
-    if s.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(s.seed)
+    seen = _seen_mask(prompts, model.cfg.vocab_size, device) if s.repetition_penalty != 1.0 else None
+    generator = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
     rows = [list(p) for p in prompts]  # every row's tokens so far, prompt included
     generated: list[list[int]] = [[] for _ in range(B)]
-
-    def prefill(seqs: list[list[int]]) -> tuple[torch.Tensor, int, torch.Tensor]:
-        L = max(len(q) for q in seqs)
-        idx = torch.tensor([[pad] * (L - len(q)) + q for q in seqs], device=device)  # left-padded (B, L)
-        offset = torch.tensor([L - len(q) for q in seqs], device=device)
-        logits = model(idx, torch.arange(L, device=device), offset, last_only=True)[:, -1]  # (B, V)
-        return logits, L, offset
-
     was_training = model.training
     model.eval()
     model.setup_cache(B, S)
     try:
-        logits, pos, offset = prefill(rows)  # pos: the cache slot the next token goes into
+        logits, pos, offset = _prefill(model, rows, pad)  # pos: the cache slot the next token goes into
         for step in range(s.max_new_tokens):
             next_ids = select(logits, s, generator, seen)  # (B,)
-            out: list[int | None] = []
-            for b, tok in enumerate(next_ids.tolist()):
-                rows[b].append(tok)
-                if reasons[b] is not None:
-                    out.append(None)
-                    continue
-                generated[b].append(tok)
-                out.append(tok)
-                if tok in eos:
-                    reasons[b] = "eos"
-                elif should_stop is not None and should_stop(b, generated[b]):
-                    reasons[b] = "stop"
-            yield out
+            yield _record(next_ids.tolist(), rows, generated, reasons, eos, should_stop)
             if all(r is not None for r in reasons) or step + 1 == s.max_new_tokens:
                 break
             if seen is not None:
                 seen[torch.arange(B, device=device), next_ids] = True
             if pos >= S:  # the context is full: slide the window by C/2 (a prefill of the last C/2 tokens)
-                logits, pos, offset = prefill([r[-max(1, C // 2):] for r in rows])
+                logits, pos, offset = _prefill(model, [r[-max(1, C // 2):] for r in rows], pad)
                 continue
             logits = model(next_ids[:, None], torch.tensor([pos], device=device), offset)[:, -1]
             pos += 1

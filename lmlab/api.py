@@ -56,7 +56,7 @@ class LM:
         defaults: `lm.generate("Hi", temperature=0, max_new_tokens=20)`. temperature=0 is greedy. Generation
         stops at any of the tokenizer's EOS ids, at any string in `stop` (not included in the result), or after
         max_new_tokens. `on_text(delta)` receives the text as it is produced (single prompt only)."""
-        s = (sampling or SamplingConfig()).replace(**settings)
+        s = _settings(sampling, settings)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         callback = None
         if on_text is not None:
@@ -68,9 +68,16 @@ class LM:
 
     def stream(self, prompt: str, sampling: SamplingConfig | None = None, **settings) -> Iterator[str]:
         """Yield the continuation of `prompt` piece by piece (settings as for generate)."""
-        s = (sampling or SamplingConfig()).replace(**settings)
+        s = _settings(sampling, settings)
         for _, delta in stream_text(self.model, self._tok(), [prompt], s):
             yield delta
+
+
+def _settings(sampling: SamplingConfig | None, settings: dict) -> SamplingConfig:
+    if sampling is not None and not isinstance(sampling, SamplingConfig):
+        raise LmlabError(f"sampling must be a SamplingConfig, got {sampling!r}; give settings by name, "
+                         "e.g. generate(prompt, max_new_tokens=50)")
+    return (sampling or SamplingConfig()).replace(**settings)
 
 
 def load(source: str | os.PathLike, device: str | torch.device | None = "auto",

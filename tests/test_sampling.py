@@ -484,6 +484,11 @@ def test_bad_settings_are_clear_errors(lm, settings, match):
         next(lm.stream("the", **settings))
 
 
+def test_positional_settings_are_refused_clearly(lm):
+    with pytest.raises(LmlabError, match="by name"):
+        lm.generate("the", 50)
+
+
 @pytest.mark.parametrize("penalty", [1.3, 0.8])
 def test_engine_repetition_penalty_token_identical_to_hf(hf_dir, penalty):
     """The whole engine with a repetition penalty (the prompt and each generated token count as seen), greedy,

@@ -47,18 +47,16 @@ class LM:
                              "pass token ids to .model, or add the tokenizer file")
         return self.tokenizer
 
-    def generate(self, prompt: str | list[str], max_new_tokens: int = 256, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                 seed: int | None = None, stop: str | tuple[str, ...] | list[str] = (), truncate: bool = False,
-                 on_text: Callable[[str], None] | None = None) -> str | list[str]:
+    def generate(self, prompt: str | list[str], sampling: SamplingConfig | None = None, *,
+                 on_text: Callable[[str], None] | None = None, **settings) -> str | list[str]:
         """The continuation of `prompt` (a list of prompts gives a list, generated as one batch).
 
-        temperature=0 is greedy; top_k=0, top_p=1 and min_p=0 switch those filters off. Generation stops at
-        the tokenizer's EOS, at any string in `stop` (not included in the result), or after max_new_tokens.
-        `on_text(delta)` receives the text as it is produced (single prompt only)."""
-        s = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                           stop=(stop,) if isinstance(stop, str) else tuple(stop), truncate=truncate)
+        Settings are SamplingConfig's fields (max_new_tokens, temperature, top_k, top_p, min_p,
+        repetition_penalty, seed, stop, truncate), given as keywords over `sampling` or SamplingConfig's
+        defaults: `lm.generate("Hi", temperature=0, max_new_tokens=20)`. temperature=0 is greedy. Generation
+        stops at any of the tokenizer's EOS ids, at any string in `stop` (not included in the result), or after
+        max_new_tokens. `on_text(delta)` receives the text as it is produced (single prompt only)."""
+        s = _settings(sampling, settings)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         callback = None
         if on_text is not None:
@@ -68,11 +66,18 @@ class LM:
         out = generate_text(self.model, self._tok(), prompts, s, callback)
         return out[0] if isinstance(prompt, str) else out
 
-    def stream(self, prompt: str, **kwargs) -> Iterator[str]:
-        """Yield the continuation of `prompt` piece by piece (same settings as generate)."""
-        s = SamplingConfig(**kwargs)
+    def stream(self, prompt: str, sampling: SamplingConfig | None = None, **settings) -> Iterator[str]:
+        """Yield the continuation of `prompt` piece by piece (settings as for generate)."""
+        s = _settings(sampling, settings)
         for _, delta in stream_text(self.model, self._tok(), [prompt], s):
             yield delta
+
+
+def _settings(sampling: SamplingConfig | None, settings: dict) -> SamplingConfig:
+    if sampling is not None and not isinstance(sampling, SamplingConfig):
+        raise LmlabError(f"sampling must be a SamplingConfig, got {sampling!r}; give settings by name, "
+                         "e.g. generate(prompt, max_new_tokens=50)")
+    return (sampling or SamplingConfig()).replace(**settings)
 
 
 def load(source: str | os.PathLike, device: str | torch.device | None = "auto",

@@ -19,27 +19,32 @@ class Parser(argparse.ArgumentParser):
         raise LmlabError(f"{message} (see {self.prog} --help)")
 
 
-def _add_sampling(p: argparse.ArgumentParser, temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
-                  min_p: float = 0.0, max_new_tokens: int = 200) -> None:
+def _add_sampling(p: argparse.ArgumentParser, defaults) -> None:
+    """The sampling flags, with SamplingConfig's defaults (or a command's own variant of them, like chat's)."""
+    d = defaults
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
-    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy; <1 sharper, >1 flatter")
-    g.add_argument("--top-k", type=int, default=top_k, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=float, default=top_p, help="nucleus: keep the smallest set with mass p (1 = off)")
-    g.add_argument("--min-p", type=float, default=min_p, help="drop tokens below p x the top probability (0 = off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty on seen tokens (1 = off)")
-    g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help=f"tokens to generate at most (default: {d.max_new_tokens})")
+    g.add_argument("--temperature", type=float, default=d.temperature,
+                   help=f"0 = greedy; <1 sharper, >1 flatter (default: {d.temperature})")
+    g.add_argument("--top-k", type=int, default=d.top_k,
+                   help=f"keep the k most likely tokens (0 = off) (default: {d.top_k})")
+    g.add_argument("--top-p", type=float, default=d.top_p,
+                   help=f"nucleus: keep the smallest set with mass p (1 = off) (default: {d.top_p})")
+    g.add_argument("--min-p", type=float, default=d.min_p,
+                   help=f"drop tokens below p x the top probability (0 = off) (default: {d.min_p})")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help=f"CTRL-style penalty on seen tokens (1 = off) (default: {d.repetition_penalty})")
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed: the same seed gives the same text")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this string (repeatable)")
     g.add_argument("--truncate", action="store_true", help="cut a prompt longer than the context from the left")
 
 
-def _sampling(args: argparse.Namespace):
-    from lmlab.generate import SamplingConfig
-
+def _sampling(args: argparse.Namespace, defaults):
+    """The flags as a SamplingConfig; an invalid value is reported under the flag's name."""
+    names = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "truncate")
     try:
-        return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                              seed=args.seed, stop=tuple(args.stop), truncate=args.truncate)
+        return defaults.replace(stop=tuple(args.stop), **{name: getattr(args, name) for name in names})
     except LmlabError as e:  # name the flag the user typed, not the Python field
         name = str(e).split(" ", 1)[0]
         raise LmlabError(f"--{name.replace('_', '-')} {str(e).split(' ', 1)[1]}") from None
@@ -81,21 +86,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import lmlab
+    from lmlab.generate import SamplingConfig
 
-    s = _sampling(args)
+    s = _sampling(args, SamplingConfig())
     lm = lmlab.load(args.model, device=args.device, dtype=args.dtype)
     if args.stream:
-        lm.generate(args.prompt, **_kwargs(s), on_text=lambda d: print(d, end="", flush=True))
+        lm.generate(args.prompt, s, on_text=lambda d: print(d, end="", flush=True))
         print()
     else:
-        print(args.prompt + lm.generate(args.prompt, **_kwargs(s)))
+        print(args.prompt + lm.generate(args.prompt, s))
     return 0
-
-
-def _kwargs(s) -> dict:
-    return dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                min_p=s.min_p, repetition_penalty=s.repetition_penalty, seed=s.seed, stop=s.stop,
-                truncate=s.truncate)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -241,69 +241,23 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-CHAT_HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D), /help; Ctrl-C stops a reply"
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
-    import json
-
     import lmlab
-    from lmlab.chat import ChatSession, check_messages, reply
+    from lmlab.chat import CHAT_SAMPLING, ChatSession, read_messages, repl, reply
 
-    s = _sampling(args)
+    s = _sampling(args, CHAT_SAMPLING)
     if args.prompt is not None and args.messages is not None:
         raise LmlabError("give --prompt or --messages, not both")
-    messages = None
-    if args.messages is not None:
-        raw = sys.stdin.read() if args.messages == "-" else _read_text(args.messages)
-        try:
-            messages = check_messages(json.loads(raw))
-        except ValueError as e:
-            if isinstance(e, LmlabError):
-                raise
-            raise LmlabError(f"--messages: not valid JSON ({e})") from None
+    messages = read_messages(args.messages) if args.messages is not None else None
     lm = lmlab.load(args.model, device=args.device, dtype=args.dtype)
-    if args.prompt is not None or messages is not None:  # for scripts: the reply alone
-        if messages is None:
-            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-                {"role": "user", "content": args.prompt}]
-        print(reply(lm, messages, s).strip())
-        return 0
-    session = ChatSession(lm, s, system=args.system)
-    print(f"chatting with {lm.source} ({CHAT_HELP})", file=sys.stderr)
-    while True:
-        try:
-            text = input("you> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return 0
-        command = text.strip()
-        if not command:
-            continue
-        if command in ("/exit", "/quit"):
-            return 0
-        if command == "/reset":
-            session.reset()
-            print("(conversation reset)", file=sys.stderr)
-            continue
-        if command == "/help":
-            print(CHAT_HELP, file=sys.stderr)
-            continue
-        print("bot> ", end="", flush=True)
-        try:
-            session.ask(text, on_text=lambda d: print(d, end="", flush=True))
-            print()
-        except KeyboardInterrupt:
-            print("\n(reply stopped)", file=sys.stderr)
-
-
-def _read_text(path: str) -> str:
-    from pathlib import Path
-
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise LmlabError(f"cannot read {path}: {e.strerror}") from None
+    notify = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    if args.prompt is None and messages is None:
+        return repl(ChatSession(lm, s, system=args.system, notify=notify))
+    if messages is None:  # for scripts: the reply alone
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+    print(reply(lm, messages, s, notify=notify).strip())
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -350,7 +304,9 @@ def build_parser() -> Parser:
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
     gen.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-    _add_sampling(gen)
+    from lmlab.generate import SamplingConfig
+
+    _add_sampling(gen, SamplingConfig())
     gen.set_defaults(func=cmd_generate)
 
     prep = sub.add_parser("prepare", help="tokenize text into train/val token files",
@@ -396,8 +352,10 @@ def build_parser() -> Parser:
     pl.add_argument("--title", default=None)
     pl.set_defaults(func=cmd_plot)
 
+    from lmlab.chat import CHAT_SAMPLING, HELP
+
     ch = sub.add_parser("chat", help="chat with a model, using its own chat template",
-                        description="Interactive multi-turn chat with streaming (" + CHAT_HELP + "). With --prompt "
+                        description="Interactive multi-turn chat with streaming (" + HELP + "). With --prompt "
                                     "or --messages it answers once and prints only the reply.")
     ch.add_argument("--model", default="smollm2-135m-instruct", metavar="SOURCE",
                     help="a named model, GGUF file, HF directory or lmlab run (default: smollm2-135m-instruct)")
@@ -407,7 +365,7 @@ def build_parser() -> Parser:
     ch.add_argument("--system", default=None, help="a system message to start the conversation")
     ch.add_argument("--device", default="auto")
     ch.add_argument("--dtype", default=None)
-    _add_sampling(ch, temperature=0.3, top_p=0.9, max_new_tokens=512)
+    _add_sampling(ch, CHAT_SAMPLING)
     ch.set_defaults(func=cmd_chat)
 
     ex = sub.add_parser("export", help="write a model as an HF directory or a GGUF file",

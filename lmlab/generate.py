@@ -5,14 +5,19 @@ logits processors (`GenerationMixin._get_logits_processor`): repetition penalty,
 top-p (Holtzman et al. 2020), min-p (Nguyen et al. 2024). Greedy decoding (temperature 0) applies the
 penalty alone and takes the argmax, as HF does with do_sample=False.
 
-The engine prefills the whole prompt once, then feeds one token per step into the cache: the context is
-never re-run. Prompts of different lengths are left-padded and each row's padding is masked out.
+The engine prefills the prompt, then feeds one token per step into the static cache. Prompts of different
+lengths are left-padded and each row's padding is masked out. When the text fills the context, the window
+slides by half a context: the cache is prefilled again from the last C/2 tokens (see `generate_ids`), so the
+context is re-run once every C/2 tokens, never per token.
+
+The text layer (`TextStream`) decodes incrementally and looks for stop strings only in new text, so its work
+per token does not grow with the length of the output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +29,15 @@ from lmlab.tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick each next token, and when to stop. Validated once; errors name the parameter."""
+    """How to pick each next token, and when to stop. Validated once; errors name the parameter.
+
+    The one home of the sampling defaults: `LM.generate`, `LM.stream` and the `lmlab generate` flags all start
+    from these. temperature 0.8 is nanoGPT's sample.py default (the model's distribution, slightly sharpened, so
+    small models garble fewer words); the truncation filters are off, as in HF's GenerationConfig. Chat starts
+    from its own documented variant, `lmlab.chat.CHAT_SAMPLING`."""
 
     max_new_tokens: int = 256
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 0.8  # 0 means greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     min_p: float = 0.0  # 0 = off
@@ -63,9 +73,21 @@ class SamplingConfig:
             number("seed", self.seed, int)
             if not 0 <= self.seed < 2**63:
                 raise LmlabError(f"seed must be in [0, 2**63), got {self.seed}")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise LmlabError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(s for s in stop if s))
+
+    def replace(self, **settings) -> SamplingConfig:
+        """These settings with some changed (validated again); an unknown name is an error naming the nearest."""
+        from lmlab.errors import closest
+
+        names = [f.name for f in fields(self)]
+        for name in settings:
+            if name not in names:
+                raise LmlabError(f"unknown sampling setting {name!r}{closest(name, names)}; "
+                                 f"known: {', '.join(names)}")
+        return replace(self, **settings)
 
     @property
     def greedy(self) -> bool:
@@ -151,6 +173,8 @@ class Finished:
 
 def fit_prompts(prompts: list[list[int]], s: SamplingConfig, context_length: int) -> list[list[int]]:
     """Check prompt lengths against the context; cut from the left only when `s.truncate` asks for it."""
+    if not prompts:
+        raise LmlabError("no prompts given: pass a prompt string, or a non-empty list of them")
     out = []
     for i, ids in enumerate(prompts):
         if not ids:
@@ -165,70 +189,87 @@ def fit_prompts(prompts: list[list[int]], s: SamplingConfig, context_length: int
     return out
 
 
+def _seen_mask(prompts: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(B, V) True for each token in a row's prompt: what the repetition penalty starts from."""
+    seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        seen[b, p] = True
+    return seen
+
+
+def _prefill(model: Transformer, seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Run left-padded `seqs` into the cache from slot 0: (next-token logits (B, V), slots used, pads per row)."""
+    device = model.wte.weight.device
+    L = max(len(q) for q in seqs)
+    idx = torch.tensor([[pad] * (L - len(q)) + q for q in seqs], device=device)  # left-padded (B, L)
+    offset = torch.tensor([L - len(q) for q in seqs], device=device)
+    logits = model(idx, torch.arange(L, device=device), offset, last_only=True)[:, -1]  # (B, V)
+    return logits, L, offset
+
+
+def _record(step: list[int], rows: list[list[int]], generated: list[list[int]], reasons: list[str | None],
+            eos: set[int], should_stop: Callable[[int, list[int]], bool] | None) -> list[int | None]:
+    """Append one step's tokens to every row and end the rows that hit an EOS id or a stop; the step as yielded
+    (None for rows finished before it)."""
+    out: list[int | None] = []
+    for b, tok in enumerate(step):
+        rows[b].append(tok)
+        if reasons[b] is not None:
+            out.append(None)
+            continue
+        generated[b].append(tok)
+        out.append(tok)
+        if tok in eos:
+            reasons[b] = "eos"
+        elif should_stop is not None and should_stop(b, generated[b]):
+            reasons[b] = "stop"
+    return out
+
+
 @torch.inference_mode()
-def generate_ids(model: Transformer, prompts: list[list[int]], s: SamplingConfig, eos_id: int | None = None,
+def generate_ids(model: Transformer, prompts: list[list[int]], s: SamplingConfig,
+                 eos_id: int | Collection[int] | None = None,
                  should_stop: Callable[[int, list[int]], bool] | None = None) -> Iterator[list[int | None]]:
     """Yield, per decoding step, each row's new token (None for rows already finished).
+
+    `eos_id` is one id or several (an instruct model's generation_config.json may list end-of-text and
+    end-of-turn ids): a row ends at the first of them it produces, as HF generate does.
 
     `should_stop(row, generated_ids)` lets the caller end a row early (stop strings). The generator's
     return value (StopIteration.value) is a `Finished` with each row's reason.
 
-    When a row's text outgrows the context window, the window slides: the cache is refilled from the last
-    half-context of tokens (positions restart at 0, as nanoGPT's cropping does) and decoding goes on. That
-    costs one prefill of C/2 tokens every C/2 tokens, about one extra token of work per step, instead of
-    re-running the whole window for every token."""
+    When the batch's cache of C slots is full, the window slides by half a context: every row's last C/2
+    tokens are prefilled again into a fresh cache, positions restarting at 0, and decoding goes on in the
+    freed half. Unlike nanoGPT's sample loop, which crops to the last C tokens and re-runs them for every new
+    token, this re-runs C/2 tokens once every C/2 tokens: about one extra token of work per step, at the price
+    of a context that shrinks to C/2 right after each slide and grows back to C."""
     prompts = fit_prompts(prompts, s, model.cfg.context_length)
     B, C = len(prompts), model.cfg.context_length
     device = model.wte.weight.device
     reasons: list[str | None] = [None] * B
     if s.max_new_tokens == 0:
         return Finished(["length"] * B)
-    pad = eos_id if eos_id is not None else 0
+    eos = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
+    pad = min(eos) if eos else 0
     S = min(C, max(len(p) for p in prompts) + s.max_new_tokens)  # cache slots ever needed
-    seen = None
-    if s.repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
-        for b, p in enumerate(prompts):
-            seen[b, p] = True
-    generator = None
-    if s.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(s.seed)
+    seen = _seen_mask(prompts, model.cfg.vocab_size, device) if s.repetition_penalty != 1.0 else None
+    generator = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
     rows = [list(p) for p in prompts]  # every row's tokens so far, prompt included
     generated: list[list[int]] = [[] for _ in range(B)]
-
-    def prefill(seqs: list[list[int]]) -> tuple[torch.Tensor, int, torch.Tensor]:
-        L = max(len(q) for q in seqs)
-        idx = torch.tensor([[pad] * (L - len(q)) + q for q in seqs], device=device)  # left-padded (B, L)
-        offset = torch.tensor([L - len(q) for q in seqs], device=device)
-        logits = model(idx, torch.arange(L, device=device), offset, last_only=True)[:, -1]  # (B, V)
-        return logits, L, offset
-
     was_training = model.training
     model.eval()
     model.setup_cache(B, S)
     try:
-        logits, pos, offset = prefill(rows)  # pos: the cache slot the next token goes into
+        logits, pos, offset = _prefill(model, rows, pad)  # pos: the cache slot the next token goes into
         for step in range(s.max_new_tokens):
             next_ids = select(logits, s, generator, seen)  # (B,)
-            out: list[int | None] = []
-            for b, tok in enumerate(next_ids.tolist()):
-                rows[b].append(tok)
-                if reasons[b] is not None:
-                    out.append(None)
-                    continue
-                generated[b].append(tok)
-                out.append(tok)
-                if eos_id is not None and tok == eos_id:
-                    reasons[b] = "eos"
-                elif should_stop is not None and should_stop(b, generated[b]):
-                    reasons[b] = "stop"
-            yield out
+            yield _record(next_ids.tolist(), rows, generated, reasons, eos, should_stop)
             if all(r is not None for r in reasons) or step + 1 == s.max_new_tokens:
                 break
             if seen is not None:
                 seen[torch.arange(B, device=device), next_ids] = True
-            if pos >= S:  # the window is full: slide it
-                logits, pos, offset = prefill([r[-max(1, C // 2):] for r in rows])
+            if pos >= S:  # the context is full: slide the window by C/2 (a prefill of the last C/2 tokens)
+                logits, pos, offset = _prefill(model, [r[-max(1, C // 2):] for r in rows], pad)
                 continue
             logits = model(next_ids[:, None], torch.tensor([pos], device=device), offset)[:, -1]
             pos += 1
@@ -242,42 +283,73 @@ def generate_ids(model: Transformer, prompts: list[list[int]], s: SamplingConfig
 # Text in, text out.
 
 class TextStream:
-    """Turns one row's growing token list into text deltas: holds back an incomplete UTF-8 character (�)
-    and any tail that could still become a stop string, and cuts the text at a stop string once one shows."""
+    """Turns one row's growing token list into text deltas, with the same work for every token however long the
+    text grows.
+
+    Decoding is incremental, as text-generation-inference's and vLLM's detokenizers do it: each step decodes only
+    the ids since the last character boundary, with the ids of the previous delta in front as context (a
+    SentencePiece-style decoder drops a leading space at the start of a text), and keeps what that adds to the
+    context's own text. A decode ending in U+FFFD (a UTF-8 character split over tokens) waits for the next token,
+    as HF's TextStreamer holds back an unfinished word; after MAX_WAIT ids it is invalid UTF-8, and goes out as is.
+    Stop strings are searched for in the new text and the longest stop's length - 1 characters before it, and a
+    tail that could still grow into a stop string is held back, so no stop can start in text already handed out.
+    """
+
+    MAX_WAIT = 8  # ids: a UTF-8 character has at most 4 bytes, and every byte-level token holds one or more
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
         self.tokenizer, self.stop = tokenizer, stop
-        self.text, self.emitted, self.stopped = "", 0, False
+        self.reach = max(map(len, stop), default=1) - 1  # characters a stop can reach back before new text
+        self.ids: list[int] = []  # the row's generated ids, as last fed: ids[:fed] are text
+        self.fed = self.prefix = self.read = 0  # ids[prefix:read] decoded to context_text; ids[read:fed] are new
+        self.context_text = ""
+        self.pending, self.stopped = "", False  # text decoded but not yet handed out
 
     def feed(self, ids: list[int]) -> bool:
-        """Decode the row's generated ids (EOS excluded); True once a stop string has appeared."""
-        if not self.stopped:
-            self.text = self.tokenizer.decode(ids)
-            for stop in self.stop:
-                at = self.text.find(stop)
-                if at >= 0:
-                    self.text, self.stopped = self.text[:at], True
+        """Take in the row's generated ids so far (EOS excluded); True once a stop string has appeared."""
+        self.ids, self.fed = ids, len(ids)
+        if not self.stopped and self.fed > self.read:
+            self._add(self._decode(final=False))
         return self.stopped
+
+    def _decode(self, final: bool) -> str:
+        """The text ids[read:fed] add after the context, once it ends on a whole character (or `final`)."""
+        text = self.tokenizer.decode(self.ids[self.prefix:self.fed])
+        whole = len(text) > len(self.context_text) and not text.endswith("\ufffd")
+        if not (whole or final or self.fed - self.read > self.MAX_WAIT):
+            return ""
+        new = text[len(self.context_text):]
+        self.prefix, self.read = self.read, self.fed
+        self.context_text = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        return new
+
+    def _add(self, new: str) -> None:
+        if not new:
+            return
+        start = max(0, len(self.pending) - self.reach)
+        self.pending += new
+        found = [at for at in (self.pending.find(stop, start) for stop in self.stop) if at >= 0]
+        if found:
+            self.pending, self.stopped = self.pending[:min(found)], True
 
     def take(self, final: bool = False) -> str:
         """The text not yet handed out that is safe to hand out now (all of it when `final`)."""
-        end = len(self.text)
+        if final and not self.stopped and self.fed > self.read:
+            self._add(self._decode(final=True))
+        hold = 0
         if not (final or self.stopped):
-            while end > self.emitted and self.text[end - 1] == "\ufffd":
-                end -= 1
             hold = max((k for stop in self.stop for k in range(1, len(stop))
-                        if self.text[:end].endswith(stop[:k])), default=0)
-            end -= hold
-        delta = self.text[self.emitted:end] if end > self.emitted else ""
-        self.emitted = max(self.emitted, end)
+                        if self.pending.endswith(stop[:k])), default=0)
+        delta, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
         return delta
 
 
 def stream_text(model: Transformer, tokenizer: Tokenizer, prompts: list[str] | list[list[int]], s: SamplingConfig,
-                eos_id: int | None = None) -> Iterator[tuple[int, str]]:
-    """Yield (row, text delta) as tokens arrive. The EOS token and stop strings are not part of the text.
+                eos_id: int | Collection[int] | None = None) -> Iterator[tuple[int, str]]:
+    """Yield (row, text delta) as tokens arrive. EOS tokens (all of the tokenizer's, unless `eos_id` says
+    otherwise) and stop strings are not part of the text.
     Prompts are strings, or token id lists already encoded (a chat template's output, say)."""
-    eos_id = tokenizer.eos_id if eos_id is None else eos_id
+    eos_id = tokenizer.eos_ids if eos_id is None else eos_id
     streams = [TextStream(tokenizer, s.stop) for _ in prompts]
     ids = [p if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
     engine = generate_ids(model, ids, s, eos_id,

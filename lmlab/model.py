@@ -125,6 +125,22 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
 
 
+def attention_mask(input_pos: torch.Tensor, S: int, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Which cache slots each query may read: (B or 1, 1, T, S), True where allowed.
+
+    Causal over slots; with `offset` (B,), row b's left padding (slots below offset[b]) is hidden from its real
+    tokens. A pad query itself would then see nothing, and an all-False row is what SDPA's CUDA kernels can turn
+    into NaN that leaks into real rows; so every query may always read its own slot (HF's
+    `AttentionMaskConverter._unmask_unattended` unmasks such rows for the same reason). Nothing real reads a pad
+    row's output, so what it sees does not matter."""
+    slots = torch.arange(S, device=input_pos.device)  # (S,)
+    mask = slots[None, :] <= input_pos[:, None]  # causal over slots, (T, S)
+    if offset is not None:
+        own = slots[None, :] == input_pos[:, None]  # (T, S)
+        mask = (mask & (slots >= offset[:, None])[:, None, :]) | own  # (B, T, S)
+    return mask.unsqueeze(-3)
+
+
 class MLP(nn.Module):
     """GPT-2: down(gelu_tanh(up(x))). Llama (SwiGLU, Shazeer 2020): down(silu(gate(x)) * up(x))."""
 
@@ -267,12 +283,9 @@ class Transformer(nn.Module):
             pos = input_pos.expand(B, T)
         if input_pos is not None:
             cache = self.blocks[0].attn.cache
-            slots = torch.arange(cache.k.shape[2] if cache is not None else T, device=device)  # (S,)
-            mask = slots[None, :] <= input_pos[:, None]  # causal over slots, (T, S)
+            mask = attention_mask(input_pos, cache.k.shape[2] if cache is not None else T, offset)
             if offset is not None:
-                mask = mask & (slots >= offset[:, None])[:, None, :]  # hide each row's padding, (B, T, S)
                 pos = (pos - offset[:, None]).clamp(min=0)
-            mask = mask.unsqueeze(-3)  # (B or 1, 1, T, S)
         x = self.wte(idx)  # (B, T, C)
         rope = None
         if self.wpe is not None:

@@ -27,6 +27,7 @@ EOT = "<|endoftext|>"
 
 class Tokenizer(Protocol):
     eos_id: int | None
+    eos_ids: tuple[int, ...]  # every id that ends generation (eos_id first); () when there is none
     bos_id: int | None
     vocab_size: int
     chat_template: str | None
@@ -41,6 +42,7 @@ class CharTokenizer:
 
     kind = "char"
     eos_id = None
+    eos_ids: tuple[int, ...] = ()
     bos_id = None
     chat_template = None
 
@@ -75,16 +77,22 @@ class CharTokenizer:
 
 
 class BPETokenizer:
-    """Byte-level BPE through HF `tokenizers`: any `tokenizer.json`, or one trained with `train`."""
+    """Byte-level BPE through HF `tokenizers`: any `tokenizer.json`, or one trained with `train`.
+
+    `extra_eos_ids` are further ids that end generation besides `eos_token`: instruct models stop at the end
+    of a turn as well as at the end of text (Llama 3's generation_config.json lists 128001, 128008 and 128009)."""
 
     kind = "bpe"
 
     def __init__(self, tok, eos_token: str | None = None, bos_token: str | None = None,
-                 chat_template: str | None = None, add_special_tokens: bool = True) -> None:
+                 chat_template: str | None = None, add_special_tokens: bool = True,
+                 extra_eos_ids: Iterable[int] = ()) -> None:
         self.tok = tok
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.eos_token, self.bos_token = eos_token, bos_token
         self.eos_id = tok.token_to_id(eos_token) if eos_token else None
+        self.extra_eos_ids = tuple(i for i in dict.fromkeys(extra_eos_ids) if i != self.eos_id)
+        self.eos_ids = tuple(i for i in (self.eos_id, *self.extra_eos_ids) if i is not None)
         self.bos_id = tok.token_to_id(bos_token) if bos_token else None
         self.chat_template = chat_template
         self.add_special_tokens = add_special_tokens
@@ -127,7 +135,8 @@ class BPETokenizer:
     def meta(self) -> dict:
         """What a checkpoint records beside tokenizer.json to rebuild this object."""
         return {"type": "bpe", "eos_token": self.eos_token, "bos_token": self.bos_token,
-                "chat_template": self.chat_template, "add_special_tokens": self.add_special_tokens}
+                "chat_template": self.chat_template, "add_special_tokens": self.add_special_tokens,
+                "extra_eos_ids": list(self.extra_eos_ids)}
 
 
 def tokenizer_meta(tok: Tokenizer) -> dict:

@@ -272,8 +272,18 @@ def hf_tokenizer(path: Path):
     template = tc.get("chat_template")
     if template is None and (path / "chat_template.jinja").is_file():
         template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-    return BPETokenizer.from_file(tok_file, eos_token=token(tc.get("eos_token")), bos_token=token(tc.get("bos_token")),
-                                  chat_template=template if isinstance(template, str) else None)
+    tok = BPETokenizer.from_file(tok_file, eos_token=token(tc.get("eos_token")), bos_token=token(tc.get("bos_token")),
+                                 chat_template=template if isinstance(template, str) else None)
+    gen = path / "generation_config.json"
+    eos = read_json(gen).get("eos_token_id") if gen.is_file() else None
+    eos = [eos] if isinstance(eos, int) else eos or []  # HF generate stops at every one of these ids
+    if not isinstance(eos, list) or not all(type(i) is int for i in eos):
+        raise LmlabError(f"{gen}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    eos = [i for i in eos if 0 <= i < tok.vocab_size]  # save_pretrained may leave a config default beyond the vocab
+    if eos:
+        tok = BPETokenizer(tok.tok, eos_token=tok.eos_token or tok.tok.id_to_token(eos[0]), bos_token=tok.bos_token,
+                           chat_template=tok.chat_template, extra_eos_ids=eos)
+    return tok
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ errors too (the usage dump is dropped; `--help` still has it).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 
@@ -150,76 +149,16 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
                            metavar=kind.__name__.upper(), help=f"(default: {default})", **extra)
 
 
-def _read_config_file(path: str) -> dict:
-    import json
-    from pathlib import Path
-
-    f = Path(path)
-    if not f.is_file():
-        raise LmlabError(f"config file {path} not found")
-    try:
-        if f.suffix == ".toml":
-            import tomllib
-
-            return tomllib.loads(f.read_text(encoding="utf-8"))
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise LmlabError(f"config file {path} is malformed ({e})") from None
-    if not isinstance(data, dict):
-        raise LmlabError(f"config file {path} must hold one object of config keys")
-    return data
-
-
-def train_configs(args: argparse.Namespace):
-    """preset < config file < flags, split into (ModelConfig, TrainConfig), each validated once. With --resume
-    and neither --preset nor --config, the run's saved settings are the base: `--resume --max-steps N` extends it."""
-    from dataclasses import fields
-
-    from lmlab.config import ModelConfig, TrainConfig, check_keys, preset
-
-    values = _read_config_file(args.config) if args.config else {}
-    model_keys = {f.name for f in fields(ModelConfig)}
-    train_keys = {f.name for f in fields(TrainConfig)}
-
-    class Both:  # for the "unknown key, did you mean" check across both dataclasses
-        __dataclass_fields__ = {**ModelConfig.__dataclass_fields__, **TrainConfig.__dataclass_fields__}
-
-    check_keys(values, Both)
-    for k, v in vars(args).items():
-        if k.startswith("cfg_") and v is not None:
-            values[k[4:]] = v
-    train_values = {}
-    if args.resume and not args.preset and not args.config:  # --resume alone: the run's own settings
-        from pathlib import Path
-
-        from lmlab.checkpoint import is_checkpoint, read_meta
-
-        last = Path(args.out) / "last"
-        if is_checkpoint(last):
-            meta = read_meta(last)
-            base = ModelConfig.from_dict(meta["config"])
-            train_values = dict(meta.get("train_config", {}))
-        else:
-            base = ModelConfig(family=values.get("family", "gpt2"))
-    else:
-        base = preset(args.preset) if args.preset else ModelConfig(family=values.get("family", "gpt2"))
-    mc = base.replace(**{k: v for k, v in values.items() if k in model_keys})
-    tc = TrainConfig(**{**train_values, **{k: v for k, v in values.items() if k in train_keys}})
-    return mc, tc
-
-
 def cmd_train(args: argparse.Namespace) -> int:
+    from lmlab.checkpoint import saved_settings
+    from lmlab.config import train_configs
+    from lmlab.distributed import leave_worker
     from lmlab.train import train
 
-    mc, tc = train_configs(args)
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    mc, tc = train_configs(args.preset, args.config, flags, saved_settings(args.out) if args.resume else None)
     train(mc, tc, args.data, args.out, resume=args.resume, quiet=args.quiet)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Under torchrun, once the run is saved and the process group is gone, leave without the interpreter's
-        # teardown: on a loaded machine gloo's threads can die in C++ static destructors there and abort
-        # (SIGABRT, "terminate called without an active exception") after all the work is done.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    leave_worker()
     return 0
 
 

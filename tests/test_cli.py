@@ -280,3 +280,97 @@ def test_plain_subprocess_agrees_with_runner(cli, ckpt, workdir, kind):
         assert_user_error(plain, "gpt2-125m", "gpt2-124m")
     else:
         assert_ok(plain)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train settings: a config file, flags and presets, refused with one line when wrong
+
+
+def numeric_fields() -> list[tuple[str, str]]:
+    """(name, annotation) of every int or float field of ModelConfig and TrainConfig."""
+    from dataclasses import fields
+
+    from lmlab.config import TrainConfig
+
+    return [(f.name, str(f.type)) for cls in (ModelConfig, TrainConfig) for f in fields(cls)
+            if ("int" in str(f.type) or "float" in str(f.type))]
+
+
+def train_with(cli, workdir: Path, *extra: str) -> Result:
+    """`lmlab train` on data that does not exist: settings are checked before the data is read."""
+    return cli("train", "--data", str(workdir / "no-data"), "--out", str(workdir / "no-run"), *extra)
+
+
+def write_config(workdir: Path, name: str, text: str) -> Path:
+    path = workdir / "configs" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("name", "annotation"), numeric_fields())
+def test_config_file_string_where_a_number_belongs(cli, workdir, name, annotation):
+    cfg = write_config(workdir, f"str-{name}.json", json.dumps({name: "1"}))
+    line = assert_user_error(train_with(cli, workdir, "--config", str(cfg)), name, "'1'")
+    assert ("integer" if annotation.startswith("int") else "number") in line
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("name", [n for n, a in numeric_fields() if "float" in a])
+def test_config_file_non_finite_number(cli, workdir, name, value):
+    cfg = write_config(workdir, f"nonfinite-{name}.json", f'{{"{name}": {value}}}')  # JSON as Python writes it
+    assert_user_error(train_with(cli, workdir, "--config", str(cfg)), name, "finite")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+@pytest.mark.parametrize("name", [n for n, a in numeric_fields() if "float" in a])
+def test_non_finite_flag(cli, workdir, name, value):
+    assert_user_error(train_with(cli, workdir, f"--{name.replace('_', '-')}={value}"), name, "finite")
+
+
+@pytest.mark.parametrize("text", ['{"lr": true}', '{"d_model": 1.5}', '{"max_steps": [1]}', '{"family": 2}',
+                                  '{"bias": "yes"}', '{"lr": {"value": 1}}'])
+def test_config_file_wrong_type(cli, workdir, text):
+    cfg = write_config(workdir, "wrong-type.json", text)
+    assert_user_error(train_with(cli, workdir, "--config", str(cfg)), next(iter(json.loads(text))))
+
+
+def test_min_lr_above_lr_is_refused(cli, workdir):
+    assert_user_error(train_with(cli, workdir, "--lr", "1e-4", "--min-lr", "1e-3"), "min_lr", "lr")
+    from lmlab.config import TrainConfig
+    from lmlab.errors import LmlabError
+
+    with pytest.raises(LmlabError, match="min_lr"):
+        TrainConfig(lr=1e-4, min_lr=1e-3)
+    assert TrainConfig(lr=1e-5).min_lr == pytest.approx(1e-6)  # the default follows lr down: lr / 10
+
+
+def test_toml_config_without_tomllib(cli, workdir, monkeypatch):
+    """Python 3.10 has no tomllib: tomli (the package tomllib was made from, same API) reads the file there,
+    and with neither importable the error says what to install."""
+    import tomllib
+
+    cfg = write_config(workdir, "settings.toml", 'lr = "0.9"\n')
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` now fails, as on 3.10
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)
+    assert_user_error(train_with(cli, workdir, "--config", str(cfg)), "lr", "'0.9'")  # read, then validated
+    monkeypatch.setitem(sys.modules, "tomli", None)
+    assert_user_error(train_with(cli, workdir, "--config", str(cfg)), str(cfg), "tomli")
+
+
+@pytest.mark.parametrize(("text", "names"), [
+    ("lr = 0.9\n[model\n", ("settings-bad.toml", "malformed")),
+    ("[model]\nd_model = 64\n", ("model",)),
+])
+def test_malformed_toml_config(cli, workdir, text, names):
+    cfg = write_config(workdir, "settings-bad.toml", text)
+    assert_user_error(train_with(cli, workdir, "--config", str(cfg)), *names)
+
+
+def test_config_file_that_is_a_directory_or_unreadable(cli, workdir):
+    d = workdir / "configs" / "a-dir.json"
+    d.mkdir(parents=True, exist_ok=True)
+    assert_user_error(train_with(cli, workdir, "--config", str(d)), str(d))
+    f = write_config(workdir, "latin1.json", "")
+    f.write_bytes(b'{"lr": "\xe9"}')
+    assert_user_error(train_with(cli, workdir, "--config", str(f)), str(f))

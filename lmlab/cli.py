@@ -134,6 +134,22 @@ def _field_parser(annotation: str):
     return str
 
 
+# Flags users bring from nanoGPT and HF transformers. ALIASES are accepted as they are; FOREIGN_FLAGS (keys with
+# dashes, lower case) only turn into a "did you mean" for ours, where the meaning is close but not the same.
+ALIASES = {"lr": ["--learning-rate"], "max_steps": ["--max-iters"], "context_length": ["--block-size"],
+           "d_model": ["--n-embd"], "n_layers": ["--n-layer"], "n_heads": ["--n-head"]}
+FOREIGN_FLAGS = {
+    "warmup-iters": "--warmup-steps", "eval-iters": "--eval-batches", "gradient-accumulation-steps": "--grad-accum",
+    "max-grad-norm": "--grad-clip", "adam-beta1": "--beta1", "adam-beta2": "--beta2", "adam-epsilon": "--eps",
+    "per-device-train-batch-size": "--batch-size", "lr-scheduler-type": "--schedule", "eval-steps": "--eval-interval",
+    "logging-steps": "--log-interval", "hidden-size": "--d-model", "num-hidden-layers": "--n-layers",
+    "num-attention-heads": "--n-heads", "num-key-value-heads": "--n-kv-heads", "intermediate-size": "--d-ff",
+    "max-position-embeddings": "--context-length", "n-positions": "--context-length", "out-dir": "--out",
+    "output-dir": "--out", "dataset": "--data", "optim": "--optimizer", "bf16": "--dtype", "temp": "--temperature",
+    "max-length": "--max-new-tokens", "model-name-or-path": "--model", "decay-lr": "--schedule",
+}
+
+
 def _config_flags(p: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
@@ -144,9 +160,9 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
         for f in fields(cls):
             kind = _field_parser(str(f.type))
             extra = dict(nargs="?", const=True) if "bool" in str(f.type) else {}
-            default = f.default if f.default is not None else "family default"
-            g.add_argument("--" + f.name.replace("_", "-"), dest=f"cfg_{f.name}", type=kind, default=None,
-                           metavar=kind.__name__.upper(), help=f"(default: {default})", **extra)
+            default = f.default if f.default is not None else "lr / 10" if f.name == "min_lr" else "family default"
+            g.add_argument("--" + f.name.replace("_", "-"), *ALIASES.get(f.name, []), dest=f"cfg_{f.name}", type=kind,
+                           default=None, metavar=kind.__name__.upper(), help=f"(default: {default})", **extra)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -366,16 +382,26 @@ def build_parser() -> Parser:
 
 
 def _unknown_flag(parser: Parser, args: argparse.Namespace, extras: list[str]) -> LmlabError:
-    """'unknown option --lrr (did you mean --lr?)', suggesting from the subcommand's own flags."""
-    from lmlab.errors import closest
-
+    """'unknown option --lrr (did you mean '--lr'?)', suggesting from the subcommand's own flags."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
-    flags = [o for a in sub._actions for o in a.option_strings]
+    flags = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
     bad = next((e for e in extras if e.startswith("-")), extras[0])
     what = "option" if bad.startswith("-") else "argument"
-    return LmlabError(f"unknown {what} {bad}{closest(bad.split('=')[0], flags)} (see {sub.prog} --help)")
+    hint = _suggest_flag(bad.split("=")[0], flags) if bad.startswith("-") else ""
+    return LmlabError(f"unknown {what} {bad}{hint} (see {sub.prog} --help)")
 
 
+def _suggest_flag(bad: str, flags: list[str]) -> str:
+    """' (did you mean '--x'?)': the same flag with dashes for underscores or another case, then ours for a
+    nanoGPT/HF name, then the nearest spelling (compared without the '--' every flag shares), or ''."""
+    from lmlab.errors import closest
+
+    name = bad.lstrip("-").lower().replace("_", "-")
+    for guess in ("--" + name, FOREIGN_FLAGS.get(name)):
+        if guess in flags:
+            return f" (did you mean {guess!r}?)"
+    match = closest(name, [f[2:] for f in flags], cutoff=0.6)
+    return match.replace("'", "'--", 1)
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:

@@ -374,3 +374,47 @@ def test_config_file_that_is_a_directory_or_unreadable(cli, workdir):
     f = write_config(workdir, "latin1.json", "")
     f.write_bytes(b'{"lr": "\xe9"}')
     assert_user_error(train_with(cli, workdir, "--config", str(f)), str(f))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flags users bring from HF transformers and nanoGPT
+
+
+@pytest.mark.parametrize(("alias", "value", "names"), [
+    ("--learning-rate", "1e-4", ("min_lr", "0.001", "lr (0.0001)")),  # with --min-lr 1e-3 below: lr reached lr
+    ("--max-iters", "-1", ("max_steps", "-1")),
+    ("--block-size", "0", ("context_length", "0")),
+    ("--n-embd", "30", ("d_model (30)", "n_heads (4)")),  # with --n-heads 4 below
+    ("--n-layer", "0", ("n_layers", "0")),
+    ("--n-head", "7", ("d_model (32)", "n_heads (7)")),  # with --d-model 32 below
+])
+def test_hf_and_nanogpt_flag_aliases(cli, workdir, alias, value, names):
+    """Each alias reaches its field: an invalid value given through it is reported under the field's name."""
+    extra = {"--learning-rate": ["--min-lr", "1e-3"], "--n-embd": ["--n-heads", "4"], "--n-head": ["--d-model", "32"]}
+    assert_user_error(train_with(cli, workdir, alias, value, *extra.get(alias, [])), *names)
+
+
+@pytest.mark.parametrize(("command", "typo", "meant"), [
+    ("train", "--max_steps", "--max-steps"),
+    ("train", "--Weight_Decay", "--weight-decay"),
+    ("train", "--warmup-iters", "--warmup-steps"),  # nanoGPT
+    ("train", "--eval_iters", "--eval-batches"),  # nanoGPT
+    ("train", "--gradient-accumulation-steps", "--grad-accum"),  # HF Trainer and nanoGPT
+    ("train", "--max-grad-norm", "--grad-clip"),  # HF Trainer
+    ("train", "--num-hidden-layers", "--n-layers"),  # HF config.json
+    ("train", "--hidden_size", "--d-model"),
+    ("train", "--lrr", "--lr"),
+    ("train", "--out-dir", "--out"),
+    ("generate", "--max_new_tokens", "--max-new-tokens"),
+    ("generate", "--temp", "--temperature"),
+])
+def test_unknown_flag_suggests_ours(cli, ckpt, workdir, command, typo, meant):
+    args = {"train": ["train", "--data", str(workdir / "d"), "--out", str(workdir / "o")],
+            "generate": ["generate", "--model", str(ckpt), "--prompt", "ab"]}[command]
+    line = assert_user_error(cli(*args, typo, "5"), typo)
+    assert f"did you mean '{meant}'?" in line, line
+
+
+def test_unknown_flag_far_from_every_flag_gets_no_suggestion(cli, workdir):
+    line = assert_user_error(train_with(cli, workdir, "--zzzzqqq", "1"), "--zzzzqqq")
+    assert "did you mean" not in line

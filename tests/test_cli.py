@@ -418,3 +418,51 @@ def test_unknown_flag_suggests_ours(cli, ckpt, workdir, command, typo, meant):
 def test_unknown_flag_far_from_every_flag_gets_no_suggestion(cli, workdir):
     line = assert_user_error(train_with(cli, workdir, "--zzzzqqq", "1"), "--zzzzqqq")
     assert "did you mean" not in line
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The library behind `lmlab train`'s settings, for Python users
+
+
+def test_train_configs_precedence(workdir):
+    from lmlab.config import train_configs
+
+    cfg = write_config(workdir, "precedence.json", json.dumps({"d_model": 64, "lr": 0.002, "max_steps": 7}))
+    mc, tc = train_configs(preset="char-cpu", config_file=cfg, overrides={"lr": 0.004})
+    assert (mc.d_model, mc.n_layers, mc.context_length) == (64, PRESETS["char-cpu"].n_layers, 64)  # file > preset
+    assert (tc.lr, tc.max_steps) == (0.004, 7)  # overrides > file
+    mc, tc = train_configs(overrides={"family": "llama", "n_heads": 2, "d_model": 32})
+    assert (mc.family, mc.norm, mc.n_kv_heads) == ("llama", "rmsnorm", 2)
+
+
+def test_train_configs_resume_builds_on_the_saved_run(workdir):
+    from lmlab.checkpoint import save_checkpoint, saved_settings
+    from lmlab.config import TrainConfig, train_configs
+
+    run = workdir / "saved-run"
+    assert saved_settings(run) is None
+    cfg = ModelConfig(family="llama", vocab_size=20, context_length=16, d_model=32, n_layers=1, n_heads=4)
+    saved_tc = TrainConfig(lr=0.003, max_steps=4)
+    save_checkpoint(run / "last", cfg, Transformer(cfg).state_dict(), None, extra={"train_config": saved_tc.to_dict()})
+    mc, tc = train_configs(overrides={"max_steps": 6}, saved=saved_settings(run))
+    assert mc == cfg and (tc.lr, tc.max_steps) == (0.003, 6)
+    mc, tc = train_configs(preset="char-cpu", saved=saved_settings(run))  # a preset given: the saved run is no base
+    assert mc == PRESETS["char-cpu"] and tc.lr == TrainConfig().lr
+
+
+def test_train_configs_unknown_override_key():
+    from lmlab.config import train_configs
+    from lmlab.errors import LmlabError
+
+    with pytest.raises(LmlabError, match="did you mean 'n_layers'"):
+        train_configs(overrides={"n_layer": 2})
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_leave_worker_skips_teardown_only_under_torchrun(world):
+    code = ("import atexit; from lmlab.distributed import leave_worker; "
+            "atexit.register(lambda: print('teardown')); print('done', flush=False); leave_worker()")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**ENV, "WORLD_SIZE": world},
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == ("done\nteardown\n" if world == "1" else "done\n")  # buffered output still flushed

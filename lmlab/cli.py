@@ -1,7 +1,8 @@
 """The `lmlab` command line: argument parsing and dispatch only; the work lives in the library.
 
 Every user mistake ends as one line on stderr, `lmlab: error: ...`, and exit code 2: argparse's own
-errors too (the usage dump is dropped; `--help` still has it).
+errors too (the usage dump is dropped; `--help` still has it), and an OSError that a path given on the command
+line met (a name too long, a file where a directory belongs, no permission, a full disk).
 """
 
 from __future__ import annotations
@@ -16,6 +17,24 @@ from lmlab.errors import LmlabError
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
         raise LmlabError(f"{message} (see {self.prog} --help)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse as it is, except that `--flag=--` gives the value '--': Python 3.11's argparse drops the '--'
+        and leaves an empty list there (a TypeError later on, wherever the value is used)."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None)
+            if action.nargs is None and isinstance(action, argparse._AppendAction) and isinstance(value, list):
+                setattr(namespace, action.dest, [self._dashes(action) if v == [] else v for v in value])
+            elif action.nargs is None and action.option_strings and value == []:
+                setattr(namespace, action.dest, self._dashes(action))
+        return namespace, extras
+
+    def _dashes(self, action: argparse.Action):
+        try:
+            return action.type("--") if action.type else "--"
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            self.error(f"argument {'/'.join(action.option_strings)}: invalid value '--'")
 
 
 def _add_sampling(p: argparse.ArgumentParser, temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
@@ -433,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         return func(args)
     except LmlabError as e:
         print(f"lmlab: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the OS refused a path the user gave (too long, a file not a dir, no permission, disk full)
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"lmlab: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lmlab: interrupted", file=sys.stderr)

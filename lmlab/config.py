@@ -309,6 +309,8 @@ class TrainConfig:
         for name in ("warmup_steps", "step_every", "max_steps", "max_tokens", "patience", "seed"):
             if getattr(self, name) < 0:
                 raise LmlabError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if self.seed >= 2**63:  # torch.manual_seed takes 64 bits, and each rank seeds with seed + rank
+            raise LmlabError(f"seed must be below 2**63, got {self.seed}")
         if self.max_steps == 0 and self.max_tokens == 0:
             raise LmlabError("set max_steps or max_tokens (or both): training needs an end")
         if self.dtype not in ("float32", "bfloat16"):

@@ -466,3 +466,32 @@ def test_leave_worker_skips_teardown_only_under_torchrun(world):
                        timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout == ("done\nteardown\n" if world == "1" else "done\n")  # buffered output still flushed
+
+
+@pytest.mark.parametrize("seed", [str(2**63), str(2**64), str(2**70)])
+def test_train_seed_beyond_64_bits(cli, workdir, seed):
+    """torch.manual_seed takes at most 64 bits; a larger --seed was a ValueError traceback (found by the fuzz test)."""
+    assert_user_error(train_with(cli, workdir, "--seed", seed), "seed", seed)
+
+
+@pytest.mark.parametrize("args", [["info", "x" * 300], ["generate", "--model", "x" * 300, "--prompt", "a"],
+                                  ["train", "--data", "x" * 300, "--out", "r"], ["plot", "x" * 300, "--out", "a.png"]])
+def test_os_errors_are_one_line(cli, args):
+    """A name the OS refuses (here: too long for the file system) is the user's input: one line, not a traceback
+    from whichever stat() met it first (found by the fuzz test)."""
+    assert_user_error(cli(*args), "File name too long", "x" * 300)
+
+
+def test_prepare_out_is_a_file(cli, workdir):
+    corpus = write_config(workdir, "corpus.txt", TEXT)
+    assert_user_error(cli("prepare", str(corpus), "--out", str(corpus), "--quiet"), str(corpus))
+    assert corpus.read_text(encoding="utf-8") == TEXT
+
+
+def test_double_dash_as_a_flag_value(cli, ckpt, workdir):
+    """`--flag=--` is the value '--' (Python 3.11's argparse left an empty list there: a TypeError in resolve_dtype,
+    found by the fuzz test)."""
+    assert_user_error(cli("eval", "--model", str(ckpt), "--data", str(workdir / "d"), "--dtype=--"), "'--'")
+    assert_user_error(train_with(cli, workdir, "--max-steps=--"), "--max-steps", "'--'")
+    r = generate(cli, ckpt, "--max-new-tokens", "3", "--temperature", "0", "--stop=--")
+    assert_ok(r)

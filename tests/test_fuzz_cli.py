@@ -48,7 +48,7 @@ FLOATS = ["0", "1", "0.5", "0.999", "1.5", "-0.5", "-1e-9", "2", "nan", "NaN", "
           "1e-320", "", "abc", "0x1p-3", "1_0", " 0.1"]
 WORDS = ["", " ", "cpu", "auto", "cuda", "mps", "cuda:7", "float32", "float16", "bfloat16", "int8", "char", "bpe",
          "hf", "gguf", "val", "train", "test", "gpt2", "llama", "adamw", "muon", "lbfgs", "cosine", "wsd", "early",
-         "epoch", "true", "false", "x" * 300, "ünï©ødé", "-", "--", "\t", "../..", "char-cpu", "gpt2-124m"]
+         "epoch", "true", "false", "x" * 300, "ünï©ødé", "-", "--", "\t", "char-cpu", "gpt2-124m"]
 BOOLS = [None, "true", "false", "yes", "0", "maybe", ""]
 
 
@@ -102,13 +102,23 @@ def world(tmp_path_factory) -> World:
         "dangling": root / "dangling", "missing": root / "missing", "under-a-file": root / "corpus.txt" / "x",
         "data-bin": root / "data" / "train.bin",
     }
+    shutil.copytree(root / "run", root / "pristine" / "run")
+    shutil.copytree(root / "data", root / "pristine" / "data")
     return World(root, [root / "run", root / "data", root / "corpus.txt"], paths, root / "scratch")
+
+
+def _restore(world: World) -> None:
+    """Put the protected run and data back as they were, so one failure does not leak into the next example."""
+    for name in ("run", "data"):
+        shutil.rmtree(world.root / name)
+        shutil.copytree(world.root / "pristine" / name, world.root / name)
+    (world.root / "corpus.txt").write_text(TEXT, encoding="utf-8")
 
 
 def _pool(world: World) -> list[str]:
     """Paths an argument may name: the protected ones, odd ones, and fresh names in the scratch area."""
     fresh = [str(world.scratch / name) for name in ("new", "new.png", "new.gguf", "new/deeper", "new.json",
-                                                     "run-copy")]
+                                                     "run-copy", "data-copy")]
     return [str(p) for p in world.paths.values()] + fresh + ["", "."]
 
 
@@ -129,7 +139,13 @@ def _values(action: argparse.Action, paths: list[str]) -> st.SearchStrategy:
         return st.sampled_from(INTS) | st.integers(-(2**65), 2**65).map(str)
     if kind == "float":
         return st.sampled_from(FLOATS) | st.floats(allow_nan=True, allow_infinity=True).map(repr)
-    return st.sampled_from(paths + WORDS) | st.text(max_size=12)
+    return st.sampled_from(paths + WORDS) | _text(12)
+
+
+def _text(size: int) -> st.SearchStrategy:
+    """Random text that names no path outside the example's own working directory ("/" would read, or write
+    into, the whole file system)."""
+    return st.text(max_size=size).filter(lambda t: not t.lstrip().startswith(("/", "~")) and ".." not in t)
 
 
 @st.composite
@@ -141,7 +157,7 @@ def argv_for(draw, command: str, world: World) -> list[str]:
     for action in actions:
         if not action.option_strings:  # positional
             n = draw(st.integers(0 if action.nargs in ("?", "*") else 1, 2 if action.nargs in ("+", "*") else 1))
-            argv += [draw(st.sampled_from(paths + WORDS) | st.text(max_size=8)) for _ in range(n)]
+            argv += [draw(st.sampled_from(paths + WORDS) | _text(8)) for _ in range(n)]
             continue
         if not draw(st.booleans() if not action.required else st.sampled_from([True] * 9 + [False])):
             continue
@@ -170,6 +186,8 @@ def _guard(argv: list[str], world: World) -> list[str] | None:
         return None
     if command == "eval":
         argv = argv + ["--device", "cpu"]
+    if command == "prepare":  # re-preparing a data directory is allowed: let it rewrite a copy
+        argv = [a.replace(str(world.paths["data"]), str(world.scratch / "data-copy")) for a in argv]
     if command == "train":
         argv = argv + _cheap_train(argv)
         if "--resume" in argv:  # a valid resume may change its run: let it work on a copy
@@ -244,7 +262,9 @@ def check(argv: list[str], world: World) -> None:
     before = _fingerprint(world.protected)
     shutil.rmtree(world.scratch, ignore_errors=True)
     world.scratch.mkdir()
+    os.chdir(world.scratch)  # relative names ("", ".", "true", "char") land here, never in the repository
     shutil.copytree(world.paths["run"], world.scratch / "run-copy")
+    shutil.copytree(world.paths["data"], world.scratch / "data-copy")
     r = run(argv)
     why = _known(argv, r.exc)
     if why is None:
@@ -254,11 +274,21 @@ def check(argv: list[str], world: World) -> None:
         if r.rc == 2:
             lines = [ln for ln in r.err.splitlines() if ln.startswith("lmlab: error: ")]
             assert len(lines) == 1, (argv, r.err[-2000:])
-    assert _fingerprint(world.protected) == before, f"lmlab {' '.join(argv)} changed a protected file"
+    if _fingerprint(world.protected) != before:
+        _restore(world)
+        assert _known_change(argv, world), f"lmlab {' '.join(argv)} changed a protected file"
+
+
+def _known_change(argv: list[str], world: World) -> str | None:
+    """A finding in a file others own that changes a protected directory (pinned by an xfail test below)."""
+    if argv[0] == "prepare" and any(a.endswith(str(world.paths["run"])) for a in argv):
+        return "data.prepare writes train.bin, meta.json, ... into an existing run directory"
+    return None
 
 
 @pytest.fixture
-def one_thread():
+def sandbox(monkeypatch, world):
+    monkeypatch.chdir(world.root)  # and back to the test's own directory afterwards
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -266,7 +296,7 @@ def one_thread():
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_fuzz_command(command, world, one_thread):
+def test_fuzz_command(command, world, sandbox):
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("LMLAB_FUZZ_RANDOM"),
               suppress_health_check=list(HealthCheck), database=None)
     @given(st.data())
@@ -276,3 +306,20 @@ def test_fuzz_command(command, world, one_thread):
             check(argv, world)
 
     fuzz()
+
+
+@pytest.mark.xfail(strict=True, reason="cli._read_text (owned by the chat rework): a non-UTF-8 --messages file is a "
+                                      "UnicodeDecodeError traceback")
+def test_chat_messages_not_utf8(world):
+    r = run(["chat", "--model", str(world.paths["run"]), "--messages", str(world.paths["latin1"]), "--device", "cpu"])
+    assert not r.exc and r.rc == 2, r.exc
+
+
+@pytest.mark.xfail(strict=True, reason="data.prepare (owned by the data rework): --out an existing run directory "
+                                      "writes the data files into it (exit 0) instead of refusing")
+def test_prepare_into_a_run_directory(world):
+    try:
+        r = run(["prepare", str(world.paths["corpus"]), "--out", str(world.paths["run"]), "--quiet"])
+        assert r.rc == 2 and not (world.paths["run"] / "train.bin").exists(), r.rc
+    finally:
+        _restore(world)

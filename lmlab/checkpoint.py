@@ -127,3 +127,10 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Tr
     if meta.get("tokenizer") is not None:
         tokenizer = load_tokenizer(path / "tokenizer.json", meta["tokenizer"])
     return model, tokenizer, meta
+
+
+def saved_settings(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The lmlab.json of a run's last/ checkpoint (its `config` and `train_config`), or None where there is none:
+    what `lmlab.config.train_configs(saved=...)` builds on when a run is resumed with its own settings."""
+    last = Path(run_dir) / "last"
+    return read_meta(last) if is_checkpoint(last) else None

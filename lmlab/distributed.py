@@ -8,6 +8,7 @@ a process group (NCCL on CUDA, gloo on CPU), and trains on its own slice of each
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +136,16 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave_worker() -> None:
+    """Under torchrun, end a worker whose run is saved and whose process group is gone without the interpreter's
+    teardown: on a loaded machine gloo's threads can die in C++ static destructors there and abort (SIGABRT,
+    "terminate called without an active exception") after all the work is done. A no-op in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def print0(info: DistInfo, *args, **kwargs) -> None:

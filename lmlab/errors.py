@@ -15,9 +15,9 @@ class LmlabError(ValueError):
     """Bad input from the user: the message says what is wrong and how to fix it, in one line."""
 
 
-def closest(name: str, choices: Iterable[str]) -> str:
-    """' (did you mean X?)' for the nearest choice, or '' when nothing is close."""
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+def closest(name: str, choices: Iterable[str], cutoff: float = 0.5) -> str:
+    """' (did you mean X?)' for the nearest choice (difflib's similarity ratio >= cutoff), or '' when none is."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 

@@ -280,3 +280,218 @@ def test_plain_subprocess_agrees_with_runner(cli, ckpt, workdir, kind):
         assert_user_error(plain, "gpt2-125m", "gpt2-124m")
     else:
         assert_ok(plain)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train settings: a config file, flags and presets, refused with one line when wrong
+
+
+def numeric_fields() -> list[tuple[str, str]]:
+    """(name, annotation) of every int or float field of ModelConfig and TrainConfig."""
+    from dataclasses import fields
+
+    from lmlab.config import TrainConfig
+
+    return [(f.name, str(f.type)) for cls in (ModelConfig, TrainConfig) for f in fields(cls)
+            if ("int" in str(f.type) or "float" in str(f.type))]
+
+
+def train_with(cli, workdir: Path, *extra: str) -> Result:
+    """`lmlab train` on data that does not exist: settings are checked before the data is read."""
+    return cli("train", "--data", str(workdir / "no-data"), "--out", str(workdir / "no-run"), *extra)
+
+
+def write_config(workdir: Path, name: str, text: str) -> Path:
+    path = workdir / "configs" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("name", "annotation"), numeric_fields())
+def test_config_file_string_where_a_number_belongs(cli, workdir, name, annotation):
+    cfg = write_config(workdir, f"str-{name}.json", json.dumps({name: "1"}))
+    line = assert_user_error(train_with(cli, workdir, "--config", str(cfg)), name, "'1'")
+    assert ("integer" if annotation.startswith("int") else "number") in line
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("name", [n for n, a in numeric_fields() if "float" in a])
+def test_config_file_non_finite_number(cli, workdir, name, value):
+    cfg = write_config(workdir, f"nonfinite-{name}.json", f'{{"{name}": {value}}}')  # JSON as Python writes it
+    assert_user_error(train_with(cli, workdir, "--config", str(cfg)), name, "finite")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+@pytest.mark.parametrize("name", [n for n, a in numeric_fields() if "float" in a])
+def test_non_finite_flag(cli, workdir, name, value):
+    assert_user_error(train_with(cli, workdir, f"--{name.replace('_', '-')}={value}"), name, "finite")
+
+
+@pytest.mark.parametrize("text", ['{"lr": true}', '{"d_model": 1.5}', '{"max_steps": [1]}', '{"family": 2}',
+                                  '{"bias": "yes"}', '{"lr": {"value": 1}}'])
+def test_config_file_wrong_type(cli, workdir, text):
+    cfg = write_config(workdir, "wrong-type.json", text)
+    assert_user_error(train_with(cli, workdir, "--config", str(cfg)), next(iter(json.loads(text))))
+
+
+def test_min_lr_above_lr_is_refused(cli, workdir):
+    assert_user_error(train_with(cli, workdir, "--lr", "1e-4", "--min-lr", "1e-3"), "min_lr", "lr")
+    from lmlab.config import TrainConfig
+    from lmlab.errors import LmlabError
+
+    with pytest.raises(LmlabError, match="min_lr"):
+        TrainConfig(lr=1e-4, min_lr=1e-3)
+    assert TrainConfig(lr=1e-5).min_lr == pytest.approx(1e-6)  # the default follows lr down: lr / 10
+
+
+def test_toml_config_without_tomllib(cli, workdir, monkeypatch):
+    """Python 3.10 has no tomllib: tomli (the package tomllib was made from, same API) reads the file there,
+    and with neither importable the error says what to install."""
+    import tomllib
+
+    cfg = write_config(workdir, "settings.toml", 'lr = "0.9"\n')
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` now fails, as on 3.10
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)
+    assert_user_error(train_with(cli, workdir, "--config", str(cfg)), "lr", "'0.9'")  # read, then validated
+    monkeypatch.setitem(sys.modules, "tomli", None)
+    assert_user_error(train_with(cli, workdir, "--config", str(cfg)), str(cfg), "tomli")
+
+
+@pytest.mark.parametrize(("text", "names"), [
+    ("lr = 0.9\n[model\n", ("settings-bad.toml", "malformed")),
+    ("[model]\nd_model = 64\n", ("model",)),
+])
+def test_malformed_toml_config(cli, workdir, text, names):
+    cfg = write_config(workdir, "settings-bad.toml", text)
+    assert_user_error(train_with(cli, workdir, "--config", str(cfg)), *names)
+
+
+def test_config_file_that_is_a_directory_or_unreadable(cli, workdir):
+    d = workdir / "configs" / "a-dir.json"
+    d.mkdir(parents=True, exist_ok=True)
+    assert_user_error(train_with(cli, workdir, "--config", str(d)), str(d))
+    f = write_config(workdir, "latin1.json", "")
+    f.write_bytes(b'{"lr": "\xe9"}')
+    assert_user_error(train_with(cli, workdir, "--config", str(f)), str(f))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flags users bring from HF transformers and nanoGPT
+
+
+@pytest.mark.parametrize(("alias", "value", "names"), [
+    ("--learning-rate", "1e-4", ("min_lr", "0.001", "lr (0.0001)")),  # with --min-lr 1e-3 below: lr reached lr
+    ("--max-iters", "-1", ("max_steps", "-1")),
+    ("--block-size", "0", ("context_length", "0")),
+    ("--n-embd", "30", ("d_model (30)", "n_heads (4)")),  # with --n-heads 4 below
+    ("--n-layer", "0", ("n_layers", "0")),
+    ("--n-head", "7", ("d_model (32)", "n_heads (7)")),  # with --d-model 32 below
+])
+def test_hf_and_nanogpt_flag_aliases(cli, workdir, alias, value, names):
+    """Each alias reaches its field: an invalid value given through it is reported under the field's name."""
+    extra = {"--learning-rate": ["--min-lr", "1e-3"], "--n-embd": ["--n-heads", "4"], "--n-head": ["--d-model", "32"]}
+    assert_user_error(train_with(cli, workdir, alias, value, *extra.get(alias, [])), *names)
+
+
+@pytest.mark.parametrize(("command", "typo", "meant"), [
+    ("train", "--max_steps", "--max-steps"),
+    ("train", "--Weight_Decay", "--weight-decay"),
+    ("train", "--warmup-iters", "--warmup-steps"),  # nanoGPT
+    ("train", "--eval_iters", "--eval-batches"),  # nanoGPT
+    ("train", "--gradient-accumulation-steps", "--grad-accum"),  # HF Trainer and nanoGPT
+    ("train", "--max-grad-norm", "--grad-clip"),  # HF Trainer
+    ("train", "--num-hidden-layers", "--n-layers"),  # HF config.json
+    ("train", "--hidden_size", "--d-model"),
+    ("train", "--lrr", "--lr"),
+    ("train", "--out-dir", "--out"),
+    ("generate", "--max_new_tokens", "--max-new-tokens"),
+    ("generate", "--temp", "--temperature"),
+])
+def test_unknown_flag_suggests_ours(cli, ckpt, workdir, command, typo, meant):
+    args = {"train": ["train", "--data", str(workdir / "d"), "--out", str(workdir / "o")],
+            "generate": ["generate", "--model", str(ckpt), "--prompt", "ab"]}[command]
+    line = assert_user_error(cli(*args, typo, "5"), typo)
+    assert f"did you mean '{meant}'?" in line, line
+
+
+def test_unknown_flag_far_from_every_flag_gets_no_suggestion(cli, workdir):
+    line = assert_user_error(train_with(cli, workdir, "--zzzzqqq", "1"), "--zzzzqqq")
+    assert "did you mean" not in line
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The library behind `lmlab train`'s settings, for Python users
+
+
+def test_train_configs_precedence(workdir):
+    from lmlab.config import train_configs
+
+    cfg = write_config(workdir, "precedence.json", json.dumps({"d_model": 64, "lr": 0.002, "max_steps": 7}))
+    mc, tc = train_configs(preset="char-cpu", config_file=cfg, overrides={"lr": 0.004})
+    assert (mc.d_model, mc.n_layers, mc.context_length) == (64, PRESETS["char-cpu"].n_layers, 64)  # file > preset
+    assert (tc.lr, tc.max_steps) == (0.004, 7)  # overrides > file
+    mc, tc = train_configs(overrides={"family": "llama", "n_heads": 2, "d_model": 32})
+    assert (mc.family, mc.norm, mc.n_kv_heads) == ("llama", "rmsnorm", 2)
+
+
+def test_train_configs_resume_builds_on_the_saved_run(workdir):
+    from lmlab.checkpoint import save_checkpoint, saved_settings
+    from lmlab.config import TrainConfig, train_configs
+
+    run = workdir / "saved-run"
+    assert saved_settings(run) is None
+    cfg = ModelConfig(family="llama", vocab_size=20, context_length=16, d_model=32, n_layers=1, n_heads=4)
+    saved_tc = TrainConfig(lr=0.003, max_steps=4)
+    save_checkpoint(run / "last", cfg, Transformer(cfg).state_dict(), None, extra={"train_config": saved_tc.to_dict()})
+    mc, tc = train_configs(overrides={"max_steps": 6}, saved=saved_settings(run))
+    assert mc == cfg and (tc.lr, tc.max_steps) == (0.003, 6)
+    mc, tc = train_configs(preset="char-cpu", saved=saved_settings(run))  # a preset given: the saved run is no base
+    assert mc == PRESETS["char-cpu"] and tc.lr == TrainConfig().lr
+
+
+def test_train_configs_unknown_override_key():
+    from lmlab.config import train_configs
+    from lmlab.errors import LmlabError
+
+    with pytest.raises(LmlabError, match="did you mean 'n_layers'"):
+        train_configs(overrides={"n_layer": 2})
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_leave_worker_skips_teardown_only_under_torchrun(world):
+    code = ("import atexit; from lmlab.distributed import leave_worker; "
+            "atexit.register(lambda: print('teardown')); print('done', flush=False); leave_worker()")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**ENV, "WORLD_SIZE": world},
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == ("done\nteardown\n" if world == "1" else "done\n")  # buffered output still flushed
+
+
+@pytest.mark.parametrize("seed", [str(2**63), str(2**64), str(2**70)])
+def test_train_seed_beyond_64_bits(cli, workdir, seed):
+    """torch.manual_seed takes at most 64 bits; a larger --seed was a ValueError traceback (found by the fuzz test)."""
+    assert_user_error(train_with(cli, workdir, "--seed", seed), "seed", seed)
+
+
+@pytest.mark.parametrize("args", [["info", "x" * 300], ["generate", "--model", "x" * 300, "--prompt", "a"],
+                                  ["train", "--data", "x" * 300, "--out", "r"], ["plot", "x" * 300, "--out", "a.png"]])
+def test_os_errors_are_one_line(cli, args):
+    """A name the OS refuses (here: too long for the file system) is the user's input: one line, not a traceback
+    from whichever stat() met it first (found by the fuzz test)."""
+    assert_user_error(cli(*args), "File name too long", "x" * 300)
+
+
+def test_prepare_out_is_a_file(cli, workdir):
+    corpus = write_config(workdir, "corpus.txt", TEXT)
+    assert_user_error(cli("prepare", str(corpus), "--out", str(corpus), "--quiet"), str(corpus))
+    assert corpus.read_text(encoding="utf-8") == TEXT
+
+
+def test_double_dash_as_a_flag_value(cli, ckpt, workdir):
+    """`--flag=--` is the value '--' (Python 3.11's argparse left an empty list there: a TypeError in resolve_dtype,
+    found by the fuzz test)."""
+    assert_user_error(cli("eval", "--model", str(ckpt), "--data", str(workdir / "d"), "--dtype=--"), "'--'")
+    assert_user_error(train_with(cli, workdir, "--max-steps=--"), "--max-steps", "'--'")
+    r = generate(cli, ckpt, "--max-new-tokens", "3", "--temperature", "0", "--stop=--")
+    assert_ok(r)

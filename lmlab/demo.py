@@ -23,6 +23,10 @@ def run_demo(out: str | Path, steps: int = 2500) -> None:
     from lmlab.plot import plot_runs
     from lmlab.train import train
 
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        from lmlab.errors import LmlabError
+
+        raise LmlabError(f"--steps must be a positive integer, got {steps!r}")  # before any download
     out = Path(out)
     data_dir, run_dir = out / "data", out / "run"
     t0 = time.time()

@@ -249,7 +249,6 @@ def run(argv: list[str]) -> Outcome:
 # Findings in files this test's author does not own, to be fixed there: (command, text in the traceback's last
 # line) -> the reason. An example that hits one is not counted as a failure; the xfail tests below pin each.
 KNOWN: dict[tuple[str, str], str] = {
-    ("chat", "UnicodeDecodeError"): "cli._read_text: `chat --messages FILE` with a non-UTF-8 FILE",
 }
 
 
@@ -308,8 +307,6 @@ def test_fuzz_command(command, world, sandbox):
     fuzz()
 
 
-@pytest.mark.xfail(strict=True, reason="cli._read_text (owned by the chat rework): a non-UTF-8 --messages file is a "
-                                      "UnicodeDecodeError traceback")
 def test_chat_messages_not_utf8(world):
     r = run(["chat", "--model", str(world.paths["run"]), "--messages", str(world.paths["latin1"]), "--device", "cpu"])
     assert not r.exc and r.rc == 2, r.exc

@@ -307,27 +307,12 @@ def _read_text(path: str) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import lmlab
+    from lmlab.weights.export import check_target, export
 
-    if args.format not in ("hf", "gguf"):
-        from lmlab.errors import unknown
-
-        raise unknown("export format", args.format, ("hf", "gguf"))
+    check_target(args.out, args.format, args.dtype)  # before the model is loaded
     lm = lmlab.load(args.source, device="cpu", dtype="float32")
-    out = Path(args.out)
-    if args.format == "hf":
-        from lmlab.weights.hf import export_hf
-
-        export_hf(lm.model, lm.tokenizer, out)
-    else:
-        from lmlab.weights.gguf import export_gguf
-
-        if out.suffix != ".gguf":
-            raise LmlabError(f"--out {out}: a GGUF export is one file; give a name ending in .gguf")
-        export_gguf(lm.model, lm.tokenizer, out, dtype=args.dtype or "float32")
-    print(f"wrote {out}")
+    print(f"wrote {export(lm.model, lm.tokenizer, args.out, args.format, args.dtype)}")
     return 0
 
 

@@ -14,7 +14,8 @@ from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.model import Transformer
 from lmlab.tokenizer import BPETokenizer, CharTokenizer
-from lmlab.weights.gguf import export_gguf, load_gguf
+from lmlab.weights.gguf import load_gguf
+from lmlab.weights.gguf_export import export_gguf
 from tests.conftest import corpus_text, lmlab_cmd, subprocess_env
 
 gguf = pytest.importorskip("gguf")

@@ -16,7 +16,9 @@ import torch
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
+from lmlab.utils import read_json
 from lmlab.weights.keymap import KeyMap, Row
+from lmlab.weights.load import finish_load
 
 
 def _same(cfg: ModelConfig, t: torch.Tensor) -> torch.Tensor:
@@ -158,18 +160,6 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     raise LmlabError(f"{source}: model_type {model_type!r} is not supported; supported: gpt2, llama, qwen2, mistral")
 
 
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LmlabError(f"{path} not found") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise LmlabError(f"{path} is not valid JSON ({e}); re-download or re-export it") from None
-    if not isinstance(data, dict):
-        raise LmlabError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 # ---------------------------------------------------------------------------------------------------------
 # safetensors files
 
@@ -182,7 +172,7 @@ class SafetensorsReader:
 
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = read_json(index).get("weight_map")
+            weight_map = read_json(index, "shard index").get("weight_map")
             if not isinstance(weight_map, dict):
                 raise LmlabError(f"{index} has no weight_map; re-download or re-export the checkpoint")
             files = sorted(set(weight_map.values()))
@@ -224,7 +214,7 @@ def load_hf_dir(path: Path, device: torch.device, dtype: torch.dtype):
     """An HF checkpoint directory -> (Transformer in eval mode, tokenizer or None)."""
     from lmlab.model import Transformer
 
-    cfg = config_from_hf(read_json(path / "config.json"), str(path / "config.json"))
+    cfg = config_from_hf(read_json(path / "config.json", "HF config"), str(path / "config.json"))
     reader = SafetensorsReader(path)
     prefix_free = {"gpt2": "transformer.", "llama": "model."}[cfg.family]
 
@@ -245,16 +235,6 @@ def load_hf_dir(path: Path, device: torch.device, dtype: torch.dtype):
     finish_load(model, state)
     model.to(device=device, dtype=dtype).eval()
     return model, hf_tokenizer(path)
-
-
-def finish_load(model, state: dict[str, torch.Tensor]) -> None:
-    """Assign a complete state dict to a model built on the meta device, then rebuild what is derived."""
-    if model.cfg.tie_embeddings:
-        state = dict(state, **{"lm_head.weight": state["wte.weight"]})
-    model.load_state_dict(state, strict=True, assign=True)
-    if model.cfg.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
-    model.init_rope()
 
 
 def hf_tokenizer(path: Path):

@@ -61,13 +61,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         from pathlib import Path
 
-        import lmlab
+        from lmlab.api import model_config
         from lmlab.fetch import NAMED_MODELS
 
         if not Path(args.name).exists() and args.name not in NAMED_MODELS:
             preset(args.name)  # raises: unknown preset, with the nearest name
-        lm = lmlab.load(args.name, device="cpu")
-        cfg, title = lm.config, f"model {args.name}"
+        cfg, title = model_config(args.name), f"model {args.name}"  # the config alone: no weights read
     print(title)
     for key, value in cfg.to_dict().items():
         rope_knob = key.startswith("rope_") and key not in ("rope_theta", "rope_scaling")

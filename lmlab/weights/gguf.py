@@ -253,6 +253,11 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         raise LmlabError(f"{f.path}: metadata gives an invalid model: {e}") from None
 
 
+def gguf_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a GGUF file from its metadata (+ the small rope_freqs tensor): no weight is read."""
+    return config_from_gguf(GGUFFile(path))
+
+
 def _llama3_rope(factors: torch.Tensor, theta: float, head_dim: int, source: str) -> dict[str, Any]:
     """The `rope_scaling="llama3"` settings that generate llama.cpp's per-frequency divisors `factors` (D/2,).
 

@@ -210,11 +210,16 @@ def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+def hf_dir_config(path: Path) -> ModelConfig:
+    """The ModelConfig of an HF checkpoint directory, from its config.json alone."""
+    return config_from_hf(read_json(path / "config.json", "HF config"), str(path / "config.json"))
+
+
 def load_hf_dir(path: Path, device: torch.device, dtype: torch.dtype):
     """An HF checkpoint directory -> (Transformer in eval mode, tokenizer or None)."""
     from lmlab.model import Transformer
 
-    cfg = config_from_hf(read_json(path / "config.json", "HF config"), str(path / "config.json"))
+    cfg = hf_dir_config(path)
     reader = SafetensorsReader(path)
     prefix_free = {"gpt2": "transformer.", "llama": "model."}[cfg.family]
 

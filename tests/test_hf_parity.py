@@ -181,3 +181,53 @@ def test_hf_tokenizer_directory_round_trip(tmp_path):
     assert lm.tokenizer.encode(sample) == ref(sample)["input_ids"]
     assert lm.tokenizer.eos_id == ref.eos_token_id
     assert isinstance(lm.generate("to be", max_new_tokens=5, temperature=0), str)
+
+
+_PEAK = """
+import json, sys
+import torch
+import lmlab, lmlab.api, lmlab.weights.hf
+
+def status(key):  # kB
+    return int(next(ln for ln in open("/proc/self/status") if ln.startswith(key)).split()[1]) * 1024
+
+lmlab.load(sys.argv[2], device="cpu", dtype="float32")  # a tiny model first: torch's one-time costs (~75 MiB)
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+base = status("VmRSS:")
+lm = lmlab.load(sys.argv[1], device="cpu", dtype="float32")
+peak = status("VmHWM:")
+size = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+print(json.dumps({"growth": peak - base, "model": size, "dtype": str(lm.model.wte.weight.dtype)}))
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc peak RSS")
+def test_bf16_checkpoint_loads_at_float32_within_1_1x_its_size(tmp_path):
+    """A ~240 MB bf16 checkpoint (written with safetensors, as save_pretrained writes it) loaded at float32 in a
+    fresh process: the peak RSS grows by at most 1.1x the float32 model, so no second copy is ever held."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    from tests.conftest import subprocess_env
+
+    _build("llama-gqa", tmp_path / "tiny")
+    cfg = transformers.LlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                                   num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256,
+                                   tie_word_embeddings=False)
+    cfg.save_pretrained(tmp_path / "big")
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in transformers.LlamaForCausalLM(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=g, dtype=torch.float32).to(torch.bfloat16) for k, s in shapes.items()}
+    save_file(state, str(tmp_path / "big" / "model.safetensors"), metadata={"format": "pt"})
+    del state
+    r = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / "big"), str(tmp_path / "tiny")],
+                       capture_output=True, text=True, env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    print(f"\nfloat32 model {m['model'] / 2**20:.0f} MiB, peak RSS growth {m['growth'] / 2**20:.0f} MiB "
+          f"({m['growth'] / m['model']:.2f}x)")
+    assert m["dtype"] == "torch.float32" and m["model"] > 400e6
+    assert m["growth"] <= 1.1 * m["model"]

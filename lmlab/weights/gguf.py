@@ -31,7 +31,7 @@ from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.weights.gguf_tokenizer import gguf_tokenizer
 from lmlab.weights.keymap import KeyMap, Row
-from lmlab.weights.load import finish_load
+from lmlab.weights.load import load_converted
 
 SUPPORTED_ARCHITECTURES = ("llama", "gpt2")
 SUPPORTED_TOKENIZERS = ("gpt2",)
@@ -309,6 +309,13 @@ def map_gguf_weights(cfg: ModelConfig, our_keys: list[str], get: Callable[[str],
     return keymaps()[cfg.family].load(cfg, our_keys, get, missing)
 
 
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A torch view of a dequantized array; F32 tensors are read-only views of the file map and are copied."""
+    if not a.flags.writeable or not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a) if a.flags.writeable else np.array(a)
+    return torch.from_numpy(a)
+
+
 def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """A GGUF file -> (Transformer in eval mode, BPETokenizer or None when the file carries no tokenizer)."""
     from lmlab.model import Transformer
@@ -323,14 +330,6 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     if unused:
         raise LmlabError(f"{f.path}: tensor {unused[0]!r} ({len(unused)} such in all) has no place in our "
                          f"{cfg.family} model (biases, experts or another variant); this file is not supported")
-    state = {}
-    for k, a in map_gguf_weights(cfg, list(expected), f.array, str(f.path)):
-        if tuple(a.shape) != tuple(expected[k]):
-            raise LmlabError(f"{f.path}: tensor for {k} has shape {tuple(a.shape)} but the metadata implies "
-                             f"{tuple(expected[k])}; metadata and weights do not match")
-        if not a.flags.writeable or not a.flags.c_contiguous:  # F32 tensors are views of the read-only file map
-            a = np.ascontiguousarray(a) if a.flags.writeable else np.array(a)
-        state[k] = torch.from_numpy(a).to(device=device, dtype=dtype)
-    finish_load(model, state)
-    model.eval()
+    pairs = ((k, _tensor(a)) for k, a in map_gguf_weights(cfg, list(expected), f.array, str(f.path)))
+    load_converted(model, pairs, device, dtype, str(f.path), "the metadata")
     return model, gguf_tokenizer(f)

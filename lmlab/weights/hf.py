@@ -9,7 +9,7 @@ Llama keeps q, k and v apart while we fuse them into one matmul).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -18,7 +18,8 @@ from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.utils import read_json
 from lmlab.weights.keymap import KeyMap, Row
-from lmlab.weights.load import finish_load
+from lmlab.weights.load import load_converted
+from lmlab.weights.safetensors_dir import SafetensorsReader
 
 
 def _same(cfg: ModelConfig, t: torch.Tensor) -> torch.Tensor:
@@ -84,13 +85,14 @@ KEYMAPS = {"gpt2": KeyMap(GPT2_KEYS, INVERSES), "llama": KeyMap(LLAMA_KEYS, INVE
 
 
 def map_weights(cfg: ModelConfig, our_keys: list[str], get: Callable[[str], torch.Tensor | None],
-                source: str) -> dict[str, torch.Tensor]:
-    """Build our state dict key by key from HF tensors fetched with `get(key)` (None when absent)."""
+                source: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our key, tensor) for each key, built from HF tensors fetched with `get(key)` (None when absent), one at
+    a time so a caller converting each as it comes never holds two copies of the model."""
     def missing(name: str) -> LmlabError:
         return LmlabError(f"{source}: checkpoint lacks tensor {name!r} that this {cfg.family} config needs; the "
                           "file is incomplete or the config mismatched")
 
-    return dict(KEYMAPS[cfg.family].load(cfg, our_keys, get, missing))
+    return KEYMAPS[cfg.family].load(cfg, our_keys, get, missing)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -160,52 +162,6 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     raise LmlabError(f"{source}: model_type {model_type!r} is not supported; supported: gpt2, llama, qwen2, mistral")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# safetensors files
-
-
-class SafetensorsReader:
-    """Lazy reads from one safetensors file or a sharded set listed in model.safetensors.index.json."""
-
-    def __init__(self, directory: Path) -> None:
-        from safetensors import safe_open
-
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = read_json(index, "shard index").get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise LmlabError(f"{index} has no weight_map; re-download or re-export the checkpoint")
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in directory.glob("*.safetensors"))
-            if not files:
-                raise LmlabError(f"{directory} holds no *.safetensors file; only safetensors checkpoints are read "
-                                 "(convert .bin files with transformers' save_pretrained)")
-            weight_map = None
-        self.handles = {}
-        for name in files:
-            path = directory / name
-            if not path.is_file():
-                raise LmlabError(f"shard {path} listed in the index is missing; re-download the checkpoint")
-            try:
-                self.handles[name] = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as e:
-                raise LmlabError(f"{path} is not a readable safetensors file ({e}); it may be truncated") from None
-        self.where = dict(weight_map) if weight_map else {k: n for n, h in self.handles.items() for k in h.keys()}
-
-    def get(self, key: str) -> torch.Tensor | None:
-        name = self.where.get(key)
-        if name is None:
-            return None
-        try:
-            return self.handles[name].get_tensor(key)
-        except Exception as e:
-            raise LmlabError(f"cannot read tensor {key!r} from {name} ({e}); the file may be truncated") from None
-
-    def keys(self) -> list[str]:
-        return list(self.where)
-
-
 def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
@@ -223,22 +179,16 @@ def load_hf_dir(path: Path, device: torch.device, dtype: torch.dtype):
     reader = SafetensorsReader(path)
     prefix_free = {"gpt2": "transformer.", "llama": "model."}[cfg.family]
 
-    def get(key: str) -> torch.Tensor | None:
-        t = reader.get(key)
+    def get(key: str) -> torch.Tensor | None:  # in the final dtype as read: one tensor at a time, no copy of all
+        t = reader.get(key, dtype)
         if t is None and key.startswith(prefix_free):  # a base model (GPT2Model) saves without the prefix
-            t = reader.get(key[len(prefix_free):])
+            t = reader.get(key[len(prefix_free):], dtype)
         return t
 
     with torch.device("meta"):
         model = Transformer(cfg)
-    state = map_weights(cfg, list(model.state_dict().keys()), get, str(path))
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    for k, t in state.items():
-        if t.shape != expected[k]:
-            raise LmlabError(f"{path}: tensor for {k} has shape {tuple(t.shape)} but config.json implies "
-                             f"{tuple(expected[k])}; config and weights do not match")
-    finish_load(model, state)
-    model.to(device=device, dtype=dtype).eval()
+    pairs = map_weights(cfg, list(model.state_dict()), get, str(path))
+    load_converted(model, pairs, device, dtype, str(path), "config.json")
     return model, hf_tokenizer(path)
 
 

@@ -268,26 +268,36 @@ def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def export_hf(model, tokenizer, out: Path) -> Path:
-    """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json into `out`."""
+    """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json as the directory `out`.
+
+    The directory is built beside `out` and swapped in whole (utils.atomic_dir): an earlier export's shards and
+    index never mix with the new files, and a kill mid-export leaves the previous directory. An existing `out`
+    that is not an HF checkpoint directory is refused rather than replaced."""
     from safetensors.torch import save_file
 
     from lmlab.tokenizer import BPETokenizer
+    from lmlab.utils import atomic_dir, recover_dir
 
+    out = Path(out)
+    recover_dir(out)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or is_hf_dir(out))):
+        raise LmlabError(f"--out {out} exists and is not an HF checkpoint directory (no config.json); an HF export "
+                         "replaces the whole directory, so give a new or HF directory")
     cfg = model.cfg
     config = hf_config(cfg, tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
     state = to_hf_state(cfg, model.state_dict())
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer is not None:
-        hf_tok = tokenizer.tok if isinstance(tokenizer, BPETokenizer) else char_tokenizer_as_hf(tokenizer)
-        hf_tok.save(str(out / "tokenizer.json"))
-        tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.context_length,
-              "clean_up_tokenization_spaces": False}
-        if isinstance(tokenizer, BPETokenizer):
-            tc.update({k: v for k, v in (("eos_token", tokenizer.eos_token), ("bos_token", tokenizer.bos_token),
-                                         ("chat_template", tokenizer.chat_template)) if v is not None})
-        (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+    with atomic_dir(out) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if tokenizer is not None:
+            hf_tok = tokenizer.tok if isinstance(tokenizer, BPETokenizer) else char_tokenizer_as_hf(tokenizer)
+            hf_tok.save(str(tmp / "tokenizer.json"))
+            tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.context_length,
+                  "clean_up_tokenization_spaces": False}
+            if isinstance(tokenizer, BPETokenizer):
+                tc.update({k: v for k, v in (("eos_token", tokenizer.eos_token), ("bos_token", tokenizer.bos_token),
+                                             ("chat_template", tokenizer.chat_template)) if v is not None})
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
     return out
 
 

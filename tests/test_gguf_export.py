@@ -100,3 +100,22 @@ def test_export_refuses_what_llama_cpp_cannot_express(tmp_path, bpe):
     with pytest.raises(LmlabError, match="neither"):
         export_gguf(qwen, bpe, tmp_path / "q.gguf")
     assert not list(tmp_path.iterdir())
+
+
+def test_export_is_atomic_and_readable_by_others(tmp_path, bpe):
+    """The file appears whole with the umask's mode (0644 under umask 022, as any file the user writes), and a
+    failed export leaves the previous file and no temporary."""
+    import os
+
+    model = _model(ModelConfig(family="llama", vocab_size=bpe.vocab_size, context_length=16, d_model=16, n_layers=1,
+                               n_heads=2))
+    old_mask = os.umask(0o022)
+    try:
+        path = export_gguf(model, bpe, tmp_path / "m.gguf")
+    finally:
+        os.umask(old_mask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    before = path.read_bytes()
+    with pytest.raises(LmlabError):
+        export_gguf(model, bpe, path, dtype="int4")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]

@@ -84,11 +84,11 @@ def _tokenizer_fields(tokenizer) -> dict[str, Any] | None:
 
 def export_gguf(model, tokenizer, out: str | Path, dtype: str = "float32") -> Path:
     """Write `model` (+ its tokenizer) as one GGUF file, F32 or F16 (norms and biases stay F32, as llama.cpp
-    keeps them), with the `gguf` package's writer. The file is written beside `out` and renamed into place."""
-    import os
-    import tempfile
-
+    keeps them), with the `gguf` package's writer. The file is written beside `out`, made durable and renamed
+    into place with the umask's mode (utils.atomic_file): readers see the old file or the new one."""
     from gguf import GGUFWriter
+
+    from lmlab.utils import atomic_file
 
     if dtype not in ("float32", "float16"):
         raise LmlabError(f"GGUF export writes float32 or float16, not {dtype!r}")
@@ -96,11 +96,7 @@ def export_gguf(model, tokenizer, out: str | Path, dtype: str = "float32") -> Pa
     arch = _check_exportable(cfg)
     tensors = gguf_tensors(cfg, model.state_dict())
     tok = _tokenizer_fields(tokenizer) if tokenizer is not None else None
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(out) as tmp:
         w = GGUFWriter(tmp, arch)
         _write_config(w, cfg, arch, dtype)
         if tok is not None:
@@ -111,11 +107,7 @@ def export_gguf(model, tokenizer, out: str | Path, dtype: str = "float32") -> Pa
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return Path(out)
 
 
 def _write_config(w, cfg: ModelConfig, arch: str, dtype: str) -> None:

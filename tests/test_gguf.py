@@ -139,7 +139,7 @@ def _hf_llama(vocab: int, kv_heads: int, tied: bool, seed: int = 0, **rope) -> t
 
 
 def write_gguf(path, hf: torch.nn.Module, vocab: dict | None, qtype: str = "F32", arch: str = "llama",
-               rope_freqs: np.ndarray | None = None, odd: dict | None = None) -> None:
+               rope_freqs: np.ndarray | None = None, odd: dict | None = None, pre: str | None = "llama-bpe") -> None:
     """Write `hf` as llama.cpp would, then give `hf` exactly the values the file means.
 
     `odd` maps GGUF tensor names to arrays written as they are (for unsupported-type tests)."""
@@ -157,7 +157,8 @@ def write_gguf(path, hf: torch.nn.Module, vocab: dict | None, qtype: str = "F32"
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     if vocab is not None:
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("llama-bpe")
+        if pre is not None:
+            w.add_tokenizer_pre(pre)
         w.add_token_list(vocab["tokens"])
         w.add_token_types(vocab["types"])
         w.add_token_merges(vocab["merges"])
@@ -291,6 +292,32 @@ def test_synthetic_gguf_matches_transformers_loader_and_tokenizer(tmp_path, tiny
     assert ids[0] == lm.tokenizer.bos_id == 1  # tokenizer.ggml.add_bos_token = true
     assert lm.tokenizer.decode(ids[1:]) == text
     assert lm.tokenizer.eos_id == 2 and lm.tokenizer.chat_template == TEMPLATE
+
+
+def test_unknown_pre_tokenizer_is_refused(tmp_path, tiny_vocab):
+    """llama.cpp names how text is split before the merges; an unknown or missing name is refused, not guessed."""
+    _write_small(tmp_path / "u.gguf", tiny_vocab, pre="mystery-42")
+    with pytest.raises(LmlabError, match="tokenizer.ggml.pre = 'mystery-42'.*Known: .*gpt-2"):
+        lmlab.load(tmp_path / "u.gguf", device="cpu")
+    _write_small(tmp_path / "n.gguf", tiny_vocab, pre=None)
+    with pytest.raises(LmlabError, match="tokenizer.ggml.pre is missing"):
+        lmlab.load(tmp_path / "n.gguf", device="cpu")
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe"])
+def test_known_pre_tokenizer_encodes_as_transformers_and_exports_its_name(tmp_path, tiny_vocab, pre):
+    """A name known to split as GPT-2 does ("gpt-2") or by Llama 3's regex: our ids equal transformers' GGUF
+    tokenizer's; exported again, the file names the same pre-tokenizer and transformers reads the same ids."""
+    from lmlab.weights.gguf_export import export_gguf
+
+    _write_small(tmp_path / "m.gguf", tiny_vocab, pre=pre)
+    lm = lmlab.load(tmp_path / "m.gguf", device="cpu")
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert lm.tokenizer.encode(TEXT) == ref.encode(TEXT)
+    export_gguf(lm.model, lm.tokenizer, tmp_path / "again.gguf")
+    assert gguf.GGUFReader(tmp_path / "again.gguf").fields["tokenizer.ggml.pre"].contents() == pre
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="again.gguf")
+    assert again.encode(TEXT) == ref.encode(TEXT)
 
 
 def test_load_in_bfloat16(tmp_path, tiny_vocab):

@@ -16,7 +16,7 @@ import torch
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.weights.gguf import GGUF_GPT2_KEYS, keymaps
-from lmlab.weights.gguf_tokenizer import byte_alphabet
+from lmlab.weights.gguf_tokenizer import byte_alphabet, pre_tokenizer_name
 
 
 def gguf_tensors(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -62,7 +62,7 @@ def _tokenizer_fields(tokenizer) -> dict[str, Any] | None:
                              "BPE; export to HF instead (--format hf)")
         # One byte per character and no merges: byte-level BPE then gives exactly the character ids.
         return {"tokens": [spelling[ord(c)] for c in tokenizer.chars], "merges": [],
-                "types": [1] * len(tokenizer.chars), "pre": "gpt2", "bos": None, "eos": None, "add_bos": False,
+                "types": [1] * len(tokenizer.chars), "pre": "gpt-2", "bos": None, "eos": None, "add_bos": False,
                 "template": None}
     if not isinstance(tokenizer, BPETokenizer):
         return None
@@ -78,7 +78,8 @@ def _tokenizer_fields(tokenizer) -> dict[str, Any] | None:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     post = spec.get("post_processor") or {}
     add_bos = bool(tokenizer.bos_token) and tokenizer.bos_token in json.dumps(post.get("single", ""))
-    return {"tokens": tokens, "merges": merges, "types": [3 if t in special else 1 for t in tokens], "pre": "gpt2",
+    return {"tokens": tokens, "merges": merges, "types": [3 if t in special else 1 for t in tokens],
+            "pre": pre_tokenizer_name(tokenizer.tok),
             "bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "add_bos": add_bos, "template": tokenizer.chat_template}
 
 

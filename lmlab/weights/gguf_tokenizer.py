@@ -14,8 +14,16 @@ from lmlab.errors import LmlabError
 
 SUPPORTED_TOKENIZERS = ("gpt2",)
 
-# Split regexes for tokenizer.ggml.pre values whose merges were learned on pieces other than GPT-2's, as
-# transformers' GGUF integration has them (GGUF_PRE_TOKENIZER_SPLITS); any other value gets GPT-2's ByteLevel.
+# How each tokenizer.ggml.pre value splits text into pieces before the merges apply, from llama.cpp's
+# llama-vocab.cpp (the name -> LLAMA_VOCAB_PRE_TYPE_* table in `load`, the regexes in `llm_tokenizer_bpe`).
+# A value not listed is refused: guessing GPT-2's split would silently give other ids than llama.cpp.
+#   GPT-2's own split (tokenizers' ByteLevel regex). "gpt2" is what lmlab's exporter wrote before it wrote
+#   llama.cpp's "gpt-2"; those files were GPT-2-split byte-level BPE.
+GPT2_SPLIT_NAMES = ("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum",
+                    "modern-bert", "exaone4", "mpt", "olmo", "jais", "trillion", "granite-docling", "gpt2")
+#   every digit on its own first ("\p{N}"), then GPT-2's split: SmolLM, StarCoder and kin
+DIGITS_GPT2_NAMES = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")
+#   one split regex, then byte-level without GPT-2's regex (as transformers' GGUF integration builds them)
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -33,14 +41,21 @@ _GPT4O_SPLIT = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_QWEN35_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
                      "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
     "tekken": _TEKKEN_SPLIT,
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan"),
+                    _QWEN2_SPLIT),
+    "qwen35": _QWEN35_SPLIT,
     **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
 }
 
+KNOWN_PRE_TOKENIZERS = (*GPT2_SPLIT_NAMES, *DIGITS_GPT2_NAMES, *PRE_TOKENIZER_SPLITS)
 _CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 
 
@@ -58,14 +73,38 @@ def byte_alphabet() -> dict[int, str]:
 
 
 def pre_tokenizer(name: str | None, source: str):
-    """The HF pre-tokenizer for a tokenizer.ggml.pre value."""
+    """The HF pre-tokenizer for a tokenizer.ggml.pre value, or an error naming a value we do not know."""
     from tokenizers import Regex, pre_tokenizers
 
-    split = PRE_TOKENIZER_SPLITS.get(name)
-    if split is None:
+    if name in PRE_TOKENIZER_SPLITS:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRE_TOKENIZER_SPLITS[name]), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if name in GPT2_SPLIT_NAMES:
         return pre_tokenizers.ByteLevel(add_prefix_space=False)
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if name in DIGITS_GPT2_NAMES:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    what = "names no pre-tokenizer (tokenizer.ggml.pre is missing)" if name is None else \
+        f"has tokenizer.ggml.pre = {name!r}, a pre-tokenizer lmlab does not know"
+    raise LmlabError(f"{source} {what}; splitting its text as GPT-2 does could give other tokens than llama.cpp, "
+                     f"so it is refused. Known: {', '.join(sorted(KNOWN_PRE_TOKENIZERS))}")
+
+
+def pre_tokenizer_name(tok) -> str:
+    """The tokenizer.ggml.pre value that splits text as the HF tokenizer `tok` does (for export), or an error."""
+    import json
+
+    def canon(spec: Any) -> Any:  # trim_offsets changes offsets, not the pieces
+        if isinstance(spec, dict):
+            return {k: canon(v) for k, v in spec.items() if k != "trim_offsets"}
+        return [canon(v) for v in spec] if isinstance(spec, list) else spec
+
+    ours = canon(json.loads(tok.to_str()).get("pre_tokenizer"))
+    for name in ("gpt-2", "smollm", "llama-bpe", "qwen2", "qwen35", "tekken", "gpt-4o"):
+        if canon(json.loads(pre_tokenizer(name, "").__getstate__())) == ours:
+            return name
+    raise LmlabError("this tokenizer splits text in a way no llama.cpp pre-tokenizer name describes; a GGUF file "
+                     "would be tokenized differently by llama.cpp, so export to HF instead (--format hf)")
 
 
 def gguf_tokenizer(f):

@@ -77,8 +77,8 @@ def _meaning(raw: np.ndarray, qtype: str, shape: tuple[int, ...]) -> np.ndarray:
     """What quantized bytes stand for, by transformers' torch dequantizer (independent of the gguf package)."""
     try:
         from transformers.integrations.gguf.dequant import dequantize
-    except ImportError:  # an older transformers: fall back to gguf's own
-        return gguf.quants.dequantize(raw, Q[qtype]).reshape(shape)
+    except ImportError:  # never gguf's own dequantizer: it is the one our loader uses
+        pytest.skip("this transformers has no torch GGUF dequantizer to serve as the reference")
     return dequantize(torch.from_numpy(np.ascontiguousarray(raw)).flatten(), int(Q[qtype])).reshape(shape).numpy()
 
 

@@ -171,8 +171,11 @@ def test_hf_tokenizer_directory_round_trip(tmp_path):
 
     text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 20
     tok = BPETokenizer.train([text], vocab_size=300)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=1, n_head=2)).eval()
+    _perturb(hf, seed=3)
+    hf.save_pretrained(tmp_path)
     tok.save(tmp_path / "tokenizer.json")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     lm = lmlab.load(tmp_path, device="cpu")
@@ -180,7 +183,11 @@ def test_hf_tokenizer_directory_round_trip(tmp_path):
     sample = "whether 'tis nobler, to be!"
     assert lm.tokenizer.encode(sample) == ref(sample)["input_ids"]
     assert lm.tokenizer.eos_id == ref.eos_token_id
-    assert isinstance(lm.generate("to be", max_new_tokens=5, temperature=0), str)
+    ids = ref("to be")["input_ids"]  # text in, text out: the same greedy continuation as transformers'
+    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                      max_new_tokens=8, do_sample=False, eos_token_id=ref.eos_token_id, pad_token_id=0)
+    expected = ref.decode(out[0, len(ids):], skip_special_tokens=True)
+    assert lm.generate("to be", max_new_tokens=8, temperature=0) == expected and expected
 
 
 _PEAK = """

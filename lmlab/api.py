@@ -119,3 +119,31 @@ def _is_gguf(path: Path) -> bool:
             return f.read(4) == b"GGUF"
     except OSError:
         return False
+
+
+def model_config(source: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of `source`, resolved as load() resolves it but reading only the config: lmlab.json, HF's
+    config.json, or a GGUF file's metadata (a named model is fetched into the cache first, once). `lmlab info`
+    uses it: an 8B GGUF's config costs milliseconds, not a 32 GB dequantization."""
+    from lmlab.checkpoint import read_meta, resolve_checkpoint
+    from lmlab.errors import closest
+    from lmlab.fetch import NAMED_MODELS, fetch_model
+    from lmlab.weights.gguf import gguf_config
+    from lmlab.weights.hf import hf_dir_config, is_hf_dir
+
+    path = Path(source)
+    if not path.exists():
+        if str(source) in NAMED_MODELS:
+            return gguf_config(fetch_model(str(source)))
+        raise LmlabError(f"model not found: {source} is neither an existing path nor a known model name"
+                         f"{closest(str(source), NAMED_MODELS)}; known names: {', '.join(sorted(NAMED_MODELS))}")
+    if path.is_file() and (path.suffix == ".gguf" or _is_gguf(path)):
+        return gguf_config(path)
+    ckpt = resolve_checkpoint(path) if path.is_dir() else None
+    if ckpt is not None:
+        return ModelConfig.from_dict(read_meta(ckpt)["config"])
+    if is_hf_dir(path):
+        return hf_dir_config(path)
+    raise LmlabError(f"{source} is not a model: expected an lmlab checkpoint or run directory (lmlab.json), "
+                     "an HF directory (config.json + *.safetensors) or a .gguf file")
+

@@ -106,7 +106,7 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Tr
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from lmlab.weights.hf import finish_load
+    from lmlab.weights.load import finish_load
 
     meta = read_meta(path)
     cfg = ModelConfig.from_dict(meta["config"])

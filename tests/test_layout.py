@@ -11,7 +11,10 @@ LAYERS = [
     {"errors"},
     {"config", "utils"},
     {"model", "tokenizer", "optim", "distributed"},
-    {"data", "checkpoint", "fetch", "weights", "weights.hf", "weights.gguf", "weights.keymap"},
+    {"data", "checkpoint", "fetch", "weights.keymap", "weights.load", "weights.gguf_tokenizer",
+     "weights.safetensors_dir"},
+    {"weights.hf", "weights.gguf"},  # foreign formats: readers and key tables
+    {"weights.gguf_export", "weights.export", "weights"},  # exporters, then the dispatch by format name
     {"train", "evaluate", "generate"},
     {"chat", "plot", "demo", "api", "lmlab"},  # "lmlab": the package itself, whose __init__ re-exports api
     {"cli", "__main__"},

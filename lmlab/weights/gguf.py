@@ -12,9 +12,7 @@ weights/hf.py. Two things differ from an HF checkpoint:
   `rope_freqs.weight`; the loader recovers the four numbers of `rope_scaling="llama3"` that generate it and
   checks that they regenerate it.
 
-The tokenizer (tokenizer.ggml.model "gpt2": byte-level BPE) is rebuilt as an HF `tokenizers.Tokenizer` the way
-transformers' GGUF integration builds it (integrations/gguf/gguf_tokenizer_mapping.py), so both encode a text
-to the same ids.
+The tokenizer in the metadata is rebuilt by weights/gguf_tokenizer.py; the exporter is weights/gguf_export.py.
 References: the GGUF spec (ggml docs/gguf.md); llama.cpp convert_hf_to_gguf.py and gguf-py/gguf/constants.py.
 """
 
@@ -31,8 +29,9 @@ import torch
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.weights.hf import finish_load
+from lmlab.weights.gguf_tokenizer import gguf_tokenizer
 from lmlab.weights.keymap import KeyMap, Row
+from lmlab.weights.load import load_converted
 
 SUPPORTED_ARCHITECTURES = ("llama", "gpt2")
 SUPPORTED_TOKENIZERS = ("gpt2",)
@@ -84,6 +83,24 @@ GGUF_GPT2_KEYS: list[Row] = [
 ]
 # Tensors read for the config rather than mapped onto a parameter.
 _CONFIG_TENSORS = ("rope_freqs.weight",)
+
+
+def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's q/k row permutation (convert_hf_to_gguf.py `LlamaModel.permute`), the inverse of _unpermute."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _split_qkv(cfg: ModelConfig, t: np.ndarray) -> list[np.ndarray]:
+    D = cfg.head_dim
+    q, k, v = np.split(t, [cfg.n_heads * D, (cfg.n_heads + cfg.n_kv_heads) * D], axis=0)
+    return [_permute(q, cfg.n_heads), _permute(k, cfg.n_kv_heads), v]
+
+
+@functools.cache
+def keymaps() -> dict[str, KeyMap]:
+    inverses = {_same: lambda cfg, t: [t], _qkv: _split_qkv}
+    return {"llama": KeyMap(GGUF_LLAMA_KEYS, inverses), "gpt2": KeyMap(GGUF_GPT2_KEYS, inverses)}
 
 
 class GGUFFile:
@@ -236,6 +253,11 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         raise LmlabError(f"{f.path}: metadata gives an invalid model: {e}") from None
 
 
+def gguf_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a GGUF file from its metadata (+ the small rope_freqs tensor): no weight is read."""
+    return config_from_gguf(GGUFFile(path))
+
+
 def _llama3_rope(factors: torch.Tensor, theta: float, head_dim: int, source: str) -> dict[str, Any]:
     """The `rope_scaling="llama3"` settings that generate llama.cpp's per-frequency divisors `factors` (D/2,).
 
@@ -287,6 +309,13 @@ def map_gguf_weights(cfg: ModelConfig, our_keys: list[str], get: Callable[[str],
     return keymaps()[cfg.family].load(cfg, our_keys, get, missing)
 
 
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A torch view of a dequantized array; F32 tensors are read-only views of the file map and are copied."""
+    if not a.flags.writeable or not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a) if a.flags.writeable else np.array(a)
+    return torch.from_numpy(a)
+
+
 def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """A GGUF file -> (Transformer in eval mode, BPETokenizer or None when the file carries no tokenizer)."""
     from lmlab.model import Transformer
@@ -301,285 +330,6 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     if unused:
         raise LmlabError(f"{f.path}: tensor {unused[0]!r} ({len(unused)} such in all) has no place in our "
                          f"{cfg.family} model (biases, experts or another variant); this file is not supported")
-    state = {}
-    for k, a in map_gguf_weights(cfg, list(expected), f.array, str(f.path)):
-        if tuple(a.shape) != tuple(expected[k]):
-            raise LmlabError(f"{f.path}: tensor for {k} has shape {tuple(a.shape)} but the metadata implies "
-                             f"{tuple(expected[k])}; metadata and weights do not match")
-        if not a.flags.writeable or not a.flags.c_contiguous:  # F32 tensors are views of the read-only file map
-            a = np.ascontiguousarray(a) if a.flags.writeable else np.array(a)
-        state[k] = torch.from_numpy(a).to(device=device, dtype=dtype)
-    finish_load(model, state)
-    model.eval()
+    pairs = ((k, _tensor(a)) for k, a in map_gguf_weights(cfg, list(expected), f.array, str(f.path)))
+    load_converted(model, pairs, device, dtype, str(f.path), "the metadata")
     return model, gguf_tokenizer(f)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the tokenizer from the metadata
-
-# Split regexes for tokenizer.ggml.pre values whose merges were learned on pieces other than GPT-2's, as
-# transformers' GGUF integration has them (GGUF_PRE_TOKENIZER_SPLITS); any other value gets GPT-2's ByteLevel.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TEKKEN_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GPT4O_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-PRE_TOKENIZER_SPLITS = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-                     "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
-    "tekken": _TEKKEN_SPLIT,
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
-    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
-}
-
-_CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
-
-
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (bytes_to_unicode in openai/gpt-2 encoder.py)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def gguf_tokenizer(f: GGUFFile):
-    """The tokenizer the metadata describes, as a BPETokenizer; None when the file has no tokenizer."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-    from tokenizers import Tokenizer as HFTokenizer
-
-    from lmlab.tokenizer import BPETokenizer
-
-    kind = f.meta("tokenizer.ggml.model", None)
-    if kind is None:
-        return None
-    if kind not in SUPPORTED_TOKENIZERS:
-        raise LmlabError(f"{f.path}: tokenizer model {kind!r} is not supported; supported: "
-                         f"{', '.join(SUPPORTED_TOKENIZERS)} (byte-level BPE)")
-    tokens = f.meta("tokenizer.ggml.tokens")
-    merges = f.meta("tokenizer.ggml.merges", [])
-    types = f.meta("tokenizer.ggml.token_type", [])
-    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-        raise LmlabError(f"{f.path}: tokenizer.ggml.tokens must be a list of strings")
-    # A token outside the byte alphabet is stored as plain text: spell its UTF-8 bytes (as transformers does).
-    spelling = _byte_alphabet()
-    alphabet = set(spelling.values())
-    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-             for i, t in enumerate(tokens)}
-    try:
-        bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], dropout=None,
-                         continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
-    except Exception as e:
-        raise LmlabError(f"{f.path}: the tokenizer's vocabulary or merges are malformed ({e})") from None
-    tok = HFTokenizer(bpe)
-    split = PRE_TOKENIZER_SPLITS.get(f.meta("tokenizer.ggml.pre", None))
-    if split is None:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    # Control tokens (<|im_start|> ...) are special and matched whole; one spelled outside the byte alphabet is
-    # a llama.cpp mislabel and is skipped. User-defined ones (<think>) are matched whole but are not special.
-    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types, strict=False)
-               if ty == _CONTROL and set(t) <= alphabet]
-    if control:
-        tok.add_special_tokens(control)
-    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types, strict=False)
-            if ty == _USER_DEFINED and t in vocab]
-    if user:
-        tok.add_tokens(user)
-
-    def special(key: str) -> str | None:
-        i = f.meta(f"tokenizer.ggml.{key}", None)
-        if i is None:
-            return None
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(tokens):
-            raise LmlabError(f"{f.path}: tokenizer.ggml.{key} = {i!r} is not a token id below {len(tokens)}")
-        return tokens[i]
-
-    named = {key: special(key) for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")}
-    have = {str(t) for t in tok.get_added_tokens_decoder().values()}
-    extra = [AddedToken(t, normalized=False, special=True) for t in dict.fromkeys(named.values())
-             if t is not None and t not in have]
-    if extra:  # transformers registers bos/eos/unk/pad as special tokens too
-        tok.add_special_tokens(extra)
-    bos, eos = named["bos_token_id"], named["eos_token_id"]
-    add_bos = bool(f.meta("tokenizer.ggml.add_bos_token", False)) and bos is not None
-    add_eos = bool(f.meta("tokenizer.ggml.add_eos_token", False)) and eos is not None
-    first, last = ([bos] if add_bos else []), ([eos] if add_eos else [])  # what encode() adds, as transformers
-    single = " ".join([*(f"{t}:0" for t in first), "$A:0", *(f"{t}:0" for t in last)])
-    pair = " ".join([single, *(f"{t}:1" for t in first), "$B:1", *(f"{t}:1" for t in last)])
-    specials = [(t, tok.token_to_id(t)) for t in dict.fromkeys(first + last)]
-    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
-    template = f.meta("tokenizer.chat_template", None)
-    return BPETokenizer(tok, eos_token=eos, bos_token=bos,
-                        chat_template=template if isinstance(template, str) else None)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# export: our model -> a GGUF file llama.cpp (and our loader) reads
-
-
-def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's q/k row permutation (convert_hf_to_gguf.py `LlamaModel.permute`), the inverse of _unpermute."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _split_qkv(cfg: ModelConfig, t: np.ndarray) -> list[np.ndarray]:
-    D = cfg.head_dim
-    q, k, v = np.split(t, [cfg.n_heads * D, (cfg.n_heads + cfg.n_kv_heads) * D], axis=0)
-    return [_permute(q, cfg.n_heads), _permute(k, cfg.n_kv_heads), v]
-
-
-@functools.cache
-def keymaps() -> dict[str, KeyMap]:
-    inverses = {_same: lambda cfg, t: [t], _qkv: _split_qkv}
-    return {"llama": KeyMap(GGUF_LLAMA_KEYS, inverses), "gpt2": KeyMap(GGUF_GPT2_KEYS, inverses)}
-
-
-def gguf_tensors(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Our weights under GGUF names, through the key-map table read backwards (float32 arrays)."""
-    arrays = {k: v.detach().cpu().float().numpy() for k, v in state.items()}
-    out = {k: np.ascontiguousarray(v) for k, v in keymaps()[cfg.family].export(cfg, arrays).items()}
-    if cfg.family == "gpt2" and not cfg.bias:  # llama.cpp's gpt2 graph always has biases: zeros change nothing
-        for _, theirs, _ in GGUF_GPT2_KEYS:
-            for n in theirs:
-                for i in range(cfg.n_layers):
-                    name = n.format(i=i)
-                    if name.endswith(".bias") and name not in out:
-                        out[name] = np.zeros(out[name.replace(".bias", ".weight")].shape[0], dtype=np.float32)
-    if cfg.family == "llama" and cfg.rope_scaling == "llama3":  # llama.cpp keeps it as per-frequency divisors
-        from lmlab.model import rope_inv_freq
-
-        plain = rope_inv_freq(dataclass_replace(cfg, rope_scaling="none"))
-        out["rope_freqs.weight"] = (plain / rope_inv_freq(cfg)).numpy().astype(np.float32)
-    return out
-
-
-def dataclass_replace(cfg: ModelConfig, **changes) -> ModelConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)
-
-
-def _check_exportable(cfg: ModelConfig) -> str:
-    if cfg.family == "llama" and (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu") and not (
-            cfg.bias or cfg.qkv_bias):
-        return "llama"
-    if cfg.family == "gpt2" and (cfg.pos, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu") and \
-            cfg.n_kv_heads == cfg.n_heads and cfg.qkv_bias == cfg.bias:
-        return "gpt2"
-    raise LmlabError("GGUF export covers llama.cpp's llama architecture (rope, rmsnorm, swiglu, no biases) and its "
-                     "gpt2 architecture (learned positions, layernorm, gelu, no GQA); this model is neither")
-
-
-def _tokenizer_fields(tokenizer) -> dict[str, Any] | None:
-    """tokenizer.ggml.* values for a byte-level BPE tokenizer, or a character tokenizer spelled as one."""
-    import json
-
-    from lmlab.tokenizer import BPETokenizer, CharTokenizer
-
-    if isinstance(tokenizer, CharTokenizer):
-        spelling = _byte_alphabet()
-        if any(ord(c) > 127 for c in tokenizer.chars):
-            raise LmlabError("a character tokenizer with non-ASCII characters cannot be written as GGUF's byte-level "
-                             "BPE; export to HF instead (--format hf)")
-        # One byte per character and no merges: byte-level BPE then gives exactly the character ids.
-        return {"tokens": [spelling[ord(c)] for c in tokenizer.chars], "merges": [],
-                "types": [1] * len(tokenizer.chars), "pre": "gpt2", "bos": None, "eos": None, "add_bos": False,
-                "template": None}
-    if not isinstance(tokenizer, BPETokenizer):
-        return None
-    spec = json.loads(tokenizer.tok.to_str())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE":
-        raise LmlabError(f"GGUF export needs a BPE tokenizer, this one is {model.get('type')!r}")
-    vocab = tokenizer.tok.get_vocab(with_added_tokens=True)
-    tokens = [""] * len(vocab)
-    for t, i in vocab.items():
-        tokens[i] = t
-    special = {a["content"] for a in spec.get("added_tokens", []) if a.get("special")}
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    post = spec.get("post_processor") or {}
-    add_bos = bool(tokenizer.bos_token) and tokenizer.bos_token in json.dumps(post.get("single", ""))
-    return {"tokens": tokens, "merges": merges, "types": [3 if t in special else 1 for t in tokens], "pre": "gpt2",
-            "bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "add_bos": add_bos, "template": tokenizer.chat_template}
-
-
-def export_gguf(model, tokenizer, out: str | Path, dtype: str = "float32") -> Path:
-    """Write `model` (+ its tokenizer) as one GGUF file, F32 or F16 (norms and biases stay F32, as llama.cpp
-    keeps them), with the `gguf` package's writer. The file is written beside `out` and renamed into place."""
-    import os
-    import tempfile
-
-    from gguf import GGUFWriter
-
-    if dtype not in ("float32", "float16"):
-        raise LmlabError(f"GGUF export writes float32 or float16, not {dtype!r}")
-    cfg = model.cfg
-    arch = _check_exportable(cfg)
-    tensors = gguf_tensors(cfg, model.state_dict())
-    tok = _tokenizer_fields(tokenizer) if tokenizer is not None else None
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        w = GGUFWriter(tmp, arch)
-        w.add_name("lmlab export")
-        w.add_context_length(cfg.context_length)
-        w.add_embedding_length(cfg.d_model)
-        w.add_feed_forward_length(cfg.d_ff)
-        w.add_block_count(cfg.n_layers)
-        w.add_head_count(cfg.n_heads)
-        if arch == "llama":
-            w.add_head_count_kv(cfg.n_kv_heads)
-            w.add_rope_freq_base(cfg.rope_theta)
-            w.add_rope_dimension_count(cfg.head_dim)
-            w.add_layer_norm_rms_eps(cfg.norm_eps)
-        else:
-            w.add_layer_norm_eps(cfg.norm_eps)
-        w.add_file_type(1 if dtype == "float16" else 0)  # llama_ftype: ALL_F32 = 0, MOSTLY_F16 = 1
-        if tok is not None:
-            w.add_tokenizer_model("gpt2")
-            w.add_tokenizer_pre(tok["pre"])
-            w.add_token_list(tok["tokens"])
-            w.add_token_types(tok["types"])
-            w.add_token_merges(tok["merges"])
-            if tok["bos"] is not None:
-                w.add_bos_token_id(tok["bos"])
-            if tok["eos"] is not None:
-                w.add_eos_token_id(tok["eos"])
-            w.add_add_bos_token(tok["add_bos"])
-            if tok["template"]:
-                w.add_chat_template(tok["template"])
-        for name, a in tensors.items():
-            w.add_tensor(name, a.astype(np.float16) if dtype == "float16" and a.ndim >= 2 else a)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out

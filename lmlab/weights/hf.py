@@ -9,14 +9,17 @@ Llama keeps q, k and v apart while we fuse them into one matmul).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
+from lmlab.utils import read_json
 from lmlab.weights.keymap import KeyMap, Row
+from lmlab.weights.load import load_converted
+from lmlab.weights.safetensors_dir import SafetensorsReader
 
 
 def _same(cfg: ModelConfig, t: torch.Tensor) -> torch.Tensor:
@@ -82,13 +85,14 @@ KEYMAPS = {"gpt2": KeyMap(GPT2_KEYS, INVERSES), "llama": KeyMap(LLAMA_KEYS, INVE
 
 
 def map_weights(cfg: ModelConfig, our_keys: list[str], get: Callable[[str], torch.Tensor | None],
-                source: str) -> dict[str, torch.Tensor]:
-    """Build our state dict key by key from HF tensors fetched with `get(key)` (None when absent)."""
+                source: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our key, tensor) for each key, built from HF tensors fetched with `get(key)` (None when absent), one at
+    a time so a caller converting each as it comes never holds two copies of the model."""
     def missing(name: str) -> LmlabError:
         return LmlabError(f"{source}: checkpoint lacks tensor {name!r} that this {cfg.family} config needs; the "
                           "file is incomplete or the config mismatched")
 
-    return dict(KEYMAPS[cfg.family].load(cfg, our_keys, get, missing))
+    return KEYMAPS[cfg.family].load(cfg, our_keys, get, missing)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,103 +162,34 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     raise LmlabError(f"{source}: model_type {model_type!r} is not supported; supported: gpt2, llama, qwen2, mistral")
 
 
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LmlabError(f"{path} not found") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise LmlabError(f"{path} is not valid JSON ({e}); re-download or re-export it") from None
-    if not isinstance(data, dict):
-        raise LmlabError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-# ---------------------------------------------------------------------------------------------------------
-# safetensors files
-
-
-class SafetensorsReader:
-    """Lazy reads from one safetensors file or a sharded set listed in model.safetensors.index.json."""
-
-    def __init__(self, directory: Path) -> None:
-        from safetensors import safe_open
-
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise LmlabError(f"{index} has no weight_map; re-download or re-export the checkpoint")
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in directory.glob("*.safetensors"))
-            if not files:
-                raise LmlabError(f"{directory} holds no *.safetensors file; only safetensors checkpoints are read "
-                                 "(convert .bin files with transformers' save_pretrained)")
-            weight_map = None
-        self.handles = {}
-        for name in files:
-            path = directory / name
-            if not path.is_file():
-                raise LmlabError(f"shard {path} listed in the index is missing; re-download the checkpoint")
-            try:
-                self.handles[name] = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as e:
-                raise LmlabError(f"{path} is not a readable safetensors file ({e}); it may be truncated") from None
-        self.where = dict(weight_map) if weight_map else {k: n for n, h in self.handles.items() for k in h.keys()}
-
-    def get(self, key: str) -> torch.Tensor | None:
-        name = self.where.get(key)
-        if name is None:
-            return None
-        try:
-            return self.handles[name].get_tensor(key)
-        except Exception as e:
-            raise LmlabError(f"cannot read tensor {key!r} from {name} ({e}); the file may be truncated") from None
-
-    def keys(self) -> list[str]:
-        return list(self.where)
-
-
 def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
+
+
+def hf_dir_config(path: Path) -> ModelConfig:
+    """The ModelConfig of an HF checkpoint directory, from its config.json alone."""
+    return config_from_hf(read_json(path / "config.json", "HF config"), str(path / "config.json"))
 
 
 def load_hf_dir(path: Path, device: torch.device, dtype: torch.dtype):
     """An HF checkpoint directory -> (Transformer in eval mode, tokenizer or None)."""
     from lmlab.model import Transformer
 
-    cfg = config_from_hf(read_json(path / "config.json"), str(path / "config.json"))
+    cfg = hf_dir_config(path)
     reader = SafetensorsReader(path)
     prefix_free = {"gpt2": "transformer.", "llama": "model."}[cfg.family]
 
-    def get(key: str) -> torch.Tensor | None:
-        t = reader.get(key)
+    def get(key: str) -> torch.Tensor | None:  # in the final dtype as read: one tensor at a time, no copy of all
+        t = reader.get(key, dtype)
         if t is None and key.startswith(prefix_free):  # a base model (GPT2Model) saves without the prefix
-            t = reader.get(key[len(prefix_free):])
+            t = reader.get(key[len(prefix_free):], dtype)
         return t
 
     with torch.device("meta"):
         model = Transformer(cfg)
-    state = map_weights(cfg, list(model.state_dict().keys()), get, str(path))
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    for k, t in state.items():
-        if t.shape != expected[k]:
-            raise LmlabError(f"{path}: tensor for {k} has shape {tuple(t.shape)} but config.json implies "
-                             f"{tuple(expected[k])}; config and weights do not match")
-    finish_load(model, state)
-    model.to(device=device, dtype=dtype).eval()
+    pairs = map_weights(cfg, list(model.state_dict()), get, str(path))
+    load_converted(model, pairs, device, dtype, str(path), "config.json")
     return model, hf_tokenizer(path)
-
-
-def finish_load(model, state: dict[str, torch.Tensor]) -> None:
-    """Assign a complete state dict to a model built on the meta device, then rebuild what is derived."""
-    if model.cfg.tie_embeddings:
-        state = dict(state, **{"lm_head.weight": state["wte.weight"]})
-    model.load_state_dict(state, strict=True, assign=True)
-    if model.cfg.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
-    model.init_rope()
 
 
 def hf_tokenizer(path: Path):
@@ -343,26 +278,36 @@ def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def export_hf(model, tokenizer, out: Path) -> Path:
-    """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json into `out`."""
+    """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json as the directory `out`.
+
+    The directory is built beside `out` and swapped in whole (utils.atomic_dir): an earlier export's shards and
+    index never mix with the new files, and a kill mid-export leaves the previous directory. An existing `out`
+    that is not an HF checkpoint directory is refused rather than replaced."""
     from safetensors.torch import save_file
 
     from lmlab.tokenizer import BPETokenizer
+    from lmlab.utils import atomic_dir, recover_dir
 
+    out = Path(out)
+    recover_dir(out)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or is_hf_dir(out))):
+        raise LmlabError(f"--out {out} exists and is not an HF checkpoint directory (no config.json); an HF export "
+                         "replaces the whole directory, so give a new or HF directory")
     cfg = model.cfg
     config = hf_config(cfg, tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
     state = to_hf_state(cfg, model.state_dict())
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer is not None:
-        hf_tok = tokenizer.tok if isinstance(tokenizer, BPETokenizer) else char_tokenizer_as_hf(tokenizer)
-        hf_tok.save(str(out / "tokenizer.json"))
-        tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.context_length,
-              "clean_up_tokenization_spaces": False}
-        if isinstance(tokenizer, BPETokenizer):
-            tc.update({k: v for k, v in (("eos_token", tokenizer.eos_token), ("bos_token", tokenizer.bos_token),
-                                         ("chat_template", tokenizer.chat_template)) if v is not None})
-        (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+    with atomic_dir(out) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if tokenizer is not None:
+            hf_tok = tokenizer.tok if isinstance(tokenizer, BPETokenizer) else char_tokenizer_as_hf(tokenizer)
+            hf_tok.save(str(tmp / "tokenizer.json"))
+            tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.context_length,
+                  "clean_up_tokenization_spaces": False}
+            if isinstance(tokenizer, BPETokenizer):
+                tc.update({k: v for k, v in (("eos_token", tokenizer.eos_token), ("bos_token", tokenizer.bos_token),
+                                             ("chat_template", tokenizer.chat_template)) if v is not None})
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
     return out
 
 

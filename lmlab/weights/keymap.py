@@ -48,6 +48,7 @@ class KeyMap:
                 if t is None:
                     raise missing(name)
             yield key, fn(cfg, *tensors)
+            del tensors  # before the next reads: one parameter's source tensors alive at a time
 
     def export(self, cfg: ModelConfig, state: dict[str, Any]) -> dict[str, Any]:
         """Our state under their names: each row read backwards through its transform's inverse."""

@@ -139,7 +139,8 @@ def _hf_llama(vocab: int, kv_heads: int, tied: bool, seed: int = 0, **rope) -> t
 
 
 def write_gguf(path, hf: torch.nn.Module, vocab: dict | None, qtype: str = "F32", arch: str = "llama",
-               rope_freqs: np.ndarray | None = None, odd: dict | None = None, pre: str | None = "llama-bpe") -> None:
+               rope_freqs: np.ndarray | None = None, odd: dict | None = None, pre: str | None = "llama-bpe",
+               eot: int | None = None) -> None:
     """Write `hf` as llama.cpp would, then give `hf` exactly the values the file means.
 
     `odd` maps GGUF tensor names to arrays written as they are (for unsupported-type tests)."""
@@ -164,6 +165,8 @@ def write_gguf(path, hf: torch.nn.Module, vocab: dict | None, qtype: str = "F32"
         w.add_token_merges(vocab["merges"])
         w.add_bos_token_id(1)
         w.add_eos_token_id(2)
+        if eot is not None:
+            w.add_eot_token_id(eot)
         w.add_pad_token_id(0)
         w.add_add_bos_token(True)
         w.add_chat_template(TEMPLATE)
@@ -292,6 +295,16 @@ def test_synthetic_gguf_matches_transformers_loader_and_tokenizer(tmp_path, tiny
     assert ids[0] == lm.tokenizer.bos_id == 1  # tokenizer.ggml.add_bos_token = true
     assert lm.tokenizer.decode(ids[1:]) == text
     assert lm.tokenizer.eos_id == 2 and lm.tokenizer.chat_template == TEMPLATE
+
+
+def test_end_of_turn_id_ends_generation(tmp_path, tiny_vocab):
+    """tokenizer.ggml.eot_token_id ends generation as EOS does (llama.cpp's llama_vocab_is_eog)."""
+    V = len(tiny_vocab["tokens"])
+    write_gguf(tmp_path / "m.gguf", _hf_llama(V, 2, False), tiny_vocab, "F32", eot=5)
+    tok = lmlab.load(tmp_path / "m.gguf", device="cpu").tokenizer
+    assert tok.eos_ids == (2, 5)
+    write_gguf(tmp_path / "plain.gguf", _hf_llama(V, 2, False), tiny_vocab, "F32")
+    assert lmlab.load(tmp_path / "plain.gguf", device="cpu").tokenizer.eos_ids == (2,)
 
 
 def test_unknown_pre_tokenizer_is_refused(tmp_path, tiny_vocab):

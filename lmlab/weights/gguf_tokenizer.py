@@ -133,7 +133,15 @@ def gguf_tokenizer(f):
     tok.post_processor = _post_processor(tok, [bos] if add_bos else [], [eos] if add_eos else [])
     template = f.meta("tokenizer.chat_template", None)
     return BPETokenizer(tok, eos_token=eos, bos_token=bos,
-                        chat_template=template if isinstance(template, str) else None)
+                        chat_template=template if isinstance(template, str) else None,
+                        extra_eos_ids=_end_of_turn_ids(f, len(tokens)))
+
+
+def _end_of_turn_ids(f, n_tokens: int) -> list[int]:
+    """End-of-turn and end-of-message ids, which llama.cpp treats as end of generation like EOS (llama_vocab_is_eog):
+    an instruct model stops at the end of its turn."""
+    ids = (f.meta(f"tokenizer.ggml.{key}", None) for key in ("eot_token_id", "eom_token_id"))
+    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_tokens]
 
 
 def _bpe(f, tokens: list[str]):

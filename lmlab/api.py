@@ -80,37 +80,47 @@ def _settings(sampling: SamplingConfig | None, settings: dict) -> SamplingConfig
     return (sampling or SamplingConfig()).replace(**settings)
 
 
-def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
-         dtype: str | torch.dtype | None = None) -> LM:
-    """Load a model for inference (eval mode). dtype defaults to float32.
-
+def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
+    """(kind, path) of a model source: kind "gguf" (a file, or a named model fetched into the cache), "lmlab" (a
+    checkpoint directory, or a run directory's best/ then last/) or "hf" (config.json + safetensors).
     An existing path wins over a model name of the same spelling."""
-    from lmlab.checkpoint import load_model, resolve_checkpoint
+    from lmlab.checkpoint import resolve_checkpoint
     from lmlab.errors import closest
     from lmlab.fetch import NAMED_MODELS, fetch_model
-    from lmlab.weights.gguf import load_gguf
-    from lmlab.weights.hf import is_hf_dir, load_hf_dir
+    from lmlab.weights.hf import is_hf_dir
 
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
     path = Path(source)
     if not path.exists():
         if str(source) in NAMED_MODELS:
-            model, tok = load_gguf(fetch_model(str(source)), dev, dt)
-            return LM(model, tok, str(source))
+            return "gguf", fetch_model(str(source))
         raise LmlabError(f"model not found: {source} is neither an existing path nor a known model name"
                          f"{closest(str(source), NAMED_MODELS)}; known names: {', '.join(sorted(NAMED_MODELS))}")
     if path.is_file() and (path.suffix == ".gguf" or _is_gguf(path)):
-        model, tok = load_gguf(path, dev, dt)
-        return LM(model, tok, str(path))
+        return "gguf", path
     ckpt = resolve_checkpoint(path) if path.is_dir() else None
     if ckpt is not None:
-        model, tok, meta = load_model(ckpt, dev, dt)
-        return LM(model, tok, str(ckpt), meta)
+        return "lmlab", ckpt
     if is_hf_dir(path):
-        model, tok = load_hf_dir(path, dev, dt)
-        return LM(model, tok, str(path))
+        return "hf", path
     raise LmlabError(f"{source} is not a model: expected an lmlab checkpoint or run directory (lmlab.json), "
                      "an HF directory (config.json + *.safetensors) or a .gguf file")
+
+
+def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
+         dtype: str | torch.dtype | None = None) -> LM:
+    """Load a model for inference (eval mode). dtype defaults to float32. Sources: see resolve_source."""
+    from lmlab.checkpoint import load_model
+    from lmlab.weights.gguf import load_gguf
+    from lmlab.weights.hf import load_hf_dir
+
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    kind, path = resolve_source(source)
+    name = str(source) if kind == "gguf" and not Path(source).exists() else str(path)  # a named model keeps its name
+    if kind == "lmlab":
+        model, tok, meta = load_model(path, dev, dt)
+        return LM(model, tok, name, meta)
+    model, tok = (load_gguf if kind == "gguf" else load_hf_dir)(path, dev, dt)
+    return LM(model, tok, name)
 
 
 def _is_gguf(path: Path) -> bool:
@@ -125,25 +135,11 @@ def model_config(source: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of `source`, resolved as load() resolves it but reading only the config: lmlab.json, HF's
     config.json, or a GGUF file's metadata (a named model is fetched into the cache first, once). `lmlab info`
     uses it: an 8B GGUF's config costs milliseconds, not a 32 GB dequantization."""
-    from lmlab.checkpoint import read_meta, resolve_checkpoint
-    from lmlab.errors import closest
-    from lmlab.fetch import NAMED_MODELS, fetch_model
+    from lmlab.checkpoint import read_meta
     from lmlab.weights.gguf import gguf_config
-    from lmlab.weights.hf import hf_dir_config, is_hf_dir
+    from lmlab.weights.hf import hf_dir_config
 
-    path = Path(source)
-    if not path.exists():
-        if str(source) in NAMED_MODELS:
-            return gguf_config(fetch_model(str(source)))
-        raise LmlabError(f"model not found: {source} is neither an existing path nor a known model name"
-                         f"{closest(str(source), NAMED_MODELS)}; known names: {', '.join(sorted(NAMED_MODELS))}")
-    if path.is_file() and (path.suffix == ".gguf" or _is_gguf(path)):
-        return gguf_config(path)
-    ckpt = resolve_checkpoint(path) if path.is_dir() else None
-    if ckpt is not None:
-        return ModelConfig.from_dict(read_meta(ckpt)["config"])
-    if is_hf_dir(path):
-        return hf_dir_config(path)
-    raise LmlabError(f"{source} is not a model: expected an lmlab checkpoint or run directory (lmlab.json), "
-                     "an HF directory (config.json + *.safetensors) or a .gguf file")
-
+    kind, path = resolve_source(source)
+    if kind == "lmlab":
+        return ModelConfig.from_dict(read_meta(path)["config"])
+    return (gguf_config if kind == "gguf" else hf_dir_config)(path)

@@ -115,7 +115,7 @@ TURNS = ["Hello there", "What is your name", "Speak, speak", "Who is the king", 
 @pytest.fixture(scope="module")
 def baby(tmp_path_factory):
     torch.manual_seed(0)
-    tok = CharTokenizer.train([corpus_text(5_000) + "User: Assistant: System:\n"])
+    tok = CharTokenizer.train([corpus_text(5_000) + "User: Assistant: System:\nBe kind.", *TURNS])  # any corpus
     cfg = ModelConfig(family="gpt2", vocab_size=tok.vocab_size, context_length=64, d_model=32, n_layers=1,
                       n_heads=2)
     model = Transformer(cfg)

@@ -61,6 +61,18 @@ def umask() -> int:
     return mask
 
 
+def slow_io() -> None:
+    """Sleep LMLAB_TEST_SLOW_IO seconds (unset: not at all) at the points where a kill would tear a write.
+
+    A test hook and its only reader: tests/test_kill.py widens the windows inside a checkpoint swap and a metrics
+    append so that a SIGKILL at a random instant lands in them often."""
+    delay = os.environ.get("LMLAB_TEST_SLOW_IO")
+    if delay:
+        import time
+
+        time.sleep(float(delay))
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a directory's entries (a rename, a new file) durable. A no-op where directories cannot be opened."""
     try:

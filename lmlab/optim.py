@@ -86,7 +86,7 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> Optimizers:
         return Optimizers([opt.Adam(groups, lr=lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)])
     if name == "adamw":
         return Optimizers([opt.AdamW(groups, lr=lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)])
-    if name == "lbfgs":  # full-batch, small models: one parameter group, no weight decay
+    if name == "lbfgs":  # one fixed batch (train.py's lbfgs_step), small models: one parameter group, no decay
         params = [p for p in model.parameters() if p.requires_grad]
         return Optimizers([opt.LBFGS(params, lr=lr, max_iter=5, history_size=20, line_search_fn="strong_wolfe")])
     if name == "muon":

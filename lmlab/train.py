@@ -310,13 +310,11 @@ class Run:
         return loss
 
     def lbfgs_step(self) -> float:
-        """L-BFGS re-evaluates the loss several times per step, always on the same batch (that of step 0)."""
-        def closure():
+        """L-BFGS re-evaluates loss and gradient several times per step (its line search), always on one fixed
+        batch: the batch_size * grad_accum windows of step 0, as grad_accum micro-batches, clipped like any step."""
+        def closure() -> float:
             self.opt.zero_grad()
-            x, y = self.data.batches.get(0, 0, self.info.device)
-            loss = loss_of(self.net, x, y, self.autocast)
-            loss.backward()
-            return loss
+            return self.micro_batches(0)
 
         return float(self.opt.step(closure))
 

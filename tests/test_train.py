@@ -312,3 +312,38 @@ def test_lmlab_load_rejects_garbage(tmp_path):
     (tmp_path / "lmlab.json").write_text("{not json")
     with pytest.raises(LmlabError, match="not valid JSON"):
         lmlab.load(tmp_path)
+
+
+def test_lbfgs_optimizes_every_micro_batch_of_its_fixed_batch_and_clips(tmp_path, char_data):
+    """lbfgs with grad_accum 2 and clipping equals torch.optim.LBFGS run by hand on the 2 x 4 windows of step 0
+    (their mean loss, gradients clipped to norm 0.05 in every closure call)."""
+    from lmlab.data import Batches, TokenData
+    from lmlab.model import Transformer
+
+    tc = TrainConfig(optimizer="lbfgs", lr=0.5, batch_size=4, grad_accum=2, grad_clip=0.05, max_steps=2,
+                     eval_interval=2, eval_batches=1, warmup_steps=0, schedule="constant", device="cpu", seed=3)
+    run = tmp_path / "run"
+    train(TINY, tc, char_data, run, quiet=True)
+
+    data = TokenData(char_data)
+    batches = Batches(data.split("train"), 32, 4, 2, tc.seed, tc.sampling)
+    micro = [batches.get(0, m, torch.device("cpu")) for m in range(2)]
+    x, y = torch.cat([b[0] for b in micro]), torch.cat([b[1] for b in micro])  # (8, 32) each
+    torch.manual_seed(tc.seed)
+    model = Transformer(TINY.replace(vocab_size=data.vocab_size))
+    model.init_weights(tc.init)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    got, want = weights(run / "last"), model.state_dict()
+    assert max((got[k] - want[k]).abs().max().item() for k in got) < 1e-4
+    assert max((got[k] - initial[k]).abs().max().item() for k in got) > 1e-2  # the steps really moved the weights

@@ -89,6 +89,41 @@ def _swap_in(new: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's RNG state for an exact resume: the CPU generator and its own device's generator only
+    (a process on cuda:1 saves cuda:1's state; saving every visible GPU made resuming on a smaller box fail)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "device": device.type}
+    if device.type == "cuda":
+        state["device_rng"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["device_rng"] = torch.mps.get_rng_state()
+    return state
+
+
+def device_rng_state(state: dict[str, Any], device: torch.device) -> torch.Tensor | None:
+    """The saved state of `device`'s generator, or None when the checkpoint holds none for it (another device
+    type). Reads the format before this one too: {"torch", "cuda": [every visible GPU's state, by index]}, where
+    a process's own GPU is the entry at its device index."""
+    if "device" in state:
+        return state.get("device_rng") if state["device"] == device.type else None
+    old = state.get("cuda")
+    if device.type != "cuda" or not old:
+        return None
+    index = device.index if device.index is not None else (torch.cuda.current_device() if torch.cuda.is_available()
+                                                            else 0)
+    return old[index] if index < len(old) else None
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what rng_state saved (or the older format) for a process running on `device`."""
+    torch.set_rng_state(state["torch"].cpu())
+    own = device_rng_state(state, device)
+    if own is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(own.cpu(), device)
+    elif own is not None and device.type == "mps":
+        torch.mps.set_rng_state(own.cpu())
+
+
 def read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads((path / META).read_text(encoding="utf-8"))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from lmlab.checkpoint import is_checkpoint, load_model, read_meta, save_checkpoint
+from lmlab.checkpoint import is_checkpoint, load_model, read_meta, rng_state, save_checkpoint, set_rng_state
 from lmlab.config import ModelConfig, TrainConfig
 from lmlab.data import Batches, TokenData, eval_windows, windows_to_batch
 from lmlab.distributed import (
@@ -238,26 +238,12 @@ def build_run(mc: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, r
                          evals_since_best=rs["evals_since_best"], elapsed_s=rs["elapsed_s"])
         blob = torch.load(last_dir / TRAIN_STATE, map_location="cpu", weights_only=True)
         load_optimizer_state(net, opt, blob["optimizer"], info, tc.fsdp)
-        _set_rng_state(blob["rng"][info.rank])
+        set_rng_state(blob["rng"][info.rank], info.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     if tc.compile:
         net = torch.compile(net)
     metrics = Metrics(run_dir, info.is_main, state.step if resume else None)
     return Run(mc, tc, info, data, run_dir, model, net, opt, state, metrics, resumed=resume)
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    state = {k: v.cpu() if isinstance(v, torch.Tensor) else [t.cpu() for t in v] for k, v in state.items()}
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Run:
@@ -353,7 +339,7 @@ class Run:
         """Write a checkpoint (rank 0 writes; every rank joins the collectives that gather it)."""
         info, tc, state = self.info, self.tc, self.state
         weights = full_state_dict(self.net, info, tc.fsdp)
-        rng = gather_objects(_rng_state(), info) if with_train_state else None
+        rng = gather_objects(rng_state(info.device), info) if with_train_state else None
         opt_state = optimizer_state(self.net, self.opt, info, tc.fsdp) if with_train_state else None
         if not info.is_main:
             return

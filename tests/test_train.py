@@ -347,3 +347,28 @@ def test_lbfgs_optimizes_every_micro_batch_of_its_fixed_batch_and_clips(tmp_path
     got, want = weights(run / "last"), model.state_dict()
     assert max((got[k] - want[k]).abs().max().item() for k in got) < 1e-4
     assert max((got[k] - initial[k]).abs().max().item() for k in got) > 1e-2  # the steps really moved the weights
+
+
+def test_rng_state_holds_the_processs_own_device_and_reads_the_old_format():
+    """A checkpoint holds the CPU generator and the process's own device generator, never every visible GPU; the
+    older format (a list of every GPU's state, by position) still restores the right entry on a smaller box."""
+    from lmlab.checkpoint import device_rng_state, rng_state, set_rng_state
+
+    state = rng_state(torch.device("cpu"))
+    assert set(state) == {"torch", "device"} and state["device"] == "cpu"
+    torch.rand(3)
+    set_rng_state(state, torch.device("cpu"))
+    a = torch.rand(5)
+    set_rng_state(state, torch.device("cpu"))
+    assert torch.equal(a, torch.rand(5))
+
+    gpus = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]  # an 8-GPU box's saved states
+    old = {"torch": state["torch"], "cuda": gpus}
+    assert device_rng_state(old, torch.device("cuda", 1)) is gpus[1]  # rank on cuda:1 of a 2-GPU box
+    assert device_rng_state(old, torch.device("cuda", 0)) is gpus[0]
+    assert device_rng_state({"torch": state["torch"], "cuda": gpus[:1]}, torch.device("cuda", 3)) is None
+    assert device_rng_state(old, torch.device("cpu")) is None
+    new = {"torch": state["torch"], "device": "cuda", "device_rng": gpus[5]}  # saved by a rank on cuda:5
+    assert device_rng_state(new, torch.device("cuda", 0)) is gpus[5]  # resumed on a 1-GPU box
+    assert device_rng_state(new, torch.device("mps")) is None
+    assert device_rng_state({**new, "device": "mps"}, torch.device("mps")) is gpus[5]

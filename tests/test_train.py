@@ -372,3 +372,25 @@ def test_rng_state_holds_the_processs_own_device_and_reads_the_old_format():
     assert device_rng_state(new, torch.device("cuda", 0)) is gpus[5]  # resumed on a 1-GPU box
     assert device_rng_state(new, torch.device("mps")) is None
     assert device_rng_state({**new, "device": "mps"}, torch.device("mps")) is gpus[5]
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume_and_by_plot(tmp_path, char_data):
+    """A kill mid-append leaves half a JSON line at the end of metrics.jsonl: --resume and plot drop it; a damaged
+    line elsewhere is still an error."""
+    from lmlab.plot import read_evals
+
+    run = tmp_path / "run"
+    args = [*FLAGS, "--data", str(char_data), "--out", str(run), "--eval-interval", "2"]
+    subprocess.run(lmlab_cmd("train", *args, "--max-steps", "2"), check=True, env=subprocess_env())
+    metrics = run / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"event": "train", "step": 3, "lo')
+    assert [e["step"] for e in read_evals(run)] == [0, 2]
+    r = subprocess.run(lmlab_cmd("train", *args, "--max-steps", "4", "--resume"), capture_output=True, text=True,
+                       env=subprocess_env())
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert [e["step"] for e in read_evals(run)] == [0, 2, 4]
+    assert all(json.loads(ln) for ln in metrics.read_text().splitlines())  # no torn line left behind
+    metrics.write_text('{"event": "eval", "st\n' + metrics.read_text())
+    with pytest.raises(LmlabError, match="line 1 is not a JSON event"):
+        read_evals(run)

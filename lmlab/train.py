@@ -49,6 +49,7 @@ from lmlab.errors import LmlabError
 from lmlab.metrics import Metrics
 from lmlab.model import Transformer
 from lmlab.optim import Optimizers, build_optimizer, dropout_factor, lr_factor
+from lmlab.utils import current_dir
 
 TRAIN_STATE = "train_state.pt"
 # Train settings that may change on --resume; anything else must match the run being resumed.
@@ -219,14 +220,14 @@ def build_run(mc: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, r
     check_options(tc, info)
     data = load_data(mc, tc, data_dir, info)
     mc = mc.replace(vocab_size=data.tokens.vocab_size)
-    last_dir, best_dir = run_dir / "last", run_dir / "best"
+    last_dir = run_dir / "last"
     meta = None
     if resume:
         if not is_checkpoint(last_dir):
             raise LmlabError(f"nothing to resume: {last_dir} holds no checkpoint; start without --resume")
         meta = read_meta(last_dir)
         check_resume(meta, mc, tc, data.tokens, info)
-    elif is_checkpoint(last_dir) or is_checkpoint(best_dir):
+    elif is_checkpoint(last_dir):  # (a best/ alone is what a kill during the very first save leaves: start over)
         raise LmlabError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
     model = build_model(mc, tc, info, last_dir if resume else None)
     net = wrap(model, info, tc.fsdp)  # FSDP2 swaps in sharded parameters: build the optimizer after it
@@ -236,7 +237,7 @@ def build_run(mc: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, r
         rs = meta["run_state"]
         state = RunState(step=rs["step"], best_val=rs["best_val"], best_step=rs["best_step"],
                          evals_since_best=rs["evals_since_best"], elapsed_s=rs["elapsed_s"])
-        blob = torch.load(last_dir / TRAIN_STATE, map_location="cpu", weights_only=True)
+        blob = torch.load(current_dir(last_dir) / TRAIN_STATE, map_location="cpu", weights_only=True)
         load_optimizer_state(net, opt, blob["optimizer"], info, tc.fsdp)
         set_rng_state(blob["rng"][info.rank], info.device)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -394,3 +394,57 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume_and_by_plot(tmp_path, cha
     metrics.write_text('{"event": "eval", "st\n' + metrics.read_text())
     with pytest.raises(LmlabError, match="line 1 is not a JSON event"):
         read_evals(run)
+
+
+def test_every_reader_finds_the_previous_checkpoint_in_every_window_of_a_swap(tmp_path, char_data):
+    """The states a kill can leave during a checkpoint swap, made by hand: a half-built temporary directory, the
+    old version set aside with the new one not yet renamed in, a half-deleted set-aside copy. In each, every
+    reader finds a complete checkpoint, and --resume continues to the same weights as a run never interrupted."""
+    from lmlab.checkpoint import is_checkpoint, load_model, read_meta, resolve_checkpoint
+
+    args = [*FLAGS, "--data", str(char_data), "--eval-interval", "2"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    subprocess.run(lmlab_cmd("train", *args, "--out", str(straight), "--max-steps", "4"), check=True,
+                   env=subprocess_env())
+    subprocess.run(lmlab_cmd("train", *args, "--out", str(run), "--max-steps", "2"), check=True, env=subprocess_env())
+    before = weights(run / "last")
+    half = run / ".last.abcd1234.tmp"  # a kill while the next save was being written
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 100)
+    for d in ("best", "last"):  # a kill between the two renames of the swap
+        (run / d).rename(run / f".{d}.old")
+    assert is_checkpoint(run / "last") and not (run / "last").exists()
+    assert read_meta(run / "last")["run_state"]["step"] == 2
+    assert resolve_checkpoint(run) == run / ".best.old"
+    model, _, _ = load_model(run / "last", torch.device("cpu"), torch.float32)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
+    assert lmlab.load(run, device="cpu").meta["run_state"]["step"] == 2
+    r = subprocess.run(lmlab_cmd("train", *args, "--out", str(run), "--max-steps", "4", "--resume"),
+                       capture_output=True, text=True, env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    a, b = weights(straight / "last"), weights(run / "last")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []  # recovered, cleaned up
+
+    (run / ".last.old").mkdir()  # a kill while deleting the set-aside copy after a swap: readers ignore it
+    (run / ".last.old" / "lmlab.json").write_text("{")
+    assert read_meta(run / "last")["run_state"]["step"] == 4
+
+
+def test_checkpoints_honour_the_umask(tmp_path):
+    """Files and directories of a checkpoint get the umask's modes (mkstemp/mkdtemp alone would give 0600/0700)."""
+    import os
+
+    from lmlab.checkpoint import save_model
+    from lmlab.model import Transformer
+
+    model = Transformer(TINY)
+    for mask, file_mode, dir_mode in ((0o022, 0o644, 0o755), (0o027, 0o640, 0o750)):
+        old = os.umask(mask)
+        try:
+            path = save_model(tmp_path / f"ck{mask:o}", model, None)
+        finally:
+            os.umask(old)
+        assert path.stat().st_mode & 0o777 == dir_mode
+        assert {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()} == {
+            "model.safetensors": file_mode, "lmlab.json": file_mode}

@@ -4,16 +4,19 @@
     lmlab.json          {"format": "lmlab", "version": 1, "config": {...}, "tokenizer": {...}, ...extra}
     tokenizer.json      the tokenizer file (char or HF tokenizers JSON)
 
-A save builds the new directory beside the old one and swaps it in with renames, so a crash or a full
-disk mid-save leaves the previous checkpoint intact. A run directory holds `best/` and `last/`.
+A save builds the new directory beside the old one, makes every file durable (fsync), and swaps it in with two
+renames (lmlab.utils.atomic_dir); files get the umask's modes (0644 / 0755 under umask 022). A kill or a full
+disk at any instant leaves one complete checkpoint: the new one, the old one, or, between the two renames, the
+old one set aside as `.NAME.old`, which every reader here finds (current_dir) and the next save puts back.
+A run directory holds `best/` and `last/`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +26,22 @@ from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.model import Transformer
 from lmlab.tokenizer import Tokenizer, load_tokenizer, tokenizer_meta
+from lmlab.utils import atomic_dir, current_dir
 
 META = "lmlab.json"
 FORMAT_VERSION = 1
 
 
 def is_checkpoint(path: Path) -> bool:
-    return (path / META).is_file()
+    return (current_dir(path) / META).is_file()
 
 
 def resolve_checkpoint(path: Path) -> Path | None:
-    """A checkpoint dir itself, or a run dir's best/ (falling back to last/), or None."""
+    """A checkpoint dir itself, or a run dir's best/ (falling back to last/), or None. The path returned is where
+    the files are now (a checkpoint whose swap a kill interrupted is read from its set-aside copy)."""
     for candidate in (path, path / "best", path / "last"):
         if is_checkpoint(candidate):
-            return candidate
+            return current_dir(candidate)
     return None
 
 
@@ -53,43 +58,69 @@ def save_checkpoint(path: str | os.PathLike, cfg: ModelConfig, state: dict[str, 
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        if cfg.tie_embeddings:
-            state.pop("lm_head.weight", None)  # the same tensor as wte.weight
+    remove_stale_temps(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)  # the same tensor as wte.weight
+    meta = {"format": "lmlab", "version": FORMAT_VERSION, "config": cfg.to_dict(),
+            "tokenizer": tokenizer_meta(tokenizer) if tokenizer is not None else None, **(extra or {})}
+    with atomic_dir(path) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        meta = {"format": "lmlab", "version": FORMAT_VERSION, "config": cfg.to_dict(),
-                "tokenizer": tokenizer_meta(tokenizer) if tokenizer is not None else None, **(extra or {})}
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
         for name, data in (files or {}).items():
             (tmp / name).write_bytes(data)
         (tmp / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        for f in tmp.iterdir():  # durable before it becomes visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _swap_in(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
-def _swap_in(new: Path, path: Path) -> None:
-    """Replace directory `path` by `new`: rename the old one aside, rename the new one in, drop the old."""
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(new, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def remove_stale_temps(path: Path) -> None:
+    """Delete the half-built `.NAME.xxxxxxxx.tmp` directories that kills during earlier saves of `path` left.
+    Only the one writer of a checkpoint path (a training run) saves there, so none of them is in use."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    if path.parent.is_dir():
+        for p in path.parent.iterdir():
+            if pattern.fullmatch(p.name) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's RNG state for an exact resume: the CPU generator and its own device's generator only
+    (a process on cuda:1 saves cuda:1's state; saving every visible GPU made resuming on a smaller box fail)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "device": device.type}
+    if device.type == "cuda":
+        state["device_rng"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["device_rng"] = torch.mps.get_rng_state()
+    return state
+
+
+def device_rng_state(state: dict[str, Any], device: torch.device) -> torch.Tensor | None:
+    """The saved state of `device`'s generator, or None when the checkpoint holds none for it (another device
+    type). Reads the format before this one too: {"torch", "cuda": [every visible GPU's state, by index]}, where
+    a process's own GPU is the entry at its device index."""
+    if "device" in state:
+        return state.get("device_rng") if state["device"] == device.type else None
+    old = state.get("cuda")
+    if device.type != "cuda" or not old:
+        return None
+    index = device.index if device.index is not None else (torch.cuda.current_device() if torch.cuda.is_available()
+                                                            else 0)
+    return old[index] if index < len(old) else None
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what rng_state saved (or the older format) for a process running on `device`."""
+    torch.set_rng_state(state["torch"].cpu())
+    own = device_rng_state(state, device)
+    if own is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(own.cpu(), device)
+    elif own is not None and device.type == "mps":
+        torch.mps.set_rng_state(own.cpu())
 
 
 def read_meta(path: Path) -> dict[str, Any]:
+    path = current_dir(path)
     try:
         meta = json.loads((path / META).read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
@@ -108,6 +139,7 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Tr
 
     from lmlab.weights.load import finish_load
 
+    path = current_dir(path)
     meta = read_meta(path)
     cfg = ModelConfig.from_dict(meta["config"])
     with torch.device("meta"):

@@ -4,11 +4,13 @@ References: GPT-2 (Radford et al. 2019; nanoGPT's model.py), Llama (Touvron et a
 `modeling_llama.py`), dropout placement from "Attention Is All You Need" (Vaswani et al. 2017, sec. 5.4),
 the static KV cache from gpt-fast. Imports torch and config only.
 
-Dropout sites, each inverted dropout through torch's own ops, active only in train():
-    (a) embed  on tok_emb (+ pos_emb)                         nn.Dropout  `self.drop_embed`
-    (b) attn   on the attention probabilities                 SDPA's dropout_p, so fused kernels still apply
-    (c) resid  on each sub-layer output, before the residual  nn.Dropout  `block.drop_attn`, `block.drop_mlp`
-`set_dropout()` changes the rates in place, so a schedule can move them during training.
+Dropout sites, each inverted dropout (`Dropout` below), active only in train() with a nonzero rate:
+    (a) embed  on tok_emb (+ pos_emb)                         `self.drop_embed`
+    (b) attn   on the attention probabilities                 `block.attn.drop_probs`
+    (c) resid  on each sub-layer output, before the residual  `block.drop_attn`, `block.drop_mlp`
+`set_dropout()` changes the rates in place, so a schedule can move them during training. A rate is a 0-dim
+tensor, not a Python float: torch.compile guards on floats, so a schedule moving every step would recompile
+every step until it hit the recompile limit and fell back to eager.
 
 Shapes: B batch, T query length, S cache length, C d_model, H heads, K kv heads, D head_dim.
 """
@@ -70,6 +72,46 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+class Dropout(nn.Module):
+    """Inverted dropout (Srivastava et al. 2014): zero each element with probability p, scale the rest by 1/(1-p).
+
+    The rate lives in `rate`, a float32 0-dim tensor changed in place, which torch.compile reads as a graph input
+    (nn.Dropout's float `p` would be a guarded constant). `p` reads and sets it as a float. The rate follows the
+    module's device; `active` (p > 0) is the one Python value compiled code sees, so a schedule that turns
+    dropout off recompiles once, not every step."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.rate = torch.tensor(float(p), dtype=torch.float32, device="cpu")  # not a buffer: .to(bf16) keeps it
+        self.p = p
+
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        self._p = float(value)
+        self.rate.fill_(self._p)
+        self.active = self._p > 0
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        device = fn(torch.zeros((), device=self.rate.device)).device  # where .to()/.cuda()/to_empty() send tensors
+        if device != self.rate.device:
+            self.rate = torch.tensor(self._p, dtype=torch.float32, device=device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.active:
+            return x
+        keep = torch.rand(x.shape, device=x.device) >= self.rate  # P(keep) = 1 - p; float32 draws whatever x is
+        return torch.where(keep, x / (1 - self.rate), 0.0)
+
+    def extra_repr(self) -> str:
+        return f"p={self._p}"
+
+
 class KVCache(nn.Module):
     """Static-shape cache of keys and values, written at `input_pos` (gpt-fast): shapes never change while
     decoding, so the step is friendly to torch.compile and CUDA graphs."""
@@ -94,7 +136,7 @@ class Attention(nn.Module):
         # q, k and v in one matmul: (H + 2K) * D outputs.
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.dropout_p = cfg.dropout_attn
+        self.drop_probs = Dropout(cfg.dropout_attn)
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -109,20 +151,32 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.cache is not None and input_pos is not None:
             k, v = self.cache.update(input_pos, k, v)  # (B, K, S, D)
-        y = attend(q, k, v, mask, self.dropout_p if self.training else 0.0)  # (B, H, T, D)
+        drop = self.drop_probs if self.training and self.drop_probs.active else None
+        y = attend(q, k, v, mask, drop)  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           dropout_p: float) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) + mask) v, with inverted dropout on the probabilities, via SDPA.
+           dropout: Dropout | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v, with `dropout` (when given) on the probabilities.
 
-    mask None means plain causal attention (the fused flash/efficient kernels); otherwise a boolean
-    (B or 1, 1, T, S) mask, True where attention is allowed. K < H heads share keys (grouped-query)."""
+    mask None means plain causal attention; otherwise a boolean (B or 1, 1, T, S) mask, True where attention is
+    allowed. K < H heads share keys (grouped-query). Without dropout this is SDPA (fused flash/efficient kernels).
+    With it the probabilities are formed here: SDPA's dropout_p must be a Python float, which torch.compile
+    guards on, so a moving rate would recompile every step. This costs the (B, H, T, S) probabilities in memory."""
     gqa = k.shape[1] != q.shape[1]
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+    if dropout is None:
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    if gqa:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, S, D)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, T, S)
+    if mask is None:  # causal, aligned top-left as SDPA's is_causal
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")).float(), dim=-1).to(q.dtype)
+    return dropout(probs) @ v
 
 
 def attention_mask(input_pos: torch.Tensor, S: int, offset: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,10 +219,10 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg)
-        self.drop_attn = nn.Dropout(cfg.dropout_resid)
+        self.drop_attn = Dropout(cfg.dropout_resid)
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
-        self.drop_mlp = nn.Dropout(cfg.dropout_resid)
+        self.drop_mlp = Dropout(cfg.dropout_resid)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 input_pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
@@ -190,7 +244,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.context_length, cfg.d_model) if cfg.pos == "learned" else None
-        self.drop_embed = nn.Dropout(cfg.dropout_embed)
+        self.drop_embed = Dropout(cfg.dropout_embed)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -250,7 +304,7 @@ class Transformer(nn.Module):
             self.drop_embed.p = embed
         for block in self.blocks:
             if attn is not None:
-                block.attn.dropout_p = attn
+                block.attn.drop_probs.p = attn
             if resid is not None:
                 block.drop_attn.p = resid
                 block.drop_mlp.p = resid

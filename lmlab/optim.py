@@ -20,7 +20,8 @@ from lmlab.config import TrainConfig
 
 
 class Optimizers:
-    """One or more torch optimizers stepped together (Muon + AdamW), with one state dict."""
+    """One or more torch optimizers stepped together (Muon + AdamW), with one state dict. Each group keeps the
+    configured lr as `base_lr`; set_lr_factor sets lr = base_lr * factor."""
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
         self.optimizers = optimizers
@@ -55,7 +56,9 @@ class Optimizers:
             raise ValueError(f"optimizer state holds {len(states)} optimizers, this run has {len(self.optimizers)}")
         for opt, s in zip(self.optimizers, states, strict=True):
             opt.load_state_dict(s)
-            for group in opt.param_groups:  # base_lr comes from this run's config, not the saved one
+            # torch restores each group's saved keys, base_lr among them (equal to this run's lr: --resume refuses a
+            # changed lr); a state saved without it takes the restored lr.
+            for group in opt.param_groups:
                 group.setdefault("base_lr", group["lr"])
 
 
@@ -86,7 +89,7 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> Optimizers:
         return Optimizers([opt.Adam(groups, lr=lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)])
     if name == "adamw":
         return Optimizers([opt.AdamW(groups, lr=lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)])
-    if name == "lbfgs":  # full-batch, small models: one parameter group, no weight decay
+    if name == "lbfgs":  # one fixed batch (train.py's lbfgs_step), small models: one parameter group, no decay
         params = [p for p in model.parameters() if p.requires_grad]
         return Optimizers([opt.LBFGS(params, lr=lr, max_iter=5, history_size=20, line_search_fn="strong_wolfe")])
     if name == "muon":

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lmlab.errors import LmlabError
+from lmlab.metrics import read_events
 
 
 def read_evals(run: str | Path) -> list[dict]:
+    """The eval events of a run (one still training, or killed mid-append, may end in a torn line: dropped)."""
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise LmlabError(f"{run} has no metrics.jsonl; give run directories written by lmlab train")
-    events = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                raise LmlabError(f"{path} line {i} is not JSON; the file is damaged") from None
-    return [e for e in events if e.get("event") == "eval"]
+    return [e for e in read_events(path) if e.get("event") == "eval"]
 
 
 def plot_runs(runs: list[str], out: str | Path, title: str | None = None) -> Path:

@@ -1,33 +1,34 @@
-"""Pretraining: one visible loop.
+"""Pretraining: one visible loop (`_train`, read it first), its machinery in small named pieces around it.
 
     for each step:  set lr and dropout from their schedules -> micro-batches: forward, loss, backward
                     -> clip the global gradient norm -> optimizer step -> log
                     -> every eval_interval: val and train loss on fixed subsets, in eval mode
                        -> save RUN/best on improvement, RUN/last always -> early stop after `patience`
 
-A run directory holds best/ and last/ (our checkpoint format, written atomically), metrics.jsonl (one JSON
-object per event), and TensorBoard events when tensorboard is installed. `resume=True` continues from
-last/ exactly: weights, optimizer state, RNG state and step are restored, and batches are a pure function
-of the step, so the continued run equals the uninterrupted one. Ctrl-C (or SIGTERM) finishes the step in
-flight, saves last/, and exits; a NaN or inf loss stops the run and keeps the last good checkpoint.
+A run directory holds best/ and last/ (our checkpoint format, swapped in crash-safely), metrics.jsonl (one JSON
+object per event, see lmlab/metrics.py), and TensorBoard events when tensorboard is installed. `resume=True`
+continues from last/ exactly: weights, optimizer state, RNG state and step are restored, and batches are a pure
+function of the step, so the continued run equals the uninterrupted one, even after a SIGKILL at any instant.
+Ctrl-C (or SIGTERM) finishes the step in flight, saves last/, and exits; a NaN or inf loss stops the run and
+keeps the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import signal
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from lmlab.checkpoint import is_checkpoint, load_model, read_meta, save_checkpoint
+from lmlab.checkpoint import is_checkpoint, load_model, read_meta, rng_state, save_checkpoint, set_rng_state
 from lmlab.config import ModelConfig, TrainConfig
 from lmlab.data import Batches, TokenData, eval_windows, windows_to_batch
 from lmlab.distributed import (
@@ -45,9 +46,10 @@ from lmlab.distributed import (
     wrap,
 )
 from lmlab.errors import LmlabError
+from lmlab.metrics import Metrics
 from lmlab.model import Transformer
-from lmlab.optim import build_optimizer, dropout_factor, lr_factor
-from lmlab.utils import atomic_write_text
+from lmlab.optim import Optimizers, build_optimizer, dropout_factor, lr_factor
+from lmlab.utils import current_dir
 
 TRAIN_STATE = "train_state.pt"
 # Train settings that may change on --resume; anything else must match the run being resumed.
@@ -57,7 +59,7 @@ RESUMABLE_CHANGES = {"max_steps", "max_tokens", "eval_interval", "eval_batches",
 
 @dataclass
 class RunState:
-    """Everything besides weights and optimizer state that a resumed run needs."""
+    """Everything besides weights and optimizer state that a resumed run needs (saved in lmlab.json)."""
 
     step: int = 0
     best_val: float = math.inf
@@ -65,7 +67,6 @@ class RunState:
     evals_since_best: int = 0
     elapsed_s: float = 0.0
     stop_reason: str | None = None
-    history: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -79,41 +80,354 @@ class TrainResult:
     elapsed_s: float
 
 
-class Metrics:
-    """metrics.jsonl (rank 0 only) and, when tensorboard is installed, TensorBoard scalars."""
+def train(mc: ModelConfig, tc: TrainConfig, data_dir: str | Path, run_dir: str | Path, resume: bool = False,
+          quiet: bool = False) -> TrainResult:
+    """Train a model described by `mc` with settings `tc` on a prepared data directory, into `run_dir`."""
+    info = init_distributed(tc.device)
+    try:
+        result = _train(build_run(mc, tc, Path(data_dir), Path(run_dir), resume, info), quiet)
+        barrier(info)  # leave together: gloo aborts a rank that tears down while its peer still talks
+        return result
+    finally:
+        shutdown(info)
 
-    def __init__(self, run_dir: Path, info: DistInfo, resume_step: int | None) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        self.enabled = info.is_main
-        self.tb = None
-        if not self.enabled:
+
+def _train(run: Run, quiet: bool) -> TrainResult:
+    """The loop. Everything it calls is a method of `run` (below) or a small helper."""
+    state, tc = run.state, run.tc
+    progress = Progress(run, quiet)
+    run.net.train()
+    with StopRequest() as stop, progress:
+        if not run.resumed and run.evaluate_and_save(progress):
+            run.n_steps = state.step
+        while state.step < run.n_steps:
+            t0 = time.time()
+            lr, rates = run.set_schedules()
+            loss = run.train_step()
+            if not math.isfinite(loss):
+                raise run.diverged(loss)
+            state.step += 1
+            state.elapsed_s += time.time() - t0
+            if state.step % tc.log_interval == 0 or state.step == run.n_steps:
+                tok_per_s = progress.throughput(state.step)
+                run.metrics.log("train", step=state.step, loss=loss, lr=lr, dropout=rates,
+                                tokens_seen=state.step * run.tokens_per_step, tok_per_s=round(tok_per_s, 1),
+                                elapsed_s=round(state.elapsed_s, 3))
+                progress.postfix(loss, lr, tok_per_s)
+            progress.update()
+            if state.step % tc.eval_interval == 0 or state.step == run.n_steps:
+                if run.evaluate_and_save(progress):
+                    break
+            if broadcast_flag(stop.requested, run.info):
+                state.stop_reason = f"interrupted at step {state.step}"
+                run.save(run.last_dir, with_train_state=True)
+                break
+    return run.finish(quiet)
+
+
+def loss_of(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: AbstractContextManager) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch, logits in float32 whatever the autocast dtype."""
+    with autocast:
+        logits = net(x)  # (B, T, vocab)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate_loss(net: torch.nn.Module, split: np.ndarray, windows: list[np.ndarray], T: int, device: torch.device,
+                  autocast: AbstractContextManager | None = None) -> float:
+    """The mean loss over fixed batches of windows (starts into `split`), in eval mode: training's evaluation."""
+    net.eval()
+    autocast = autocast or nullcontext()
+    losses = [loss_of(net, *windows_to_batch(split, w, T, device), autocast).item() for w in windows]
+    net.train()
+    return sum(losses) / len(losses)
+
+
+def total_steps(tc: TrainConfig, tokens_per_step: int) -> int:
+    limits = [tc.max_steps] if tc.max_steps else []
+    if tc.max_tokens:
+        limits.append(math.ceil(tc.max_tokens / tokens_per_step))
+    return min(limits)
+
+
+@dataclass
+class Data:
+    """The data a run reads: splits, training batches, and the fixed evaluation windows."""
+
+    tokens: TokenData
+    train: np.ndarray
+    val: np.ndarray
+    batches: Batches
+    val_windows: list[np.ndarray]
+    train_windows: list[np.ndarray]
+
+
+def load_data(mc: ModelConfig, tc: TrainConfig, data_dir: Path, info: DistInfo) -> Data:
+    data = TokenData(data_dir)
+    T, B = mc.context_length, tc.batch_size
+    train_split, val_split = data.split("train"), data.split("val")
+    batches = Batches(train_split, T, B, tc.grad_accum, tc.seed, tc.sampling, info.rank, info.world)
+    if B * info.world * T > len(train_split):
+        raise LmlabError(f"a batch of {B * info.world} x {T} tokens does not fit in the training split "
+                         f"({len(train_split)} tokens); lower --batch-size or --context-length")
+    return Data(data, train_split, val_split, batches, eval_windows(val_split, T, B, tc.eval_batches, tc.seed),
+                eval_windows(train_split, T, B, tc.eval_batches, tc.seed + 1))
+
+
+def check_resume(meta: dict, mc: ModelConfig, tc: TrainConfig, data: TokenData, info: DistInfo) -> None:
+    """Refuse to resume a run with settings that would make the continuation differ from the original."""
+    saved_mc = ModelConfig.from_dict(meta["config"])
+    if saved_mc != mc:
+        diff = [k for k, v in mc.to_dict().items() if saved_mc.to_dict()[k] != v]
+        raise LmlabError(f"cannot resume: the model config differs from the saved run in {', '.join(diff)}; "
+                         "pass the same settings as the original run, or train into a new --out")
+    saved_tc = meta.get("train_config", {})
+    diff = [k for k, v in tc.to_dict().items() if k not in RESUMABLE_CHANGES and saved_tc.get(k) != v]
+    if diff:
+        raise LmlabError(f"cannot resume: {', '.join(diff)} differ from the saved run "
+                         f"({', '.join(f'{k}={saved_tc.get(k)!r}' for k in diff)}); only "
+                         f"{', '.join(sorted(RESUMABLE_CHANGES))} may change on --resume")
+    if meta.get("data_vocab_size") not in (None, data.vocab_size):
+        raise LmlabError("cannot resume: the data directory's tokenizer differs from the one the run was trained on")
+    world = meta["run_state"].get("world_size", 1)
+    if world != info.world:
+        raise LmlabError(f"cannot resume: the run was trained by {world} processes and this launch has "
+                         f"{info.world}; the batches would differ. Use the same process count")
+
+
+def check_options(tc: TrainConfig, info: DistInfo) -> None:
+    if tc.optimizer == "lbfgs" and info.enabled:
+        raise LmlabError("lbfgs is full-batch and single-process; run it without torchrun")
+    if tc.optimizer == "muon" and tc.fsdp:
+        raise LmlabError("muon needs whole weight matrices; use DDP (drop --fsdp) with muon")
+
+
+def build_model(mc: ModelConfig, tc: TrainConfig, info: DistInfo, last_dir: Path | None) -> Transformer:
+    """The initial model (seeded, so every rank starts equal), or the weights saved in `last_dir`."""
+    torch.manual_seed(tc.seed)
+    model = Transformer(mc)
+    model.init_weights(tc.init)
+    model.to(info.device)
+    if last_dir is not None:
+        saved, _, _ = load_model(last_dir, info.device, torch.float32)
+        model.load_state_dict(saved.state_dict())
+    torch.manual_seed(tc.seed + info.rank)  # a dropout stream per rank (a resume restores it below)
+    return model
+
+
+def build_run(mc: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, info: DistInfo) -> Run:
+    """Data, model, wrapping, optimizer, and (with `resume`) everything restored from RUN/last."""
+    check_options(tc, info)
+    data = load_data(mc, tc, data_dir, info)
+    mc = mc.replace(vocab_size=data.tokens.vocab_size)
+    last_dir = run_dir / "last"
+    meta = None
+    if resume:
+        if not is_checkpoint(last_dir):
+            raise LmlabError(f"nothing to resume: {last_dir} holds no checkpoint; start without --resume")
+        meta = read_meta(last_dir)
+        check_resume(meta, mc, tc, data.tokens, info)
+    elif is_checkpoint(last_dir):  # (a best/ alone is what a kill during the very first save leaves: start over)
+        raise LmlabError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    model = build_model(mc, tc, info, last_dir if resume else None)
+    net = wrap(model, info, tc.fsdp)  # FSDP2 swaps in sharded parameters: build the optimizer after it
+    opt = build_optimizer(model, tc)
+    state = RunState()
+    if meta is not None:
+        rs = meta["run_state"]
+        state = RunState(step=rs["step"], best_val=rs["best_val"], best_step=rs["best_step"],
+                         evals_since_best=rs["evals_since_best"], elapsed_s=rs["elapsed_s"])
+        blob = torch.load(current_dir(last_dir) / TRAIN_STATE, map_location="cpu", weights_only=True)
+        load_optimizer_state(net, opt, blob["optimizer"], info, tc.fsdp)
+        set_rng_state(blob["rng"][info.rank], info.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if tc.compile:
+        net = torch.compile(net)
+    metrics = Metrics(run_dir, info.is_main, state.step if resume else None)
+    return Run(mc, tc, info, data, run_dir, model, net, opt, state, metrics, resumed=resume)
+
+
+class Run:
+    """One training run: what build_run assembled, and the step, evaluate-and-save and save the loop calls."""
+
+    def __init__(self, mc: ModelConfig, tc: TrainConfig, info: DistInfo, data: Data, run_dir: Path,
+                 model: Transformer, net: torch.nn.Module, opt: Optimizers, state: RunState, metrics: Metrics,
+                 resumed: bool) -> None:
+        self.mc, self.tc, self.info, self.data, self.run_dir = mc, tc, info, data, run_dir
+        self.model, self.net, self.opt, self.state, self.metrics = model, net, opt, state, metrics
+        self.resumed = resumed
+        self.last_dir, self.best_dir = run_dir / "last", run_dir / "best"
+        self.tokens_per_step = tc.batch_size * mc.context_length * tc.grad_accum * info.world
+        self.n_steps = total_steps(tc, self.tokens_per_step)
+        self.autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if tc.dtype == "bfloat16"
+                         else nullcontext())
+        self.base_rates = (mc.dropout_embed, mc.dropout_attn, mc.dropout_resid)
+
+    def set_schedules(self) -> tuple[float, list[float]]:
+        """Set this step's learning rate and dropout rates; return them for the log."""
+        factor = lr_factor(self.state.step, self.tc, self.n_steps)
+        self.opt.set_lr_factor(factor)
+        rates = [r * dropout_factor(self.state.step, self.tc, self.n_steps) for r in self.base_rates]
+        self.model.set_dropout(*rates)
+        return self.tc.lr * factor, rates
+
+    def micro_batches(self, step: int) -> float:
+        """Forward and backward over grad_accum micro-batches, gradients averaged (and, under DDP, all-reduced
+        on the last one only), then clipped. Returns the mean loss over every rank."""
+        tc, info, total = self.tc, self.info, 0.0
+        for micro in range(tc.grad_accum):
+            x, y = self.data.batches.get(step, micro, info.device)
+            sync = micro == tc.grad_accum - 1 or not info.enabled or tc.fsdp
+            with nullcontext() if sync else self.net.no_sync():
+                loss = loss_of(self.net, x, y, self.autocast) / tc.grad_accum
+                loss.backward()
+            total += loss.item()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), tc.grad_clip)
+        return all_reduce_mean(total, info)
+
+    def train_step(self) -> float:
+        """One optimizer step; the loss it was taken on."""
+        if self.tc.optimizer == "lbfgs":
+            return self.lbfgs_step()
+        loss = self.micro_batches(self.state.step)
+        if math.isfinite(loss):
+            self.opt.step()
+        self.opt.zero_grad()
+        return loss
+
+    def lbfgs_step(self) -> float:
+        """L-BFGS re-evaluates loss and gradient several times per step (its line search), always on one fixed
+        batch: the batch_size * grad_accum windows of step 0, as grad_accum micro-batches, clipped like any step."""
+        def closure() -> float:
+            self.opt.zero_grad()
+            return self.micro_batches(0)
+
+        return float(self.opt.step(closure))
+
+    def evaluate(self) -> tuple[float, float]:
+        """(val loss, train loss) on the fixed evaluation windows."""
+        T, dev = self.mc.context_length, self.info.device
+        return (evaluate_loss(self.net, self.data.val, self.data.val_windows, T, dev, self.autocast),
+                evaluate_loss(self.net, self.data.train, self.data.train_windows, T, dev, self.autocast))
+
+    def evaluate_and_save(self, progress: Progress) -> bool:
+        """Evaluate, log, save best/ on improvement and last/ always; True when early stopping says stop."""
+        state, tc = self.state, self.tc
+        val, trn = self.evaluate()
+        improved = val < state.best_val - tc.min_delta
+        if improved:
+            state.best_val, state.best_step, state.evals_since_best = val, state.step, 0
+        else:
+            state.evals_since_best += 1
+        lr = tc.lr * lr_factor(max(0, state.step - 1), tc, self.n_steps)
+        self.metrics.log("eval", step=state.step, train_loss=trn, val_loss=val, lr=lr,
+                         tokens_seen=state.step * self.tokens_per_step, elapsed_s=round(state.elapsed_s, 3),
+                         best_val=state.best_val)
+        progress.write(f"step {state.step}: train loss {trn:.4f}, val loss {val:.4f}" + (
+            " (best)" if improved else f" (best {state.best_val:.4f} at step {state.best_step})"))
+        if improved:
+            self.save(self.best_dir, with_train_state=False)
+        self.save(self.last_dir, with_train_state=True)
+        barrier(self.info)
+        if tc.patience and state.evals_since_best >= tc.patience:
+            state.stop_reason = (f"early stopping: val loss did not improve by {tc.min_delta} in {tc.patience} "
+                                 f"evaluations (best {state.best_val:.4f} at step {state.best_step})")
+            return True
+        return False
+
+    def save(self, directory: Path, with_train_state: bool) -> None:
+        """Write a checkpoint (rank 0 writes; every rank joins the collectives that gather it)."""
+        info, tc, state = self.info, self.tc, self.state
+        weights = full_state_dict(self.net, info, tc.fsdp)
+        rng = gather_objects(rng_state(info.device), info) if with_train_state else None
+        opt_state = optimizer_state(self.net, self.opt, info, tc.fsdp) if with_train_state else None
+        if not info.is_main:
             return
-        if resume_step is not None and self.path.exists():  # drop events the resumed run will redo
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= resume_step and json.loads(ln)["event"] != "stop"]
-            atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
-        elif self.path.exists():
-            self.path.unlink()
+        files = {}
+        if with_train_state:
+            buf = io.BytesIO()
+            torch.save({"optimizer": opt_state, "rng": rng, "step": state.step}, buf)
+            files[TRAIN_STATE] = buf.getvalue()
+        extra = {"train_config": tc.to_dict(), "data_dir": str(self.data.tokens.path),
+                 "data_vocab_size": self.data.tokens.vocab_size,
+                 "run_state": {"step": state.step, "best_val": state.best_val, "best_step": state.best_step,
+                               "evals_since_best": state.evals_since_best, "elapsed_s": state.elapsed_s,
+                               "tokens_seen": state.step * self.tokens_per_step, "world_size": info.world}}
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            save_checkpoint(directory, self.mc, weights, self.data.tokens.tokenizer, extra=extra, files=files)
+        except (OSError, SafetensorError) as e:
+            why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+            raise LmlabError(f"could not save the checkpoint to {directory} ({why}); the previous checkpoint there "
+                             "is intact. Free some disk space, then --resume") from None
 
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step)
-        except Exception:  # tensorboard not installed: the JSONL file is the record
-            self.tb = None
+    def diverged(self, loss: float) -> LmlabError:
+        """Log the stop and explain it: the error `_train` raises on a NaN or inf loss."""
+        self.state.stop_reason = f"loss became {loss} at step {self.state.step + 1}"
+        self.metrics.log("stop", step=self.state.step, reason=self.state.stop_reason)
+        self.metrics.close()
+        kept = f"the last good checkpoint is {self.last_dir} (step {read_meta(self.last_dir)['run_state']['step']})" \
+            if is_checkpoint(self.last_dir) else "no checkpoint was written yet"
+        return LmlabError(f"training diverged: {self.state.stop_reason}; {kept}. Lower --lr, raise --warmup-steps, "
+                          "or set --grad-clip")
 
-    def log(self, event: str, **fields) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"event": event, **fields}) + "\n")
-        if self.tb is not None and "step" in fields:
-            for k, v in fields.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(f"{event}/{k}", v, fields["step"])
+    def finish(self, quiet: bool) -> TrainResult:
+        """Log the stop and sum the run up."""
+        state = self.state
+        if state.stop_reason is None:
+            state.stop_reason = f"finished {self.n_steps} steps"
+        self.metrics.log("stop", step=state.step, reason=state.stop_reason, best_val=state.best_val,
+                         best_step=state.best_step, elapsed_s=round(state.elapsed_s, 3))
+        self.metrics.close()
+        evals = [e for e in self.metrics.events() if e["event"] == "eval"]
+        if not quiet:
+            print0(self.info, f"{state.stop_reason}; best val loss {state.best_val:.4f} at step {state.best_step}; "
+                              f"checkpoints in {self.run_dir}/best and {self.run_dir}/last")
+        return TrainResult(self.run_dir, state.step, state.best_val, state.best_step,
+                           evals[-1]["val_loss"] if evals else None, state.stop_reason, state.elapsed_s)
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+
+class Progress:
+    """The tqdm bar on rank 0 (none when quiet), and the throughput since the last log line."""
+
+    def __init__(self, run: Run, quiet: bool) -> None:
+        self.bar = None
+        self.tokens_per_step = run.tokens_per_step
+        self.t_last, self.step_last = time.time(), run.state.step
+        if not quiet:
+            print0(run.info, f"training a {run.mc.family} model of {run.model.num_params():,} parameters on "
+                             f"{run.info.device} x{run.info.world}: {run.n_steps} steps of {run.tokens_per_step:,} "
+                             f"tokens ({run.tc.optimizer}, lr {run.tc.lr}, {run.tc.schedule} schedule)")
+            if run.info.is_main:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=run.n_steps, initial=run.state.step, desc="training", unit="step",
+                                dynamic_ncols=True, mininterval=0.5)
+
+    def throughput(self, step: int) -> float:
+        now = time.time()
+        tps = (step - self.step_last) * self.tokens_per_step / max(1e-9, now - self.t_last)
+        self.t_last, self.step_last = now, step
+        return tps
+
+    def postfix(self, loss: float, lr: float, tok_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_per_s:,.0f}")
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class StopRequest:
@@ -139,271 +453,3 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
-
-
-def _check_resume(meta: dict, mc: ModelConfig, tc: TrainConfig, data: TokenData) -> None:
-    saved_mc = ModelConfig.from_dict(meta["config"])
-    if saved_mc != mc:
-        diff = [k for k, v in mc.to_dict().items() if saved_mc.to_dict()[k] != v]
-        raise LmlabError(f"cannot resume: the model config differs from the saved run in {', '.join(diff)}; "
-                         "pass the same settings as the original run, or train into a new --out")
-    saved_tc = meta.get("train_config", {})
-    diff = [k for k, v in tc.to_dict().items() if k not in RESUMABLE_CHANGES and saved_tc.get(k) != v]
-    if diff:
-        raise LmlabError(f"cannot resume: {', '.join(diff)} differ from the saved run "
-                         f"({', '.join(f'{k}={saved_tc.get(k)!r}' for k in diff)}); only "
-                         f"{', '.join(sorted(RESUMABLE_CHANGES))} may change on --resume")
-    if meta.get("data_vocab_size") not in (None, data.vocab_size):
-        raise LmlabError("cannot resume: the data directory's tokenizer differs from the one the run was trained on")
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def total_steps(tc: TrainConfig, tokens_per_step: int) -> int:
-    limits = [tc.max_steps] if tc.max_steps else []
-    if tc.max_tokens:
-        limits.append(math.ceil(tc.max_tokens / tokens_per_step))
-    return min(limits)
-
-
-def train(mc: ModelConfig, tc: TrainConfig, data_dir: str | Path, run_dir: str | Path, resume: bool = False,
-          quiet: bool = False) -> TrainResult:
-    """Train a model described by `mc` with settings `tc` on a prepared data directory, into `run_dir`."""
-    info = init_distributed(tc.device)
-    try:
-        result = _train(mc, tc, Path(data_dir), Path(run_dir), resume, quiet, info)
-        barrier(info)  # leave together: gloo aborts a rank that tears down while its peer still talks
-        return result
-    finally:
-        shutdown(info)
-
-
-def _train(mc: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, quiet: bool,
-           info: DistInfo) -> TrainResult:
-    data = TokenData(data_dir)
-    mc = mc.replace(vocab_size=data.vocab_size) if mc.vocab_size != data.vocab_size else mc
-    T, B = mc.context_length, tc.batch_size
-    train_split, val_split = data.split("train"), data.split("val")
-    batches = Batches(train_split, T, B, tc.grad_accum, tc.seed, tc.sampling, info.rank, info.world)
-    if B * info.world * T > len(train_split):
-        raise LmlabError(f"a batch of {B * info.world} x {T} tokens does not fit in the training split "
-                         f"({len(train_split)} tokens); lower --batch-size or --context-length")
-    val_windows = eval_windows(val_split, T, B, tc.eval_batches, tc.seed)
-    train_windows = eval_windows(train_split, T, B, tc.eval_batches, tc.seed + 1)
-    if tc.optimizer == "lbfgs" and info.enabled:
-        raise LmlabError("lbfgs is full-batch and single-process; run it without torchrun")
-    if tc.optimizer == "muon" and tc.fsdp:
-        raise LmlabError("muon needs whole weight matrices; use DDP (drop --fsdp) with muon")
-
-    last_dir, best_dir = run_dir / "last", run_dir / "best"
-    state = RunState()
-    if resume:
-        if not is_checkpoint(last_dir):
-            raise LmlabError(f"nothing to resume: {last_dir} holds no checkpoint; start without --resume")
-        meta = read_meta(last_dir)
-        _check_resume(meta, mc, tc, data)
-    elif is_checkpoint(last_dir) or is_checkpoint(best_dir):
-        raise LmlabError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
-
-    torch.manual_seed(tc.seed)
-    model = Transformer(mc)
-    model.init_weights(tc.init)
-    model.to(info.device)
-    torch.manual_seed(tc.seed + info.rank)  # same initial weights everywhere, a dropout stream per rank
-    blob = None
-    if resume:
-        saved, _, meta = load_model(last_dir, info.device, torch.float32)
-        model.load_state_dict(saved.state_dict())
-        del saved
-        rs = meta["run_state"]
-        if rs.get("world_size", 1) != info.world:
-            raise LmlabError(f"cannot resume: the run was trained by {rs.get('world_size', 1)} processes and this "
-                             f"launch has {info.world}; the batches would differ. Use the same process count")
-        blob = torch.load(last_dir / TRAIN_STATE, map_location="cpu", weights_only=True)
-        state = RunState(step=rs["step"], best_val=rs["best_val"], best_step=rs["best_step"],
-                         evals_since_best=rs["evals_since_best"], elapsed_s=rs["elapsed_s"])
-    net = wrap(model, info, tc.fsdp)  # FSDP2 swaps in sharded parameters: build the optimizer after it
-    opt = build_optimizer(model, tc)
-    if blob is not None:
-        load_optimizer_state(net, opt, blob["optimizer"], info, tc.fsdp)
-        rng = blob["rng"][info.rank]
-        _set_rng_state({k: v.cpu() if isinstance(v, torch.Tensor) else [t.cpu() for t in v] for k, v in rng.items()})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if tc.compile:
-        net = torch.compile(net)
-    metrics = Metrics(run_dir, info, state.step if resume else None)
-
-    tokens_per_step = B * T * tc.grad_accum * info.world
-    n_steps = total_steps(tc, tokens_per_step)
-    autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if tc.dtype == "bfloat16"
-                else nullcontext())
-    base_rates = (mc.dropout_embed, mc.dropout_attn, mc.dropout_resid)
-
-    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast:
-            logits = net(x)
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-
-    @torch.no_grad()
-    def evaluate(split, windows) -> float:
-        net.eval()
-        losses = [loss_of(*windows_to_batch(split, w, T, info.device)).item() for w in windows]
-        net.train()
-        return sum(losses) / len(losses)
-
-    def save(directory: Path, with_train_state: bool) -> None:
-        weights = full_state_dict(net, info, tc.fsdp)  # collective under FSDP: every rank calls it
-        rng = gather_objects(_rng_state(), info) if with_train_state else None  # collective too
-        opt_state = optimizer_state(net, opt, info, tc.fsdp) if with_train_state else None  # and this
-        if not info.is_main:
-            return
-        files = {}
-        if with_train_state:
-            buf = io.BytesIO()
-            torch.save({"optimizer": opt_state, "rng": rng, "step": state.step}, buf)
-            files[TRAIN_STATE] = buf.getvalue()
-        extra = {"train_config": tc.to_dict(), "data_dir": str(data_dir), "data_vocab_size": data.vocab_size,
-                 "run_state": {"step": state.step, "best_val": state.best_val, "best_step": state.best_step,
-                               "evals_since_best": state.evals_since_best, "elapsed_s": state.elapsed_s,
-                               "tokens_seen": state.step * tokens_per_step, "world_size": info.world}}
-        try:
-            save_checkpoint(directory, mc, weights, data.tokenizer, extra=extra, files=files)
-        except (OSError, SafetensorError) as e:
-            why = getattr(e, "strerror", None) or str(e).splitlines()[0]
-            raise LmlabError(f"could not save the checkpoint to {directory} ({why}); the previous checkpoint there "
-                             "is intact. Free some disk space, then --resume") from None
-
-    def run_eval() -> bool:
-        """Evaluate, log, save best/last; True when early stopping says stop."""
-        val = evaluate(val_split, val_windows)
-        trn = evaluate(train_split, train_windows)
-        improved = val < state.best_val - tc.min_delta
-        if improved:
-            state.best_val, state.best_step, state.evals_since_best = val, state.step, 0
-        else:
-            state.evals_since_best += 1
-        metrics.log("eval", step=state.step, train_loss=trn, val_loss=val, lr=tc.lr * lr_factor(
-            max(0, state.step - 1), tc, n_steps), tokens_seen=state.step * tokens_per_step,
-            elapsed_s=round(state.elapsed_s, 3), best_val=state.best_val)
-        if bar is not None:
-            bar.write(f"step {state.step}: train loss {trn:.4f}, val loss {val:.4f}"
-                      + (" (best)" if improved else f" (best {state.best_val:.4f} at step {state.best_step})"))
-        if improved:
-            save(best_dir, with_train_state=False)
-        save(last_dir, with_train_state=True)
-        barrier(info)
-        if tc.patience and state.evals_since_best >= tc.patience:
-            state.stop_reason = (f"early stopping: val loss did not improve by {tc.min_delta} in {tc.patience} "
-                                 f"evaluations (best {state.best_val:.4f} at step {state.best_step})")
-            return True
-        return False
-
-    from tqdm.auto import tqdm
-
-    bar = None
-    if info.is_main and not quiet:
-        bar = tqdm(total=n_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
-                   mininterval=0.5)
-    if not quiet:
-        print0(info, f"training a {mc.family} model of {model.num_params():,} parameters on {info.device} "
-                     f"x{info.world}: {n_steps} steps of {tokens_per_step:,} tokens ({tc.optimizer}, lr {tc.lr}, "
-                     f"{tc.schedule} schedule)")
-    lbfgs_batch = batches.get(0, 0, info.device) if tc.optimizer == "lbfgs" else None
-    last_val = None
-    net.train()
-    t_last, tokens_last = time.time(), 0
-    try:
-        with StopRequest() as stop:
-            if state.step == 0 and run_eval():
-                n_steps = state.step
-            while state.step < n_steps:
-                t0 = time.time()
-                factor = lr_factor(state.step, tc, n_steps)
-                opt.set_lr_factor(factor)
-                d = dropout_factor(state.step, tc, n_steps)
-                model.set_dropout(*(r * d for r in base_rates))
-                if lbfgs_batch is not None:
-                    def closure():
-                        opt.zero_grad()
-                        loss = loss_of(*lbfgs_batch)
-                        loss.backward()
-                        return loss
-
-                    loss_value = float(opt.step(closure))
-                else:
-                    loss_sum = 0.0
-                    for micro in range(tc.grad_accum):
-                        x, y = batches.get(state.step, micro, info.device)
-                        sync = micro == tc.grad_accum - 1 or not info.enabled or tc.fsdp
-                        with nullcontext() if sync else net.no_sync():
-                            loss = loss_of(x, y) / tc.grad_accum
-                            loss.backward()
-                        loss_sum += loss.item()
-                    loss_value = all_reduce_mean(loss_sum, info)
-                    if not math.isfinite(loss_value):
-                        raise FloatingPointError
-                    if tc.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
-                    opt.step()
-                    opt.zero_grad()
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError
-                state.step += 1
-                state.elapsed_s += time.time() - t0
-                tokens_last += tokens_per_step
-                if state.step % tc.log_interval == 0 or state.step == n_steps:
-                    now = time.time()
-                    tps = tokens_last / max(1e-9, now - t_last)
-                    t_last, tokens_last = now, 0
-                    metrics.log("train", step=state.step, loss=loss_value, lr=tc.lr * factor,
-                                dropout=[r * d for r in base_rates], tokens_seen=state.step * tokens_per_step,
-                                tok_per_s=round(tps, 1), elapsed_s=round(state.elapsed_s, 3))
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{tc.lr * factor:.2e}", tok_s=f"{tps:,.0f}")
-                if bar is not None:
-                    bar.update(1)
-                if state.step % tc.eval_interval == 0 or state.step == n_steps:
-                    if run_eval():
-                        break
-                if broadcast_flag(stop.requested, info):
-                    state.stop_reason = f"interrupted at step {state.step}"
-                    save(last_dir, with_train_state=True)
-                    break
-    except FloatingPointError:
-        state.stop_reason = f"loss became {loss_value} at step {state.step + 1}"
-        metrics.log("stop", step=state.step, reason=state.stop_reason)
-        metrics.close()
-        if bar is not None:
-            bar.close()
-        kept = f"the last good checkpoint is {last_dir} (step {read_meta(last_dir)['run_state']['step']})" \
-            if is_checkpoint(last_dir) else "no checkpoint was written yet"
-        raise LmlabError(f"training diverged: {state.stop_reason}; {kept}. Lower --lr, raise --warmup-steps, "
-                         "or set --grad-clip") from None
-    finally:
-        if bar is not None:
-            bar.close()
-    if state.stop_reason is None:
-        state.stop_reason = f"finished {n_steps} steps"
-    metrics.log("stop", step=state.step, reason=state.stop_reason, best_val=state.best_val,
-                best_step=state.best_step, elapsed_s=round(state.elapsed_s, 3))
-    metrics.close()
-    history = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()] \
-        if info.is_main else []
-    evals = [e for e in history if e["event"] == "eval"]
-    last_val = evals[-1]["val_loss"] if evals else None
-    if not quiet:
-        print0(info, f"{state.stop_reason}; best val loss {state.best_val:.4f} at step {state.best_step}; "
-                     f"checkpoints in {run_dir}/best and {run_dir}/last")
-    return TrainResult(run_dir, state.step, state.best_val, state.best_step, last_val, state.stop_reason,
-                       state.elapsed_s)

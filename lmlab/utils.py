@@ -61,6 +61,18 @@ def umask() -> int:
     return mask
 
 
+def slow_io() -> None:
+    """Sleep LMLAB_TEST_SLOW_IO seconds (unset: not at all) at the points where a kill would tear a write.
+
+    A test hook and its only reader: tests/test_kill.py widens the windows inside a checkpoint swap and a metrics
+    append so that a SIGKILL at a random instant lands in them often."""
+    delay = os.environ.get("LMLAB_TEST_SLOW_IO")
+    if delay:
+        import time
+
+        time.sleep(float(delay))
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a directory's entries (a rename, a new file) durable. A no-op where directories cannot be opened."""
     try:
@@ -110,9 +122,18 @@ def _old(path: Path) -> Path:
     return path.with_name(f".{path.name}.old")
 
 
+def current_dir(path: str | os.PathLike) -> Path:
+    """Where the current version of a directory written with atomic_dir is, without changing anything (readers
+    call this; a writer calls recover_dir): `path`, or its set-aside previous version when a kill interrupted a
+    swap between its two renames."""
+    path = Path(path)
+    return _old(path) if not path.exists() and _old(path).is_dir() else path
+
+
 def recover_dir(path: str | os.PathLike) -> None:
     """Finish a directory swap that a kill interrupted: if `path` is gone but its previous version was set
-    aside, put that back. Call before reading or replacing a directory written with atomic_dir."""
+    aside, put that back. atomic_dir calls it before each swap; readers use current_dir, which changes nothing
+    (a reader renaming while a live writer sits between its renames would break that writer's swap)."""
     path = Path(path)
     if not path.exists() and _old(path).is_dir():
         os.replace(_old(path), path)
@@ -132,22 +153,28 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
-        for f in tmp.rglob("*"):
+        slow_io()
+        for f in sorted(tmp.rglob("*"), reverse=True):  # children before their directory
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
                 os.chmod(f, 0o666 & ~umask())
+            elif f.is_dir():
+                fsync_dir(f)
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
         fsync_dir(tmp)
         old = _old(path)
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)  # a leftover from a kill during the last delete
             os.replace(path, old)
+            slow_io()  # the window with no `path`: recover_dir / current_dir cover it
         os.replace(tmp, path)
         fsync_dir(path.parent)
+        slow_io()
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        recover_dir(path)  # a failed second rename must not leave `path` missing
         raise
 
 

@@ -1,7 +1,7 @@
 """The three dropout sites of `lmlab.model.Transformer`, checked statistically in train mode and exactly in eval.
 
-Sites: (a) `model.drop_embed` on the embeddings, (b) the attention probabilities through SDPA's dropout_p
-(`attend(..., dropout_p)`, fed from `Attention.dropout_p`), (c) `block.drop_attn` / `block.drop_mlp` on each
+Sites: (a) `model.drop_embed` on the embeddings, (b) the attention probabilities
+(`attend(..., dropout)`, fed from `Attention.drop_probs`), (c) `block.drop_attn` / `block.drop_mlp` on each
 sub-layer output before the residual add. Dropout is random, so each statistical check uses a fixed seed and a
 bound of SIGMAS standard deviations: a correct implementation fails it with negligible probability, a wrong
 rate or a missing 1/(1-p) rescale fails it by far more.
@@ -16,7 +16,7 @@ import torch
 
 import lmlab.model
 from lmlab.config import ModelConfig
-from lmlab.model import Transformer, attend
+from lmlab.model import Dropout, Transformer, attend
 
 SIGMAS = 6.0
 FAMILIES = ("gpt2", "llama")
@@ -49,7 +49,7 @@ def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
 
 
 class Capture:
-    """Forward hooks recording (input, output) of nn.Dropout modules: the real module, only observed."""
+    """Forward hooks recording (input, output) of Dropout modules: the real module, only observed."""
 
     def __init__(self, modules: dict[str, torch.nn.Module]) -> None:
         self.seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in modules}
@@ -75,12 +75,12 @@ def dropout_modules(model: Transformer) -> dict[str, torch.nn.Module]:
 
 @pytest.fixture
 def attend_calls(monkeypatch):
-    """Record the dropout_p each Attention passes to `attend`; the real `attend` still does the work."""
+    """Record the rate each Attention passes to `attend` (0.0 for none); the real `attend` still does the work."""
     calls: list[float] = []
 
-    def spy(q, k, v, mask, dropout_p):
-        calls.append(dropout_p)
-        return attend(q, k, v, mask, dropout_p)
+    def spy(q, k, v, mask, dropout=None):
+        calls.append(dropout.p if dropout is not None else 0.0)
+        return attend(q, k, v, mask, dropout)
 
     monkeypatch.setattr(lmlab.model, "attend", spy)
     return calls
@@ -140,13 +140,13 @@ def test_config_rates_reach_every_site(family, fields, expected):
     assert (model.cfg.dropout_embed, model.cfg.dropout_attn, model.cfg.dropout_resid) == expected
     assert model.drop_embed.p == embed
     for block in model.blocks:
-        assert block.attn.dropout_p == attn
+        assert block.attn.drop_probs.p == attn
         assert block.drop_attn.p == resid
         assert block.drop_mlp.p == resid
 
 
 def rates(model: Transformer) -> tuple[float, list[float], list[float]]:
-    return (model.drop_embed.p, [b.attn.dropout_p for b in model.blocks],
+    return (model.drop_embed.p, [b.attn.drop_probs.p for b in model.blocks],
             [p for b in model.blocks for p in (b.drop_attn.p, b.drop_mlp.p)])
 
 
@@ -236,10 +236,10 @@ def uniform_causal_probe(batch: int = 16, heads: int = 4):
 def test_attention_probabilities_drop_p_and_rescale(p, use_mask):
     q, v, causal, probs = uniform_causal_probe()
     mask = causal[None, None] if use_mask else None
-    assert_rel_close(attend(q, q, v, mask, 0.0), probs.expand_as(v).contiguous(), "undropped probe")
+    assert_rel_close(attend(q, q, v, mask), probs.expand_as(v).contiguous(), "undropped probe")
 
     torch.manual_seed(4)
-    y = attend(q, q, v, mask, p)  # (B, H, T, T): the dropped probability matrices
+    y = attend(q, q, v, mask, Dropout(p))  # (B, H, T, T): the dropped probability matrices
     assert torch.equal(y[..., ~causal], torch.zeros_like(y[..., ~causal]))  # never attends ahead
     yc, pc = y[..., causal], probs[causal]  # (B, H, N) causal entries, (N,)
     dropped = yc == 0
@@ -337,3 +337,84 @@ def test_each_site_responds_to_its_own_rate_only(family, site, attend_calls):
     assert attend_calls == [0.0] * len(model.blocks)
     for name, [(inp, out)] in cap.seen.items():
         assert_identity(inp, out, name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Placement: which tensor each site drops, proven against a forward computed by hand from the weights
+
+
+def test_dropout_acts_on_the_embedding_sum_the_attention_probabilities_and_each_sublayer_output():
+    """A GPT-2 forward written out here from the module's weights, with each site's mask (read from what the module
+    zeroed) applied where Vaswani et al. put dropout: on wte+wpe, on softmax(qk^T/sqrt(D)), and on each sub-layer
+    output before its residual add. Each site must have seen exactly the tensor the reference drops, and the
+    logits must agree."""
+    import torch.nn.functional as F
+
+    rates = {"embed": 0.2, "probs": 0.3, "resid": 0.4}
+    cfg = tiny("gpt2", dropout_embed=rates["embed"], dropout_attn=rates["probs"], dropout_resid=rates["resid"])
+    model = build(cfg).train()
+    sites = {**dropout_modules(model), **{f"blocks.{i}.probs": b.attn.drop_probs for i, b in enumerate(model.blocks)}}
+    cap = Capture(sites)
+    idx = tokens(4)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        out = model(idx)
+    cap.remove()
+
+    def drop(name: str, x: torch.Tensor, p: float) -> torch.Tensor:
+        [(seen_in, seen_out)] = cap.seen[name]
+        torch.testing.assert_close(seen_in, x, rtol=1e-5, atol=1e-6, msg=f"{name} dropped another tensor")
+        keep = seen_out != 0
+        assert not keep.all(), f"{name} dropped nothing"
+        return torch.where(keep, x / (1 - p), 0.0)
+
+    B, T, C, H = *idx.shape, cfg.d_model, cfg.n_heads
+    D = C // H
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    with torch.no_grad():
+        x = drop("embed", model.wte.weight[idx] + model.wpe.weight[torch.arange(T)], rates["embed"])
+        for i, b in enumerate(model.blocks):
+            h = F.layer_norm(x, (C,), b.norm1.weight, b.norm1.bias, cfg.norm_eps)
+            q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in F.linear(h, b.attn.qkv.weight, b.attn.qkv.bias)
+                       .split(C, dim=-1))
+            att = torch.softmax((q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(~causal, float("-inf")), -1)
+            att = drop(f"blocks.{i}.probs", att, rates["probs"])  # (B, H, T, T)
+            y = F.linear((att @ v).transpose(1, 2).reshape(B, T, C), b.attn.proj.weight, b.attn.proj.bias)
+            x = x + drop(f"blocks.{i}.drop_attn", y, rates["resid"])
+            h = F.layer_norm(x, (C,), b.norm2.weight, b.norm2.bias, cfg.norm_eps)
+            m = F.linear(F.gelu(F.linear(h, b.mlp.up.weight, b.mlp.up.bias), approximate="tanh"), b.mlp.down.weight,
+                         b.mlp.down.bias)
+            x = x + drop(f"blocks.{i}.drop_mlp", m, rates["resid"])
+        logits = F.linear(F.layer_norm(x, (C,), model.norm_f.weight, model.norm_f.bias, cfg.norm_eps),
+                          model.lm_head.weight)
+    torch.testing.assert_close(out, logits, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.compile: a moving rate is data, not a guarded constant
+
+
+def test_compiled_model_follows_a_moving_dropout_schedule_without_recompiling():
+    """Five steps of a decaying schedule on every site: one compiled graph (a recompile raises), and the same
+    numbers as eager under the same seed (aot_eager runs torch's own kernels, so the masks match)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = build(tiny("llama", dropout=0.3)).train()
+    compiled = torch.compile(model, backend="aot_eager")
+    idx = tokens(4)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step, rate in enumerate((0.3, 0.24, 0.18, 0.12, 0.06)):
+            model.set_dropout(embed=rate, attn=rate, resid=rate)
+            torch.manual_seed(step)
+            got = compiled(idx)
+            got.float().pow(2).mean().backward()
+            torch.manual_seed(step)
+            want = model(idx)
+            assert torch.equal(got, want), f"step {step}: compiled and eager differ"
+            assert not torch.equal(want, model.eval()(idx))  # dropout was live
+            model.train()
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()

@@ -57,7 +57,11 @@ def test_training_learns_and_writes_a_run(tmp_path, char_data):
     assert events(run, "stop")[-1]["reason"] == "finished 60 steps" == result.stop_reason
     lm = lmlab.load(run, device="cpu")  # loads best/
     assert lm.source.endswith("best") and lm.meta["run_state"]["step"] == result.best_step
-    assert isinstance(lm.generate("Fir", max_new_tokens=10, temperature=0), str)
+    ids = lm.tokenizer.encode("Fir")
+    with torch.no_grad():  # greedy decoding by hand: the full forward each step, no cache, no engine
+        for _ in range(10):
+            ids.append(int(lm.model(torch.tensor([ids]))[0, -1].argmax()))
+    assert lm.generate("Fir", max_new_tokens=10, temperature=0) == lm.tokenizer.decode(ids[3:])
 
 
 def test_dropout_schedule_reaches_the_model(tmp_path, char_data):
@@ -312,3 +316,139 @@ def test_lmlab_load_rejects_garbage(tmp_path):
     (tmp_path / "lmlab.json").write_text("{not json")
     with pytest.raises(LmlabError, match="not valid JSON"):
         lmlab.load(tmp_path)
+
+
+def test_lbfgs_optimizes_every_micro_batch_of_its_fixed_batch_and_clips(tmp_path, char_data):
+    """lbfgs with grad_accum 2 and clipping equals torch.optim.LBFGS run by hand on the 2 x 4 windows of step 0
+    (their mean loss, gradients clipped to norm 0.05 in every closure call)."""
+    from lmlab.data import Batches, TokenData
+    from lmlab.model import Transformer
+
+    tc = TrainConfig(optimizer="lbfgs", lr=0.5, batch_size=4, grad_accum=2, grad_clip=0.05, max_steps=2,
+                     eval_interval=2, eval_batches=1, warmup_steps=0, schedule="constant", device="cpu", seed=3)
+    run = tmp_path / "run"
+    train(TINY, tc, char_data, run, quiet=True)
+
+    data = TokenData(char_data)
+    batches = Batches(data.split("train"), 32, 4, 2, tc.seed, tc.sampling)
+    micro = [batches.get(0, m, torch.device("cpu")) for m in range(2)]
+    x, y = torch.cat([b[0] for b in micro]), torch.cat([b[1] for b in micro])  # (8, 32) each
+    torch.manual_seed(tc.seed)
+    model = Transformer(TINY.replace(vocab_size=data.vocab_size))
+    model.init_weights(tc.init)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    got, want = weights(run / "last"), model.state_dict()
+    assert max((got[k] - want[k]).abs().max().item() for k in got) < 1e-4
+    assert max((got[k] - initial[k]).abs().max().item() for k in got) > 1e-2  # the steps really moved the weights
+
+
+def test_rng_state_holds_the_processs_own_device_and_reads_the_old_format():
+    """A checkpoint holds the CPU generator and the process's own device generator, never every visible GPU; the
+    older format (a list of every GPU's state, by position) still restores the right entry on a smaller box."""
+    from lmlab.checkpoint import device_rng_state, rng_state, set_rng_state
+
+    state = rng_state(torch.device("cpu"))
+    assert set(state) == {"torch", "device"} and state["device"] == "cpu"
+    torch.rand(3)
+    set_rng_state(state, torch.device("cpu"))
+    a = torch.rand(5)
+    set_rng_state(state, torch.device("cpu"))
+    assert torch.equal(a, torch.rand(5))
+
+    gpus = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]  # an 8-GPU box's saved states
+    old = {"torch": state["torch"], "cuda": gpus}
+    assert device_rng_state(old, torch.device("cuda", 1)) is gpus[1]  # rank on cuda:1 of a 2-GPU box
+    assert device_rng_state(old, torch.device("cuda", 0)) is gpus[0]
+    assert device_rng_state({"torch": state["torch"], "cuda": gpus[:1]}, torch.device("cuda", 3)) is None
+    assert device_rng_state(old, torch.device("cpu")) is None
+    new = {"torch": state["torch"], "device": "cuda", "device_rng": gpus[5]}  # saved by a rank on cuda:5
+    assert device_rng_state(new, torch.device("cuda", 0)) is gpus[5]  # resumed on a 1-GPU box
+    assert device_rng_state(new, torch.device("mps")) is None
+    assert device_rng_state({**new, "device": "mps"}, torch.device("mps")) is gpus[5]
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume_and_by_plot(tmp_path, char_data):
+    """A kill mid-append leaves half a JSON line at the end of metrics.jsonl: --resume and plot drop it; a damaged
+    line elsewhere is still an error."""
+    from lmlab.plot import read_evals
+
+    run = tmp_path / "run"
+    args = [*FLAGS, "--data", str(char_data), "--out", str(run), "--eval-interval", "2"]
+    subprocess.run(lmlab_cmd("train", *args, "--max-steps", "2"), check=True, env=subprocess_env())
+    metrics = run / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"event": "train", "step": 3, "lo')
+    assert [e["step"] for e in read_evals(run)] == [0, 2]
+    r = subprocess.run(lmlab_cmd("train", *args, "--max-steps", "4", "--resume"), capture_output=True, text=True,
+                       env=subprocess_env())
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert [e["step"] for e in read_evals(run)] == [0, 2, 4]
+    assert all(json.loads(ln) for ln in metrics.read_text().splitlines())  # no torn line left behind
+    metrics.write_text('{"event": "eval", "st\n' + metrics.read_text())
+    with pytest.raises(LmlabError, match="line 1 is not a JSON event"):
+        read_evals(run)
+
+
+def test_every_reader_finds_the_previous_checkpoint_in_every_window_of_a_swap(tmp_path, char_data):
+    """The states a kill can leave during a checkpoint swap, made by hand: a half-built temporary directory, the
+    old version set aside with the new one not yet renamed in, a half-deleted set-aside copy. In each, every
+    reader finds a complete checkpoint, and --resume continues to the same weights as a run never interrupted."""
+    from lmlab.checkpoint import is_checkpoint, load_model, read_meta, resolve_checkpoint
+
+    args = [*FLAGS, "--data", str(char_data), "--eval-interval", "2"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    subprocess.run(lmlab_cmd("train", *args, "--out", str(straight), "--max-steps", "4"), check=True,
+                   env=subprocess_env())
+    subprocess.run(lmlab_cmd("train", *args, "--out", str(run), "--max-steps", "2"), check=True, env=subprocess_env())
+    before = weights(run / "last")
+    half = run / ".last.abcd1234.tmp"  # a kill while the next save was being written
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 100)
+    for d in ("best", "last"):  # a kill between the two renames of the swap
+        (run / d).rename(run / f".{d}.old")
+    assert is_checkpoint(run / "last") and not (run / "last").exists()
+    assert read_meta(run / "last")["run_state"]["step"] == 2
+    assert resolve_checkpoint(run) == run / ".best.old"
+    model, _, _ = load_model(run / "last", torch.device("cpu"), torch.float32)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
+    assert lmlab.load(run, device="cpu").meta["run_state"]["step"] == 2
+    r = subprocess.run(lmlab_cmd("train", *args, "--out", str(run), "--max-steps", "4", "--resume"),
+                       capture_output=True, text=True, env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    a, b = weights(straight / "last"), weights(run / "last")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []  # recovered, cleaned up
+
+    (run / ".last.old").mkdir()  # a kill while deleting the set-aside copy after a swap: readers ignore it
+    (run / ".last.old" / "lmlab.json").write_text("{")
+    assert read_meta(run / "last")["run_state"]["step"] == 4
+
+
+def test_checkpoints_honour_the_umask(tmp_path):
+    """Files and directories of a checkpoint get the umask's modes (mkstemp/mkdtemp alone would give 0600/0700)."""
+    import os
+
+    from lmlab.checkpoint import save_model
+    from lmlab.model import Transformer
+
+    model = Transformer(TINY)
+    for mask, file_mode, dir_mode in ((0o022, 0o644, 0o755), (0o027, 0o640, 0o750)):
+        old = os.umask(mask)
+        try:
+            path = save_model(tmp_path / f"ck{mask:o}", model, None)
+        finally:
+            os.umask(old)
+        assert path.stat().st_mode & 0o777 == dir_mode
+        assert {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()} == {
+            "model.safetensors": file_mode, "lmlab.json": file_mode}

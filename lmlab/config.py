@@ -62,7 +62,7 @@ class ModelConfig:
     tie_embeddings: bool | None = None
     dropout: float = 0.0  # default rate for every dropout site
     dropout_embed: float | None = None  # on token + position embeddings
-    dropout_attn: float | None = None  # on attention probabilities (SDPA's dropout_p)
+    dropout_attn: float | None = None  # on the attention probabilities
     dropout_resid: float | None = None  # on each sub-layer output before the residual add
 
     def __post_init__(self) -> None:

@@ -6,11 +6,11 @@ the static KV cache from gpt-fast. Imports torch and config only.
 
 Dropout sites, each inverted dropout (`Dropout` below), active only in train() with a nonzero rate:
     (a) embed  on tok_emb (+ pos_emb)                         `self.drop_embed`
-    (b) attn   on the attention probabilities                 `block.attn.drop_probs`
+    (b) attn   on the attention probabilities                 `block.attn.drop_probs` (SDPA's dropout_p in eager)
     (c) resid  on each sub-layer output, before the residual  `block.drop_attn`, `block.drop_mlp`
-`set_dropout()` changes the rates in place, so a schedule can move them during training. A rate is a 0-dim
-tensor, not a Python float: torch.compile guards on floats, so a schedule moving every step would recompile
-every step until it hit the recompile limit and fell back to eager.
+`set_dropout()` changes the rates in place, so a schedule can move them during training. Eager code uses torch's
+own dropout kernels with float rates; compiled code reads each rate from a 0-dim tensor, since torch.compile guards
+on floats and a schedule moving every step would recompile every step until it fell back to eager.
 
 Shapes: B batch, T query length, S cache length, C d_model, H heads, K kv heads, D head_dim.
 """
@@ -75,10 +75,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Dropout(nn.Module):
     """Inverted dropout (Srivastava et al. 2014): zero each element with probability p, scale the rest by 1/(1-p).
 
-    The rate lives in `rate`, a float32 0-dim tensor changed in place, which torch.compile reads as a graph input
-    (nn.Dropout's float `p` would be a guarded constant). `p` reads and sets it as a float. The rate follows the
-    module's device; `active` (p > 0) is the one Python value compiled code sees, so a schedule that turns
-    dropout off recompiles once, not every step."""
+    Eager code runs torch's own dropout with the float `p`. Compiled code reads the rate from `rate`, a float32
+    0-dim tensor changed in place, as a graph input (a float `p` would be a guarded constant there). Setting `p`
+    sets both. The rate follows the module's device; `active` (p > 0) is the one Python value compiled code sees,
+    so a schedule that turns dropout off recompiles once, not every step."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
@@ -105,6 +105,8 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not self.active:
             return x
+        if not torch.compiler.is_compiling():  # eager: torch's own fused kernel with the float rate
+            return F.dropout(x, self._p, training=True)
         keep = torch.rand(x.shape, device=x.device) >= self.rate  # P(keep) = 1 - p; float32 draws whatever x is
         return torch.where(keep, x / (1 - self.rate), 0.0)
 
@@ -161,14 +163,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """softmax(q k^T / sqrt(D) + mask) v, with `dropout` (when given) on the probabilities.
 
     mask None means plain causal attention; otherwise a boolean (B or 1, 1, T, S) mask, True where attention is
-    allowed. K < H heads share keys (grouped-query). Without dropout this is SDPA (fused flash/efficient kernels).
-    With it the probabilities are formed here: SDPA's dropout_p must be a Python float, which torch.compile
-    guards on, so a moving rate would recompile every step. This costs the (B, H, T, S) probabilities in memory."""
+    allowed. K < H heads share keys (grouped-query). Eager code always runs SDPA (fused flash/efficient kernels,
+    dropout_p the float rate). Compiled code with dropout on forms the probabilities here: SDPA's dropout_p must be
+    a Python float, which torch.compile guards on, so a moving rate would recompile every step. That path costs
+    the (B, H, T, S) probabilities in memory."""
     gqa = k.shape[1] != q.shape[1]
-    if dropout is None:
+    if dropout is None or not torch.compiler.is_compiling():
+        p = dropout.p if dropout is not None else 0.0
         if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
     if gqa:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, S, D)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)

@@ -265,7 +265,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="continue a prompt with a model",
                          description="Continue a prompt: prefill once, then decode with the KV cache.")
     gen.add_argument("--model", required=True, metavar="SOURCE",
-                     help="an lmlab checkpoint or run directory, or an HF checkpoint directory")
+                     help="an lmlab run or checkpoint, an HF directory, a GGUF file or a named model")
     gen.add_argument("--prompt", required=True, help="the text to continue")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")

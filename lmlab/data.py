@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer, tokenizer_meta
-from lmlab.utils import atomic_write_bytes, atomic_write_text
+from lmlab.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer, tokenizer_meta, tokenizer_sha256
+from lmlab.utils import atomic_write_bytes, atomic_write_text, read_json
 
 FORMAT = "lmlab-tokens"
 BUILTIN = ("shakespeare",)
@@ -152,7 +152,7 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str = "char", vocab_
     tok.save(out / "tokenizer.json")
     meta = {
         "format": FORMAT, "version": 1, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
-        "tokenizer": tokenizer_meta(tok), "tokenizer_file": "tokenizer.json",
+        "tokenizer": tokenizer_meta(tok), "tokenizer_file": "tokenizer.json", "tokenizer_sha256": tokenizer_sha256(tok),
         "splits": {"train": {"file": "train.bin", "tokens": int(n_train)},
                    "val": {"file": "val.bin", "tokens": int(len(ids) - n_train)}},
         "val_fraction": val_fraction,
@@ -173,8 +173,8 @@ class TokenData:
         if not (path / "meta.json").is_file():
             raise LmlabError(f"{path} has no meta.json, so it is not a prepared data directory (or preparing it was "
                              f"interrupted); run: lmlab prepare SOURCE --out {path}")
+        self.meta = read_json(path / "meta.json", "data description")
         try:
-            self.meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
             if self.meta.get("format") != FORMAT:
                 raise ValueError("not an lmlab token directory")
             self.dtype = np.dtype(self.meta["dtype"])
@@ -196,6 +196,11 @@ class TokenData:
     @property
     def vocab_size(self) -> int:
         return int(self.meta["vocab_size"])
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        """The fingerprint of the tokenizer that made these ids (computed for directories that predate it)."""
+        return self.meta.get("tokenizer_sha256") or tokenizer_sha256(self.tokenizer)
 
     def split(self, name: str) -> np.ndarray:
         return self.splits[name]

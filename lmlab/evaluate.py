@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from lmlab.data import TokenData, iter_windows, windows_to_batch
 from lmlab.errors import LmlabError
+from lmlab.tokenizer import tokenizer_sha256
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ def tokens_for(lm, data: str | Path, split: str = "val") -> np.ndarray:
     path = Path(data)
     if path.is_dir():
         td = TokenData(path)
+        _check_tokenizer(lm, td)
         if td.vocab_size > lm.config.vocab_size:
             raise LmlabError(f"{path} was tokenized with {td.vocab_size} tokens but the model knows "
                              f"{lm.config.vocab_size}; evaluate on data prepared with the model's tokenizer")
@@ -37,6 +39,21 @@ def tokens_for(lm, data: str | Path, split: str = "val") -> np.ndarray:
             raise LmlabError(f"{lm.source} has no tokenizer, so it cannot read a text file")
         return np.asarray(lm.tokenizer.encode(path.read_text(encoding="utf-8")), dtype=np.int64)
     raise LmlabError(f"data {data} not found: give a prepared data directory or a text file")
+
+
+def _check_tokenizer(lm, td: TokenData) -> None:
+    """Ids mean something only under the tokenizer that made them: refuse data from another one."""
+    if lm.tokenizer is None:  # nothing to compare with; the vocabulary size check below still applies
+        return
+    ours, theirs = tokenizer_sha256(lm.tokenizer), td.tokenizer_sha256
+    if ours != theirs:
+        raise LmlabError(f"{td.path} was tokenized with a {_describe(td.tokenizer)} (fingerprint {theirs[:12]}), but "
+                         f"{lm.source} uses a {_describe(lm.tokenizer)} (fingerprint {ours[:12]}); evaluate on a "
+                         "text file instead, which is tokenized with the model's own tokenizer")
+
+
+def _describe(tok) -> str:
+    return f"{tok.vocab_size:,}-token {getattr(tok, 'kind', 'bpe')} tokenizer"
 
 
 @torch.no_grad()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,9 +269,3 @@ def eval_windows(data: np.ndarray, T: int, batch_size: int, n_batches: int, seed
     rng = np.random.default_rng([seed, 104729])
     return [rng.integers(0, len(data) - T, size=batch_size) for _ in range(n_batches)]
 
-
-def iter_windows(data: np.ndarray, T: int, batch_size: int) -> Iterator[np.ndarray]:
-    """Every non-overlapping window of a split, in order (for a full evaluation)."""
-    starts = np.arange(0, len(data) - T, T)
-    for i in range(0, len(starts), batch_size):
-        yield starts[i:i + batch_size]

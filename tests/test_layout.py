@@ -11,7 +11,7 @@ LAYERS = [
     {"errors"},
     {"config", "utils"},
     {"model", "tokenizer", "optim", "distributed"},
-    {"data", "checkpoint", "fetch", "weights", "weights.hf", "weights.gguf", "weights.keymap"},
+    {"data", "sources", "checkpoint", "fetch", "weights", "weights.hf", "weights.gguf", "weights.keymap"},
     {"train", "evaluate", "generate"},
     {"chat", "plot", "demo", "api", "lmlab"},  # "lmlab": the package itself, whose __init__ re-exports api
     {"cli", "__main__"},

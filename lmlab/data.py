@@ -22,6 +22,7 @@ uninterrupted one would, and under torchrun each rank takes its own slice of one
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -41,6 +42,25 @@ FORMAT = "lmlab-tokens"
 FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")
 
 
+@functools.cache
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim
+        return None
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim). The tokenizers library's many small
+    allocations, some from its worker threads, fragment glibc's heap: without this, a streamed BPE encode's RSS
+    grew with the corpus (+700 MiB for 48 MiB of text here) though almost nothing was live."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def _progress(sources: list[Source], desc: str, quiet: bool):
     from tqdm.auto import tqdm
 
@@ -58,6 +78,7 @@ def train_tokenizer(sources: list[Source], kind: str, vocab_size: int, quiet: bo
             for s in sources:
                 for piece in s.pieces():
                     has_text = has_text or bool(piece.strip())
+                    trim_heap()
                     bar.update(len(piece.encode("utf-8")))
                     yield piece
 
@@ -107,6 +128,7 @@ def write_tokens(sources: list[Source], tok: Tokenizer, f, dtype: np.dtype, quie
             for piece in s.pieces():
                 ids = encode([piece])[0]
                 ids.astype(dtype).tofile(f)
+                trim_heap()
                 n, chars, last = n + len(ids), chars + len(piece), piece
                 raw = piece.encode("utf-8")
                 sha.update(raw)

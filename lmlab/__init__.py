@@ -7,4 +7,5 @@ from lmlab.generate import SamplingConfig
 from lmlab.model import Transformer
 
 __version__ = "0.1.0"
-__all__ = ["LM", "load", "model_config", "ModelConfig", "PRESETS", "preset", "LmlabError", "SamplingConfig", "Transformer"]
+__all__ = ["LM", "load", "model_config", "ModelConfig", "PRESETS", "preset", "LmlabError", "SamplingConfig",
+           "Transformer"]

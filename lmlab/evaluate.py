@@ -1,8 +1,19 @@
-"""Loss and perplexity of a model on a prepared split or a text file, over every non-overlapping window."""
+"""Loss and perplexity of a model on a prepared split or a text file, and the one evaluation loop behind them.
+
+`evaluate` scores every token of the data with a strided sliding window, the method of HF's perplexity guide
+(https://huggingface.co/docs/transformers/perplexity): windows of `context` tokens start every `stride`
+tokens, and each scores only the tokens the previous window did not, so every token after the first window
+is predicted from at least context - stride tokens of context. The head and cross-entropy run over chunks of
+positions, so memory is bounded by `chunk` x vocab fp32 logits, not by (batch, context, vocab).
+
+`mean_loss` is the same loop for the training loop's fixed val/train subsets (every target of each window).
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,15 +21,79 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmlab.data import TokenData, iter_windows, windows_to_batch
+from lmlab.data import TokenData, windows_to_batch
 from lmlab.errors import LmlabError
+from lmlab.tokenizer import tokenizer_sha256
+
+DEFAULT_CONTEXT = 1024  # window length when the model's own is longer: SmolLM2's 8K windows cost 8x the attention
+DEFAULT_CHUNK = 1024  # positions per head call: 1024 x 49,152 fp32 logits are 200 MB (SmolLM2)
 
 
 @dataclass(frozen=True)
 class EvalResult:
     loss: float  # mean next-token cross-entropy, nats
     perplexity: float
-    tokens: int
+    tokens: int  # targets scored
+    context: int
+    stride: int
+
+
+def sliding_windows(n_tokens: int, context: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, scored): window i reads tokens[starts[i] : starts[i] + context + 1] and scores its last scored[i]
+    targets, those no earlier window scored. Unlike HF's loop, whose last window is short, the last window is
+    moved left to end at the last token: the tail keeps its full context and every window has one shape."""
+    last = n_tokens - 1 - context  # the start of the window that ends at the last token
+    starts = np.append(np.arange(0, last, stride, dtype=np.int64), last)
+    ends = starts + context
+    scored = np.diff(ends, prepend=0)
+    return starts, scored
+
+
+def window_loss(net: torch.nn.Module, data: np.ndarray, starts: np.ndarray, T: int, device: torch.device,
+                scored: np.ndarray | None = None, chunk: int = 0) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy (nats, fp32) and the number of targets, over the windows at `starts`, each
+    scoring its last scored[i] targets (all T when None). chunk 0: one call of `net`, which may be wrapped (DDP,
+    FSDP, compiled); chunk N: the body once, then lm_head and the loss on N positions at a time."""
+    x, y = windows_to_batch(data, starts, T, device)  # (B, T) each
+    keep = None
+    if scored is not None:
+        first = T - torch.as_tensor(np.asarray(scored), device=device)  # (B,) first scored position
+        keep = torch.arange(T, device=device)[None, :] >= first[:, None]  # (B, T)
+    out = net(x) if not chunk else net(x, head=False)  # (B, T, vocab) logits, or (B, T, C) hidden states
+    out, y = (out[keep], y[keep]) if keep is not None else (out.reshape(-1, out.size(-1)), y.reshape(-1))
+    if not chunk:
+        return F.cross_entropy(out.float(), y, reduction="sum"), y.numel()
+    head = net.lm_head
+    total = torch.zeros((), device=device)
+    for i in range(0, len(y), chunk):
+        total += F.cross_entropy(head(out[i:i + chunk]).float(), y[i:i + chunk], reduction="sum")  # (chunk, vocab)
+    return total, y.numel()
+
+
+def loss_over(net: torch.nn.Module, data: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray | None]],
+              T: int, device: torch.device, bf16: bool = False, chunk: int = 0) -> tuple[float, int]:
+    """The evaluation loop: summed loss and target count over batches of (starts, scored), in eval mode without
+    gradients (bf16: under bfloat16 autocast, as training runs), restoring the module's mode afterwards."""
+    was_training = net.training
+    net.eval()
+    total, count = 0.0, 0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    try:
+        with torch.no_grad(), autocast:
+            for starts, scored in batches:
+                loss, n = window_loss(net, data, starts, T, device, scored, chunk)
+                total, count = total + loss.item(), count + n
+    finally:
+        net.train(was_training)
+    return total, count
+
+
+def mean_loss(net: torch.nn.Module, data: np.ndarray, windows: Iterable[np.ndarray], T: int, device: torch.device,
+              bf16: bool = False) -> float:
+    """Mean loss over every target of windows of T tokens at the given batches of starts (the training loop's
+    fixed val/train subsets, from data.eval_windows)."""
+    total, count = loss_over(net, data, ((w, None) for w in windows), T, device, bf16)
+    return total / count
 
 
 def tokens_for(lm, data: str | Path, split: str = "val") -> np.ndarray:
@@ -26,6 +101,7 @@ def tokens_for(lm, data: str | Path, split: str = "val") -> np.ndarray:
     path = Path(data)
     if path.is_dir():
         td = TokenData(path)
+        _check_tokenizer(lm, td)
         if td.vocab_size > lm.config.vocab_size:
             raise LmlabError(f"{path} was tokenized with {td.vocab_size} tokens but the model knows "
                              f"{lm.config.vocab_size}; evaluate on data prepared with the model's tokenizer")
@@ -39,26 +115,57 @@ def tokens_for(lm, data: str | Path, split: str = "val") -> np.ndarray:
     raise LmlabError(f"data {data} not found: give a prepared data directory or a text file")
 
 
-@torch.no_grad()
-def evaluate(lm, tokens: np.ndarray, batch_size: int = 8, max_batches: int = 0, context: int = 0,
-             quiet: bool = False) -> EvalResult:
-    """Mean loss over non-overlapping windows of `context` tokens (default: the model's context)."""
+def _check_tokenizer(lm, td: TokenData) -> None:
+    """Ids mean something only under the tokenizer that made them: refuse data from another one."""
+    if lm.tokenizer is None:  # nothing to compare with; the vocabulary size check below still applies
+        return
+    ours, theirs = tokenizer_sha256(lm.tokenizer), td.tokenizer_sha256
+    if ours != theirs:
+        raise LmlabError(f"{td.path} was tokenized with a {_describe(td.tokenizer)} (fingerprint {theirs[:12]}), but "
+                         f"{lm.source} uses a {_describe(lm.tokenizer)} (fingerprint {ours[:12]}); evaluate on a "
+                         "text file instead, which is tokenized with the model's own tokenizer")
+
+
+def _describe(tok) -> str:
+    return f"{tok.vocab_size:,}-token {getattr(tok, 'kind', 'bpe')} tokenizer"
+
+
+def evaluate(lm, tokens: np.ndarray, batch_size: int = 8, max_batches: int = 0, context: int = 0, stride: int = 0,
+             chunk: int | None = None, quiet: bool = False) -> EvalResult:
+    """Mean loss per token by the strided sliding window (module docstring). context 0: the model's context, at
+    most DEFAULT_CONTEXT; stride 0: context // 2, as in HF's guide; max_batches 0: all; chunk None: DEFAULT_CHUNK,
+    0: no chunking."""
     from tqdm.auto import tqdm
 
-    T = min(context or lm.config.context_length, lm.config.context_length, max(1, len(tokens) - 1))
-    if len(tokens) < 2:
-        raise LmlabError("the evaluation data holds fewer than 2 tokens; give more text")
-    model = lm.model.eval()
-    total, count = 0.0, 0
-    n_batches = -(-len(range(0, len(tokens) - T, T)) // batch_size)
+    chunk = DEFAULT_CHUNK if chunk is None else chunk
+    T, stride = _check_eval_args(lm, len(tokens), batch_size, max_batches, context, stride, chunk)
+    starts, scored = sliding_windows(len(tokens), T, stride)
+    n_batches = -(-len(starts) // batch_size)
     if max_batches:
         n_batches = min(n_batches, max_batches)
-    batches = iter_windows(tokens, T, batch_size)
-    for _, starts in zip(tqdm(range(n_batches), desc="evaluating", unit="batch", disable=quiet, leave=False),
-                         batches, strict=False):
-        x, y = windows_to_batch(tokens, starts, T, lm.device)
-        logits = model(x).float()
-        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
-        count += y.numel()
+    batches = ((starts[i:i + batch_size], scored[i:i + batch_size]) for i in range(0, n_batches * batch_size,
+                                                                                   batch_size))
+    bar = tqdm(batches, total=n_batches, desc="evaluating", unit="batch", disable=quiet, leave=False)
+    total, count = loss_over(lm.model, tokens, bar, T, lm.device, chunk=chunk)
     loss = total / count
-    return EvalResult(loss, math.exp(min(loss, 700)), count)
+    return EvalResult(loss, math.exp(min(loss, 700)), count, T, stride)
+
+
+def _check_eval_args(lm, n_tokens: int, batch_size: int, max_batches: int, context: int, stride: int,
+                     chunk: int) -> tuple[int, int]:
+    """The window length and stride to use, or an LmlabError naming the flag."""
+    for name, value, least in (("batch-size", batch_size, 1), ("max-batches", max_batches, 0),
+                               ("context", context, 0), ("stride", stride, 0), ("chunk", chunk, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise LmlabError(f"--{name} must be an integer of at least {least}, got {value!r}")
+    if context > lm.config.context_length:
+        raise LmlabError(f"--context {context} exceeds the model's context length {lm.config.context_length}")
+    if n_tokens < 2:
+        raise LmlabError("the evaluation data holds fewer than 2 tokens; give more text")
+    window = context or min(lm.config.context_length, DEFAULT_CONTEXT)
+    stride = stride or max(1, window // 2)
+    if stride > window:
+        raise LmlabError(f"--stride {stride} is longer than the window ({window} tokens): tokens between windows "
+                         "would go unscored; use a stride of at most the context")
+    T = min(window, n_tokens - 1)  # data shorter than one window: one window over all of it
+    return T, min(stride, T)

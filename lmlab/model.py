@@ -240,7 +240,8 @@ class Transformer(nn.Module):
     Training calls `model(idx)`. Incremental decoding first calls `setup_cache(B, S)`, then passes
     `input_pos` (T,), the cache slots being written, and optionally `offset` (B,), the number of left-pad
     slots in each row: row b's real tokens start at slot offset[b], and its positions count from there.
-    `last_only` returns logits for the last position alone, (B, 1, vocab).
+    `last_only` returns logits for the last position alone, (B, 1, vocab); `head=False` the final normed
+    hidden states (B, T, C) instead of logits.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -327,7 +328,7 @@ class Transformer(nn.Module):
             block.attn.cache = None
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
-                offset: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                offset: torch.Tensor | None = None, last_only: bool = False, head: bool = True) -> torch.Tensor:
         B, T = idx.shape
         device = idx.device
         mask = None
@@ -359,7 +360,8 @@ class Transformer(nn.Module):
             x = block(x, rope, input_pos, mask)
         if last_only:  # a prefill needs only the next-token logits, not (B, T, vocab) of them
             x = x[:, -1:]
-        return self.lm_head(self.norm_f(x))  # (B, T, vocab)
+        x = self.norm_f(x)  # (B, T, C): head=False stops here, for a loss that applies lm_head in chunks
+        return self.lm_head(x) if head else x  # (B, T, vocab)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once

@@ -11,7 +11,7 @@ LAYERS = [
     {"errors"},
     {"config", "utils"},
     {"model", "tokenizer", "optim", "distributed"},
-    {"data", "checkpoint", "metrics", "fetch", "weights.keymap", "weights.load", "weights.gguf_tokenizer",
+    {"data", "sources", "checkpoint", "metrics", "fetch", "weights.keymap", "weights.load", "weights.gguf_tokenizer",
      "weights.safetensors_dir"},
     {"weights.hf", "weights.gguf"},  # foreign formats: readers and key tables
     {"weights.gguf_export", "weights.export", "weights"},  # exporters, then the dispatch by format name

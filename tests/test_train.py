@@ -246,15 +246,32 @@ def test_train_from_config_file(tmp_path, char_data):
     assert r.returncode == 2 and "did you mean 'n_layers'" in r.stderr
 
 
-def test_eval_and_plot_commands(tmp_path, char_data):
-    run = tmp_path / "run"
-    subprocess.run(lmlab_cmd("train", *FLAGS, "--data", str(char_data), "--out", str(run), "--max-steps", "6",
+def test_eval_and_plot_commands(tmp_path, corpus_file):
+    """`lmlab eval` against plain torch cross-entropy on the model's logits, and against the run's own logged val
+    loss: with a val split of exactly context + 1 tokens, the training loop's eval windows (random starts in
+    [0, len - context)) are all the one window eval scores, so the two losses are of the same 32 targets."""
+    from lmlab.data import TokenData, prepare
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    n = len(corpus_file.read_text())
+    prepare([str(corpus_file)], data, val_fraction=32.5 / n, quiet=True)
+    val = TokenData(data).split("val")
+    assert len(val) == 33
+    subprocess.run(lmlab_cmd("train", *FLAGS, "--data", str(data), "--out", str(run), "--max-steps", "6",
                              "--eval-interval", "3"), check=True, env=subprocess_env())
-    r = subprocess.run(lmlab_cmd("eval", "--model", str(run), "--data", str(char_data), "--max-batches", "3"),
-                       capture_output=True, text=True, env=subprocess_env())
+    r = subprocess.run(lmlab_cmd("eval", "--model", str(run / "last"), "--data", str(data), "--context", "32",
+                                 "--device", "cpu"), capture_output=True, text=True, env=subprocess_env())
     assert r.returncode == 0, r.stderr
     loss, ppl = float(r.stdout.split()[1]), float(r.stdout.split()[3])
-    assert ppl == pytest.approx(2.718281828 ** loss, rel=1e-3) and 1.0 < loss < 5.0
+    lm = lmlab.load(run / "last", device="cpu")
+    x = torch.as_tensor(val[:-1].astype("int64"))[None]
+    y = torch.as_tensor(val[1:].astype("int64"))
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(lm.model(x)[0], y).item()
+    assert loss == pytest.approx(expected, abs=6e-5)
+    logged = events(run, "eval")[-1]
+    assert logged["step"] == 6 and loss == pytest.approx(logged["val_loss"], abs=6e-5)
+    assert ppl == pytest.approx(torch.tensor(expected).exp().item(), rel=1e-3)
     png = tmp_path / "curves.png"
     r = subprocess.run(lmlab_cmd("plot", str(run), str(run), "--out", str(png)), capture_output=True, text=True,
                        env=subprocess_env())

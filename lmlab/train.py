@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 
 from lmlab.checkpoint import is_checkpoint, load_model, read_meta, rng_state, save_checkpoint, set_rng_state
 from lmlab.config import ModelConfig, TrainConfig
-from lmlab.data import Batches, TokenData, eval_windows, windows_to_batch
+from lmlab.data import Batches, TokenData, eval_windows
 from lmlab.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -46,6 +46,7 @@ from lmlab.distributed import (
     wrap,
 )
 from lmlab.errors import LmlabError
+from lmlab.evaluate import mean_loss
 from lmlab.metrics import Metrics
 from lmlab.model import Transformer
 from lmlab.optim import Optimizers, build_optimizer, dropout_factor, lr_factor
@@ -130,17 +131,6 @@ def loss_of(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: Ab
     with autocast:
         logits = net(x)  # (B, T, vocab)
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-
-
-@torch.no_grad()
-def evaluate_loss(net: torch.nn.Module, split: np.ndarray, windows: list[np.ndarray], T: int, device: torch.device,
-                  autocast: AbstractContextManager | None = None) -> float:
-    """The mean loss over fixed batches of windows (starts into `split`), in eval mode: training's evaluation."""
-    net.eval()
-    autocast = autocast or nullcontext()
-    losses = [loss_of(net, *windows_to_batch(split, w, T, device), autocast).item() for w in windows]
-    net.train()
-    return sum(losses) / len(losses)
 
 
 def total_steps(tc: TrainConfig, tokens_per_step: int) -> int:
@@ -307,9 +297,9 @@ class Run:
 
     def evaluate(self) -> tuple[float, float]:
         """(val loss, train loss) on the fixed evaluation windows."""
-        T, dev = self.mc.context_length, self.info.device
-        return (evaluate_loss(self.net, self.data.val, self.data.val_windows, T, dev, self.autocast),
-                evaluate_loss(self.net, self.data.train, self.data.train_windows, T, dev, self.autocast))
+        T, dev, bf16 = self.mc.context_length, self.info.device, self.tc.dtype == "bfloat16"
+        return (mean_loss(self.net, self.data.val, self.data.val_windows, T, dev, bf16),
+                mean_loss(self.net, self.data.train, self.data.train_windows, T, dev, bf16))
 
     def evaluate_and_save(self, progress: Progress) -> bool:
         """Evaluate, log, save best/ on improvement and last/ always; True when early stopping says stop."""

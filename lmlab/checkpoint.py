@@ -26,7 +26,7 @@ from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.model import Transformer
 from lmlab.tokenizer import Tokenizer, load_tokenizer, tokenizer_meta
-from lmlab.utils import atomic_dir, current_dir
+from lmlab.utils import atomic_dir, current_dir, read_json
 
 META = "lmlab.json"
 FORMAT_VERSION = 1
@@ -121,10 +121,7 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 def read_meta(path: Path) -> dict[str, Any]:
     path = current_dir(path)
-    try:
-        meta = json.loads((path / META).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise LmlabError(f"{path / META} is not valid JSON ({e}); the checkpoint is damaged") from None
+    meta = read_json(path / META, "checkpoint description", expect=None)
     if not isinstance(meta, dict) or meta.get("format") != "lmlab" or "config" not in meta:
         raise LmlabError(f"{path / META} is not an lmlab checkpoint description")
     if meta.get("version", 0) > FORMAT_VERSION:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError, closest, unknown
-from lmlab.utils import read_json
+from lmlab.utils import read_json, read_text
 
 FAMILIES = ("gpt2", "llama")
 NORMS = ("layernorm", "rmsnorm")
@@ -335,14 +335,10 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     else:
         loads = _toml_loads(path)
         try:
-            values = loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise LmlabError(f"config file {path} not found") from None
-        except IsADirectoryError:
-            raise LmlabError(f"config file {path} is a directory, not a file") from None
-        except OSError as e:
-            raise LmlabError(f"cannot read config file {path}: {e.strerror}") from None
-        except (ValueError, UnicodeDecodeError) as e:  # tomllib.TOMLDecodeError is a ValueError
+            values = loads(read_text(path, "config file"))
+        except ValueError as e:  # tomllib.TOMLDecodeError is a ValueError (read_text's LmlabError too)
+            if isinstance(e, LmlabError):
+                raise
             raise LmlabError(f"config file {path} is malformed ({e})") from None
     check_keys(values, ModelConfig, TrainConfig)
     return values

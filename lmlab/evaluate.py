@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from lmlab.data import TokenData, windows_to_batch
 from lmlab.errors import LmlabError
 from lmlab.tokenizer import tokenizer_sha256
+from lmlab.utils import read_text
 
 DEFAULT_CONTEXT = 1024  # window length when the model's own is longer: SmolLM2's 8K windows cost 8x the attention
 DEFAULT_CHUNK = 1024  # positions per head call: 1024 x 49,152 fp32 logits are 200 MB (SmolLM2)
@@ -111,7 +112,7 @@ def tokens_for(lm, data: str | Path, split: str = "val") -> np.ndarray:
     if path.is_file():
         if lm.tokenizer is None:
             raise LmlabError(f"{lm.source} has no tokenizer, so it cannot read a text file")
-        return np.asarray(lm.tokenizer.encode(path.read_text(encoding="utf-8")), dtype=np.int64)
+        return np.asarray(lm.tokenizer.encode(read_text(path, "data file")), dtype=np.int64)
     raise LmlabError(f"data {data} not found: give a prepared data directory or a text file")
 
 

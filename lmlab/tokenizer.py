@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from lmlab.errors import LmlabError
+from lmlab.utils import read_json
 
 EOT = "<|endoftext|>"
 
@@ -146,12 +147,7 @@ def tokenizer_meta(tok: Tokenizer) -> dict:
 def load_tokenizer(path: str | os.PathLike, meta: dict | None = None) -> Tokenizer:
     """Read a tokenizer file saved by either class (the JSON's shape tells which)."""
     path = Path(path)
-    if not path.is_file():
-        raise LmlabError(f"tokenizer file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise LmlabError(f"tokenizer file {path} is not valid JSON ({e}); re-create it") from None
+    data = read_json(path, "tokenizer file", expect=None)
     if isinstance(data, dict) and data.get("type") == "char":
         if not isinstance(data.get("chars"), str):
             raise LmlabError(f"char tokenizer file {path} has no 'chars' string; re-create it")

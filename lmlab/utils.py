@@ -178,19 +178,28 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def read_json(path: str | os.PathLike, what: str = "file", expect: type | None = dict) -> Any:
-    """A JSON file's content, or an LmlabError naming the file and the fix (missing, unreadable, malformed, or
-    not of type `expect`)."""
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A UTF-8 text file's content, or an LmlabError naming the file (missing, a directory, unreadable, not UTF-8)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise LmlabError(f"{what} {path} not found") from None
     except IsADirectoryError:
         raise LmlabError(f"{what} {path} is a directory, not a file") from None
     except OSError as e:
         raise LmlabError(f"cannot read {what} {path}: {e.strerror}") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise LmlabError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "file", expect: type | None = dict) -> Any:
+    """A JSON file's content, or an LmlabError naming the file and the fix (missing, unreadable, malformed, or
+    not of type `expect`)."""
+    path = Path(path)
+    try:
+        data = json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
         raise LmlabError(f"{what} {path} is not valid JSON ({e}); re-create it") from None
     if expect is not None and not isinstance(data, expect):
         raise LmlabError(f"{what} {path} must hold a JSON {expect.__name__}, got {type(data).__name__}")

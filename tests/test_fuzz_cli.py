@@ -246,17 +246,6 @@ def run(argv: list[str]) -> Outcome:
     return Outcome(rc, out.getvalue(), err.getvalue(), exc)
 
 
-# Findings in files this test's author does not own, to be fixed there: (command, text in the traceback's last
-# line) -> the reason. An example that hits one is not counted as a failure; the xfail tests below pin each.
-KNOWN: dict[tuple[str, str], str] = {
-}
-
-
-def _known(argv: list[str], exc: str) -> str | None:
-    last = exc.strip().splitlines()[-1] if exc else ""
-    return next((why for (cmd, text), why in KNOWN.items() if cmd == argv[0] and text in last), None)
-
-
 def check(argv: list[str], world: World) -> None:
     before = _fingerprint(world.protected)
     shutil.rmtree(world.scratch, ignore_errors=True)
@@ -265,24 +254,15 @@ def check(argv: list[str], world: World) -> None:
     shutil.copytree(world.paths["run"], world.scratch / "run-copy")
     shutil.copytree(world.paths["data"], world.scratch / "data-copy")
     r = run(argv)
-    why = _known(argv, r.exc)
-    if why is None:
-        assert not r.exc, f"lmlab {' '.join(argv)}\n{r.exc}"
-        assert "Traceback" not in r.out + r.err, f"lmlab {' '.join(argv)}\n{r.err}"
-        assert r.rc in (0, 2), (argv, r.rc, r.err[-2000:])
-        if r.rc == 2:
-            lines = [ln for ln in r.err.splitlines() if ln.startswith("lmlab: error: ")]
-            assert len(lines) == 1, (argv, r.err[-2000:])
+    assert not r.exc, f"lmlab {' '.join(argv)}\n{r.exc}"
+    assert "Traceback" not in r.out + r.err, f"lmlab {' '.join(argv)}\n{r.err}"
+    assert r.rc in (0, 2), (argv, r.rc, r.err[-2000:])
+    if r.rc == 2:
+        lines = [ln for ln in r.err.splitlines() if ln.startswith("lmlab: error: ")]
+        assert len(lines) == 1, (argv, r.err[-2000:])
     if _fingerprint(world.protected) != before:
         _restore(world)
-        assert _known_change(argv, world), f"lmlab {' '.join(argv)} changed a protected file"
-
-
-def _known_change(argv: list[str], world: World) -> str | None:
-    """A finding in a file others own that changes a protected directory (pinned by an xfail test below)."""
-    if argv[0] == "prepare" and any(a.endswith(str(world.paths["run"])) for a in argv):
-        return "data.prepare writes train.bin, meta.json, ... into an existing run directory"
-    return None
+        raise AssertionError(f"lmlab {' '.join(argv)} changed a protected file")
 
 
 @pytest.fixture
@@ -312,8 +292,6 @@ def test_chat_messages_not_utf8(world):
     assert not r.exc and r.rc == 2, r.exc
 
 
-@pytest.mark.xfail(strict=True, reason="data.prepare (owned by the data rework): --out an existing run directory "
-                                      "writes the data files into it (exit 0) instead of refusing")
 def test_prepare_into_a_run_directory(world):
     try:
         r = run(["prepare", str(world.paths["corpus"]), "--out", str(world.paths["run"]), "--quiet"])

@@ -195,7 +195,7 @@ def test_bpe_vocab_size_too_small():
 
 @pytest.mark.parametrize(("content", "words"), [
     (b"{not json", "is not valid JSON"),
-    (b"\xff\xfe\x00garbage", "is not valid JSON"),
+    (b"\xff\xfe\x00garbage", "is not UTF-8 text"),
     (b'{"type": "char"}', "has no 'chars' string"),
     (b'{"type": "char", "chars": 42}', "has no 'chars' string"),
     (b'{"type": "char", "chars": "abca"}', "has duplicates"),
@@ -216,7 +216,7 @@ def test_malformed_file_is_an_lmlab_error(tmp_path, content, words):
 def test_missing_file_is_an_lmlab_error(tmp_path):
     with pytest.raises(LmlabError) as err:
         load_tokenizer(tmp_path / "nope.json")
-    assert "tokenizer file not found" in str(err.value)
+    assert str(err.value) == f"tokenizer file {tmp_path / 'nope.json'} not found"
 
 
 # ---------------------------------------------------------------------------------------------------------

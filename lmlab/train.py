@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import signal
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -192,10 +193,33 @@ def check_options(tc: TrainConfig, info: DistInfo) -> None:
         raise LmlabError("muon needs whole weight matrices; use DDP (drop --fsdp) with muon")
 
 
+def check_fits(mc: ModelConfig, device: torch.device) -> None:
+    """Refuse, before allocating, a model whose float32 weights alone exceed this machine's memory (training with
+    AdamW needs about four times that: weights, gradients and two moments)."""
+    if device.type != "cpu" or not hasattr(os, "sysconf"):
+        return
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    need = mc.num_params() * 4
+    if need > ram:
+        raise LmlabError(f"the model has {mc.num_params():,} parameters: {need / 2**30:.1f} GiB of float32 weights, "
+                         f"more than this machine's {ram / 2**30:.1f} GiB of memory (training needs about 4x the "
+                         "weights); choose a smaller model (--d-model, --n-layers, --vocab-size via the data)")
+
+
 def build_model(mc: ModelConfig, tc: TrainConfig, info: DistInfo, last_dir: Path | None) -> Transformer:
     """The initial model (seeded, so every rank starts equal), or the weights saved in `last_dir`."""
     torch.manual_seed(tc.seed)
-    model = Transformer(mc)
+    check_fits(mc, info.device)
+    try:
+        model = Transformer(mc)
+    except (MemoryError, RuntimeError) as e:  # torch's CPU allocator raises RuntimeError("... can't allocate ...")
+        if isinstance(e, RuntimeError) and "allocate" not in str(e):
+            raise
+        raise LmlabError(f"could not allocate the model ({mc.num_params():,} parameters, "
+                         f"{mc.num_params() * 4 / 2**30:.1f} GiB of float32 weights); choose a smaller model") from None
     model.init_weights(tc.init)
     model.to(info.device)
     if last_dir is not None:

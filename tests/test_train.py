@@ -469,3 +469,13 @@ def test_checkpoints_honour_the_umask(tmp_path):
         assert path.stat().st_mode & 0o777 == dir_mode
         assert {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()} == {
             "model.safetensors": file_mode, "lmlab.json": file_mode}
+
+
+def test_a_model_larger_than_memory_is_refused_before_allocating(tmp_path, char_data):
+    """Found by the CLI fuzz test: d_model 2**20 was a RuntimeError from torch's allocator (13 TB asked)."""
+    r = subprocess.run(lmlab_cmd("train", *FLAGS, "--data", str(char_data), "--out", str(tmp_path / "r"),
+                                 "--d-model", str(2**20), "--n-heads", "1"),
+                       capture_output=True, text=True, env=subprocess_env())
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("lmlab: error: the model has ") and "GiB" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert not (tmp_path / "r").exists()

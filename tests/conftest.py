@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -64,3 +65,37 @@ def lmlab_cmd(*args: str) -> list[str]:
 def subprocess_env(**extra: str) -> dict:
     """One thread per process: tests run subprocesses side by side on a 2-core machine."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+@pytest.fixture(scope="session")
+def char_run(tmp_path_factory) -> Path:
+    """A random-weight char model (context 256) saved as an lmlab checkpoint, for chat and export tests."""
+    import torch
+
+    from lmlab.checkpoint import save_model
+    from lmlab.config import ModelConfig
+    from lmlab.model import Transformer
+    from lmlab.tokenizer import CharTokenizer
+
+    torch.manual_seed(0)
+    tok = CharTokenizer.train([corpus_text(5_000) + "User: Assistant: System:"])
+    cfg = ModelConfig(family="gpt2", vocab_size=tok.vocab_size, context_length=256, d_model=32, n_layers=1,
+                      n_heads=2, bias=False)
+    return save_model(tmp_path_factory.mktemp("char") / "ckpt", Transformer(cfg), tok)
+
+
+def index_reachable() -> bool:
+    """Whether pip could reach an index at all: PyPI over the network, or a local index pip is configured with.
+    Tests that fetch from PyPI skip only when this is False, never on any other failure."""
+    import urllib.request
+
+    r = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    urls = [u for line in r.stdout.splitlines() if "index-url" in line
+            for u in line.split("=", 1)[1].strip("'\"").split()]
+    for url in urls + ["https://pypi.org/simple/"]:
+        try:
+            with urllib.request.urlopen(url, timeout=10):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False

@@ -55,16 +55,6 @@ def test_template_errors_are_one_line():
         render_chat("{{ raise_exception('roles must alternate') }}", MESSAGES)
 
 
-@pytest.fixture(scope="module")
-def char_run(tmp_path_factory):
-    torch.manual_seed(0)
-    text = corpus_text(5_000) + "User: Assistant: System:"
-    tok = CharTokenizer.train([text])
-    cfg = ModelConfig(family="gpt2", vocab_size=tok.vocab_size, context_length=256, d_model=32, n_layers=1,
-                      n_heads=2, bias=False)
-    return save_model(tmp_path_factory.mktemp("char") / "ckpt", Transformer(cfg), tok)
-
-
 def test_chat_session_keeps_history_and_resets(char_run):
     lm = lmlab.load(char_run, device="cpu")
     session = ChatSession(lm, SamplingConfig(max_new_tokens=10, temperature=0), system="Be kind.")

@@ -13,7 +13,7 @@ from lmlab.checkpoint import save_model
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.model import Transformer
-from lmlab.tokenizer import BPETokenizer, CharTokenizer
+from lmlab.tokenizer import BPETokenizer
 from lmlab.weights.hf import export_hf
 from tests.conftest import corpus_text, lmlab_cmd, subprocess_env
 
@@ -23,16 +23,6 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def bpe() -> BPETokenizer:
     return BPETokenizer.train([corpus_text(30_000)], vocab_size=300)
-
-
-@pytest.fixture(scope="module")
-def char_run(tmp_path_factory):
-    torch.manual_seed(0)
-    text = corpus_text(5_000) + "User: Assistant: System:"
-    tok = CharTokenizer.train([text])
-    cfg = ModelConfig(family="gpt2", vocab_size=tok.vocab_size, context_length=256, d_model=32, n_layers=1,
-                      n_heads=2, bias=False)
-    return save_model(tmp_path_factory.mktemp("char") / "ckpt", Transformer(cfg), tok)
 
 
 # ---------------------------------------------------------------------------------------------------------

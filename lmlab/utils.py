@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -204,3 +205,23 @@ def read_json(path: str | os.PathLike, what: str = "file", expect: type | None =
     if expect is not None and not isinstance(data, expect):
         raise LmlabError(f"{what} {path} must hold a JSON {expect.__name__}, got {type(data).__name__}")
     return data
+
+
+@functools.cache
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim
+        return None
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim). The tokenizers library's many small
+    allocations, some from its worker threads, fragment glibc's heap: without this, a streamed BPE encode's RSS
+    grew with the corpus (+700 MiB for 48 MiB of text here) though almost nothing was live. Loaders call it
+    after each tensor, so temporaries freed in the heap (q, k, v before fusing) do not pile up in the peak."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from lmlab.errors import LmlabError
+from lmlab.utils import trim_heap
 
 
 def finish_load(model, state: dict[str, torch.Tensor]) -> None:
@@ -37,5 +38,6 @@ def load_converted(model, pairs: Iterable[tuple[str, torch.Tensor]], device: tor
                              f"{expected[key]}; {origin} and the weights do not match")
         state[key] = t.to(device=device, dtype=dtype)
         del t  # the source tensor goes before the next is read
+        trim_heap()  # and the temporaries freed in the heap with it (q, k, v before fusing)
     finish_load(model, state)
     model.eval()

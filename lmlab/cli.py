@@ -37,30 +37,31 @@ class Parser(argparse.ArgumentParser):
             self.error(f"argument {'/'.join(action.option_strings)}: invalid value '--'")
 
 
+# The numeric sampling flags: (SamplingConfig field, type, help). Defaults come from the config the command uses.
+SAMPLING_FLAGS = (
+    ("max_new_tokens", int, "tokens to generate at most"),
+    ("temperature", float, "0 = greedy; <1 sharper, >1 flatter"),
+    ("top_k", int, "keep the k most likely tokens (0 = off)"),
+    ("top_p", float, "nucleus: keep the smallest set with mass p (1 = off)"),
+    ("min_p", float, "drop tokens below p x the top probability (0 = off)"),
+    ("repetition_penalty", float, "CTRL-style penalty on seen tokens (1 = off)"),
+)
+
+
 def _add_sampling(p: argparse.ArgumentParser, defaults) -> None:
     """The sampling flags, with SamplingConfig's defaults (or a command's own variant of them, like chat's)."""
-    d = defaults
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
-                   help=f"tokens to generate at most (default: {d.max_new_tokens})")
-    g.add_argument("--temperature", type=float, default=d.temperature,
-                   help=f"0 = greedy; <1 sharper, >1 flatter (default: {d.temperature})")
-    g.add_argument("--top-k", type=int, default=d.top_k,
-                   help=f"keep the k most likely tokens (0 = off) (default: {d.top_k})")
-    g.add_argument("--top-p", type=float, default=d.top_p,
-                   help=f"nucleus: keep the smallest set with mass p (1 = off) (default: {d.top_p})")
-    g.add_argument("--min-p", type=float, default=d.min_p,
-                   help=f"drop tokens below p x the top probability (0 = off) (default: {d.min_p})")
-    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
-                   help=f"CTRL-style penalty on seen tokens (1 = off) (default: {d.repetition_penalty})")
-    g.add_argument("--seed", type=int, default=d.seed, help="random seed: the same seed gives the same text")
+    for name, kind, text in SAMPLING_FLAGS:
+        value = getattr(defaults, name)
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=value, help=f"{text} (default: {value})")
+    g.add_argument("--seed", type=int, default=defaults.seed, help="random seed: the same seed gives the same text")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this string (repeatable)")
     g.add_argument("--truncate", action="store_true", help="cut a prompt longer than the context from the left")
 
 
 def _sampling(args: argparse.Namespace, defaults):
     """The flags as a SamplingConfig; an invalid value is reported under the flag's name."""
-    names = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "truncate")
+    names = (*(name for name, _, _ in SAMPLING_FLAGS), "seed", "truncate")
     try:
         return defaults.replace(stop=tuple(args.stop), **{name: getattr(args, name) for name in names})
     except LmlabError as e:  # name the flag the user typed, not the Python field

@@ -245,13 +245,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lmlab import bench
+
+    settings = dict(device=args.device, compile=args.compile, n_threads=args.threads)
+    if args.bench_command == "train":
+        from lmlab.api import model_config
+        from lmlab.config import preset
+
+        if (args.model is None) == (args.preset is None):
+            raise LmlabError("give --preset NAME or --model SOURCE (one of them)")
+        cfg = preset(args.preset) if args.preset else model_config(args.model)
+        r = bench.bench_train(cfg, name=args.preset or args.model, batch_size=args.batch_size, context=args.context,
+                              steps=args.steps, warmup=args.warmup, data=args.data, dtype=args.dtype, **settings)
+    else:
+        r = bench.bench_generate(args.model, preset=args.preset, batch=args.batch, prompt_tokens=args.prompt_tokens,
+                                 new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup,
+                                 quantize=args.quantize, group_size=args.group_size, dtype=args.dtype,
+                                 bandwidth_mib=args.bandwidth_mib, **settings)
+    print(bench.format_table(r))
+    if args.json is not None:
+        print(f"wrote {bench.write_json(r, args.json)}")
+    return 0
+
+
 def build_parser() -> Parser:
     p = Parser(prog="lmlab", description="Pretrain and run GPT-2- and Llama-family language models.",
                allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            parser_class=lambda **kw: Parser(allow_abbrev=False, **kw))
     for add in (_info_parser, _generate_parser, _prepare_parser, _train_parser, _eval_parser, _plot_parser,
-                _chat_parser, _export_parser, _demo_parser):
+                _chat_parser, _export_parser, _bench_parser, _demo_parser):
         add(sub)
     return p
 
@@ -367,6 +391,50 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     ex.set_defaults(func=cmd_export)
 
 
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    from lmlab.bench import COMPILE_MODES, QUANTIZE_CHOICES
+
+    be = sub.add_parser("bench", help="measure training or decoding speed, peak memory and bandwidth use",
+                        description="Print a table of medians after warm-up (and write it as JSON with --json).")
+    kinds = be.add_subparsers(dest="bench_command", required=True, metavar="WHAT",
+                              parser_class=lambda **kw: Parser(allow_abbrev=False, **kw))
+    tr = kinds.add_parser("train", help="training tokens/s and step time: forward, backward, AdamW step",
+                          description="Train a randomly initialised model of a preset's (or a model's) shape.")
+    tr.add_argument("--preset", help="a model preset, e.g. char-cpu (lmlab info lists them)")
+    tr.add_argument("--model", metavar="SOURCE", help="take the shape (not the weights) of this model")
+    tr.add_argument("--data", metavar="DIR", help="a prepared data directory (default: random token ids)")
+    tr.add_argument("--batch-size", type=int, default=12, help="sequences per step (default: 12)")
+    tr.add_argument("--context", type=int, default=None,
+                    help="tokens per sequence (default: the model's context, at most 1024)")
+    tr.add_argument("--steps", type=int, default=20, help="timed steps (default: 20)")
+    tr.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    tr.add_argument("--dtype", default="float32", help="float32 or bfloat16 (autocast) (default: float32)")
+    gen = kinds.add_parser("generate", help="prefill and decode tokens/s at batch 1 and N, bandwidth utilisation",
+                           description="Greedy decoding of random prompt ids, EOS ignored. Bandwidth utilisation: "
+                                       "weight bytes read per decode step x steps/s, over the bandwidth of a "
+                                       "large tensor copy in the same process (read + write bytes/s).")
+    gen.add_argument("--model", metavar="SOURCE", help="a named model, GGUF file, HF directory or lmlab run")
+    gen.add_argument("--preset", help="instead of --model: random weights of a preset's shape")
+    gen.add_argument("--quantize", default=None, metavar="|".join(QUANTIZE_CHOICES),
+                     help="quantize the weights after loading (off: dequantize a GGUF) (default: as stored)")
+    gen.add_argument("--group-size", type=int, default=32, help="int4 group size along the input (default: 32)")
+    gen.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    gen.add_argument("--batch", type=int, default=8, help="the batch size measured besides 1 (default: 8)")
+    gen.add_argument("--prompt-tokens", type=int, default=128, help="random prompt ids per row (default: 128)")
+    gen.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per row (default: 32)")
+    gen.add_argument("--runs", type=int, default=3, help="timed generations per batch size (default: 3)")
+    gen.add_argument("--warmup", type=int, default=1, help="untimed generations first (default: 1)")
+    gen.add_argument("--bandwidth-mib", type=int, default=1024,
+                     help="size of each buffer of the bandwidth copy, MiB (default: 1024)")
+    for p in (tr, gen):
+        p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
+        p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+        p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                       help=f"torch.compile the model; MODE one of {', '.join(COMPILE_MODES)} (default: default)")
+        p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
+        p.set_defaults(func=cmd_bench)
+
+
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="the main job: prepare Shakespeare, train a small GPT on CPU, generate, plot")
     demo.add_argument("--out", default="runs/demo", help="where the demo writes its data, run and plot")
@@ -377,6 +445,9 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
 def _unknown_flag(parser: Parser, args: argparse.Namespace, extras: list[str]) -> LmlabError:
     """'unknown option --lrr (did you mean '--lr'?)', suggesting from the subcommand's own flags."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    nested = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+    if nested:  # lmlab bench train|generate: the flags of the inner command
+        sub = nested[0].choices[getattr(args, nested[0].dest)]
     flags = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
     bad = next((e for e in extras if e.startswith("-")), extras[0])
     what = "option" if bad.startswith("-") else "argument"

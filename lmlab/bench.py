@@ -302,10 +302,6 @@ def generate_model(model: str | None, preset: str | None, device: str, dtype: st
     import lmlab
     from lmlab.config import preset as preset_config
 
-    if quantize is not None and quantize not in QUANTIZE_CHOICES:
-        raise unknown("quantization", quantize, QUANTIZE_CHOICES)
-    if (model is None) == (preset is None):
-        raise LmlabError("give --model SOURCE or --preset NAME (one of them)")
     if model is not None:
         kw = {} if quantize is None else dict(quantize=quantize, group_size=group_size)  # TODO(quant): always pass
         return lmlab.load(model, device=device, dtype=dtype, **kw).model, str(model)
@@ -331,11 +327,13 @@ def bench_generate(model: str | None = None, *, preset: str | None = None, batch
                                ("group_size", group_size, 1), ("bandwidth_mib", bandwidth_mib, 1)):
         check_count(flag, value, least)
     check_compile(compile)
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise unknown("quantization", quantize, QUANTIZE_CHOICES)
     with threads(n_threads) as n:
         dev = resolve_device(device)
         reset_peak_memory(dev)
+        check_fits_context(model, preset, prompt_tokens, new_tokens)
         net, name = generate_model(model, preset, device, dtype, quantize, group_size)
-        check_fits_context(net.cfg, prompt_tokens, new_tokens)
         sizes = list(dict.fromkeys((1, batch)))
         run, compile_s = _compiled_run(net, compile, sizes, prompt_tokens)
         rows = [bench_batch(run, b, prompt_tokens, new_tokens, runs, warmup) for b in sizes]
@@ -352,9 +350,16 @@ def bench_generate(model: str | None = None, *, preset: str | None = None, batch
                 peak_memory_bytes=peak, peak_memory_kind=peak_kind)
 
 
-def check_fits_context(cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> None:
-    """Prompt and new tokens must fit the context: past it the engine slides its window, a second prefill that
-    would land inside the decode timings."""
+def check_fits_context(model: str | None, preset: str | None, prompt_tokens: int, new_tokens: int) -> None:
+    """Exactly one of model and preset; prompt and new tokens must fit its context: past it the engine slides
+    its window, a second prefill that would land inside the decode timings. Checked on the config alone, before
+    minutes of loading a large model."""
+    from lmlab.api import model_config
+    from lmlab.config import preset as preset_config
+
+    if (model is None) == (preset is None):
+        raise LmlabError("give --model SOURCE or --preset NAME (one of them)")
+    cfg = model_config(model) if model is not None else preset_config(preset)
     if prompt_tokens + new_tokens > cfg.context_length:
         raise LmlabError(f"--prompt-tokens + --new-tokens ({prompt_tokens} + {new_tokens}) exceed the model's "
                          f"context ({cfg.context_length}); ask for fewer tokens")

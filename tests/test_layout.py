@@ -16,7 +16,7 @@ LAYERS = [
     {"weights.hf", "weights.gguf"},  # foreign formats: readers and key tables
     {"weights.gguf_export", "weights.export", "weights"},  # exporters, then the dispatch by format name
     {"train", "evaluate", "generate"},
-    {"chat", "plot", "demo", "api", "lmlab"},  # "lmlab": the package itself, whose __init__ re-exports api
+    {"chat", "plot", "demo", "api", "lmlab", "bench"},  # "lmlab": the package itself, whose __init__ re-exports api
     {"cli", "__main__"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

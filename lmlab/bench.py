@@ -260,7 +260,7 @@ def decode_run(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int
     CUDA the clock is read after an explicit one too."""
     from lmlab.generate import SamplingConfig, generate_ids
 
-    dev = model.wte.weight.device
+    dev = next(model.parameters()).device
     s = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
     sync(dev)
     stamps = [time.perf_counter()]
@@ -342,8 +342,8 @@ def bench_generate(model: str | None = None, *, preset: str | None = None, batch
     wbytes = weight_bytes(net)
     for row in rows:
         row["bandwidth_utilisation"] = wbytes / row["decode_step_s"] / bandwidth
-    return dict(command="generate", model=name, **_setup(dev, n, str(net.wte.weight.dtype).replace("torch.", ""),
-                                                         quantize, compile),
+    dt = str(resolve_dtype(dtype)).removeprefix("torch.")  # the activations' dtype (quantized weights are not)
+    return dict(command="generate", model=name, **_setup(dev, n, dt, quantize, compile),
                 params=net.cfg.num_params(), prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
                 warmup=warmup, compile_s=compile_s, batches=rows, weight_bytes=wbytes,
                 bandwidth_bytes_per_s=bandwidth, bandwidth_convention=BANDWIDTH_CONVENTION,

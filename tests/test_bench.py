@@ -83,6 +83,16 @@ def test_train_on_data_takes_its_vocabulary(capsys, tmp_path, char_data):
     assert r["context"] == preset("llama-cpu").context_length and r["tokens_per_s"] > 0
 
 
+def test_train_model_shape(capsys, tmp_path, char_run):
+    """--model takes a model's shape, not its weights; a --context past the model's grows its position table."""
+    from lmlab.api import model_config
+
+    r, _ = run_json(capsys, tmp_path, "train", "--model", str(char_run), "--batch-size", "1", "--context", "300",
+                    "--steps", "1", "--warmup", "0")
+    assert r["config"] == model_config(char_run).replace(context_length=300).to_dict()
+    assert r["context"] == 300 and r["tokens_per_s"] == pytest.approx(300 / r["step_s"])
+
+
 def test_generate_preset(capsys, tmp_path):
     r, out = run_json(capsys, tmp_path, "generate", "--preset", "llama-cpu", "--batch", "3", "--prompt-tokens", "8",
                       "--new-tokens", "6", "--runs", "2", "--warmup", "1", "--bandwidth-mib", "32")

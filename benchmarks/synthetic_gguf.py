@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except LmlabError as e:
         print(f"lmlab: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an --out the OS refuses (no permission, a directory, disk full)
+        print(f"lmlab: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"wrote {path}: {path.stat().st_size / 1e9:.3f} GB, {cfg.n_layers} layers, {args.qtype}, "
           f"in {time.perf_counter() - t:.1f} s")
     return 0

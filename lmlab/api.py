@@ -107,20 +107,33 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
 
 
 def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
-         dtype: str | torch.dtype | None = None) -> LM:
-    """Load a model for inference (eval mode). dtype defaults to float32. Sources: see resolve_source."""
+         dtype: str | torch.dtype | None = None, quantize: str | None = None, group_size: int = 32) -> LM:
+    """Load a model for inference (eval mode). dtype defaults to float32. Sources: see resolve_source.
+
+    `quantize`: None keeps the weights as stored (a GGUF file's quantized tensors stay packed, lmlab.quant;
+    float checkpoints stay float); "int8" or "int4" (with `group_size`) quantizes the matmul weights; "off"
+    dequantizes everything to `dtype`."""
     from lmlab.checkpoint import load_model
+    from lmlab.quant import check_device, check_mode, quantize_model
     from lmlab.weights.gguf import load_gguf
     from lmlab.weights.hf import load_hf_dir
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if quantize not in (None, "off"):
+        check_mode(quantize, group_size)
+        check_device(dev)
     kind, path = resolve_source(source)
     name = str(source) if kind == "gguf" and not Path(source).exists() else str(path)  # a named model keeps its name
-    if kind == "lmlab":
+    meta = None
+    if kind == "gguf":
+        model, tok = load_gguf(path, dev, dt, quantize=quantize, group_size=group_size)
+    elif kind == "lmlab":
         model, tok, meta = load_model(path, dev, dt)
-        return LM(model, tok, name, meta)
-    model, tok = (load_gguf if kind == "gguf" else load_hf_dir)(path, dev, dt)
-    return LM(model, tok, name)
+    else:
+        model, tok = load_hf_dir(path, dev, dt)
+    if kind != "gguf" and quantize not in (None, "off"):
+        quantize_model(model, quantize, group_size)
+    return LM(model, tok, name, meta)
 
 
 def _is_gguf(path: Path) -> bool:

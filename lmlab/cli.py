@@ -103,11 +103,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import lmlab
     from lmlab.generate import SamplingConfig
 
     s = _sampling(args, SamplingConfig())
-    lm = lmlab.load(args.model, device=args.device, dtype=args.dtype)
+    lm = _load(args)
     if args.stream:
         lm.generate(args.prompt, s, on_text=lambda d: print(d, end="", flush=True))
         print()
@@ -198,14 +197,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import lmlab
     from lmlab.evaluate import evaluate, tokens_for
+    from lmlab.quant import weights_description
 
-    lm = lmlab.load(args.model, device=args.device, dtype=args.dtype)
+    lm = _load(args)
     r = evaluate(lm, tokens_for(lm, args.data, args.split), batch_size=args.batch_size,
                  max_batches=args.max_batches, context=args.context, stride=args.stride, chunk=args.chunk)
     print(f"loss {r.loss:.4f}  perplexity {r.perplexity:.3f}  ({r.tokens:,} tokens; windows of {r.context}, "
-          f"stride {r.stride})")
+          f"stride {r.stride}; weights {weights_description(lm.model)})")
     return 0
 
 
@@ -217,14 +216,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    import lmlab
     from lmlab.chat import CHAT_SAMPLING, ChatSession, read_messages, repl, reply
 
     s = _sampling(args, CHAT_SAMPLING)
     if args.prompt is not None and args.messages is not None:
         raise LmlabError("give --prompt or --messages, not both")
     messages = read_messages(args.messages) if args.messages is not None else None
-    lm = lmlab.load(args.model, device=args.device, dtype=args.dtype)
+    lm = _load(args)
     notify = lambda text: print(text, file=sys.stderr)  # noqa: E731
     if args.prompt is None and messages is None:
         return repl(ChatSession(lm, s, system=args.system, notify=notify))
@@ -240,7 +238,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from lmlab.weights.export import check_target, export
 
     check_target(args.out, args.format, args.dtype)  # before the model is loaded
-    lm = lmlab.load(args.source, device="cpu", dtype="float32")
+    lm = lmlab.load(args.source, device="cpu", dtype="float32", quantize="off")
     print(f"wrote {export(lm.model, lm.tokenizer, args.out, args.format, args.dtype)}")
     return 0
 
@@ -280,6 +278,23 @@ def build_parser() -> Parser:
     return p
 
 
+def _add_load_flags(p: argparse.ArgumentParser) -> None:
+    """How a model is loaded for inference: device, dtype and weight quantization (the flags of lmlab.load)."""
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--quantize", default=None, metavar="MODE",
+                   help="int8 (per channel) or int4 (per group) weights, CPU only; off dequantizes a GGUF to float "
+                        "(default: as stored: a GGUF's quantized tensors stay packed)")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default: 32)")
+
+
+def _load(args: argparse.Namespace):
+    import lmlab
+
+    return lmlab.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                      group_size=args.group_size)
+
+
 def _info_parser(sub: argparse._SubParsersAction) -> None:
     info = sub.add_parser("info", help="show a preset's (or a model's) architecture and exact parameter count",
                           description="Without a name, list the presets.")
@@ -294,8 +309,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                      help="an lmlab run or checkpoint, an HF directory, a GGUF file or a named model")
     gen.add_argument("--prompt", required=True, help="the text to continue")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
-    gen.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
-    gen.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    _add_load_flags(gen)
     from lmlab.generate import SamplingConfig
 
     _add_sampling(gen, SamplingConfig())
@@ -348,8 +362,7 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--chunk", type=int, default=None,
                     help="positions per head + loss call: peak memory holds chunk x vocab fp32 logits "
                          "(default: 1024; 0 = the whole batch at once)")
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--dtype", default=None)
+    _add_load_flags(ev)
     ev.set_defaults(func=cmd_eval)
 
 
@@ -374,8 +387,7 @@ def _chat_parser(sub: argparse._SubParsersAction) -> None:
     ch.add_argument("--messages", default=None, metavar="FILE",
                     help='answer a JSON list of {"role", "content"} messages from FILE (- for stdin) and exit')
     ch.add_argument("--system", default=None, help="a system message to start the conversation")
-    ch.add_argument("--device", default="auto")
-    ch.add_argument("--dtype", default=None)
+    _add_load_flags(ch)
     _add_sampling(ch, CHAT_SAMPLING)
     ch.set_defaults(func=cmd_chat)
 

@@ -250,13 +250,42 @@ def test_synthetic_gguf_logits_match_source(case, tmp_path, tiny_vocab):
     write_gguf(tmp_path / "m.gguf", hf, tiny_vocab, qtype)
     stored = {t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors if len(t.shape) == 2}
     assert stored == {qtype}
-    model, tok = load_gguf(tmp_path / "m.gguf", "cpu", torch.float32)
+    model, tok = load_gguf(tmp_path / "m.gguf", "cpu", torch.float32, quantize="off")
     assert not model.training
     assert (model.cfg.n_kv_heads, model.cfg.tie_embeddings, model.cfg.vocab_size) == (kv, tied, V)
     assert model.num_params() == sum(p.numel() for p in hf.parameters())
     idx = _ids(V)
     with torch.no_grad():
         _close(model(idx), hf(idx).logits)
+
+
+# Packed loading (weights/gguf_packed.py) against the float32 meaning of the same blocks (transformers' torch
+# dequantizer, in the HF model). Q4 types are the same numbers, computed with bf16 activations and bf16
+# scales; 8-bit types (and Q5_K, through float) are also requantized to one int8 scale per row. Q6_K's random
+# blocks here give each 16 values a random 8-bit sub-scale, so one row spans them all: the worst case for one
+# scale per row (a real file's sub-scales follow its weights; the named model's perplexity is in benchmarks/).
+PACKED_BOUND = {"Q4_0": 0.02, "Q4_1": 0.02, "Q4_K": 0.02, "Q8_0": 0.04, "Q6_K": 0.08, "Q5_K": 0.04}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0].startswith("Q")])
+def test_packed_gguf_logits_close_to_dequantized(case, tmp_path, tiny_vocab):
+    from lmlab.quant import QuantLinear
+
+    qtype, kv, tied = CASES[case]
+    V = len(tiny_vocab["tokens"])
+    hf = _hf_llama(V, kv, tied)
+    write_gguf(tmp_path / "m.gguf", hf, tiny_vocab, qtype)
+    model, _ = load_gguf(tmp_path / "m.gguf", "cpu", torch.float32)  # as stored: packed
+    kinds = {m.mode for m in model.blocks.modules() if isinstance(m, QuantLinear)}
+    assert kinds == ({"int4"} if qtype.startswith("Q4") else {"int8"})  # the head: int8 (300 rows: not 16k)
+    assert isinstance(model.lm_head, QuantLinear)
+    assert not any(p.dtype == torch.float32 and p.dim() == 2 for p in model.parameters())  # no float matrix
+    idx = _ids(V)
+    with torch.no_grad():
+        ours, ref = model(idx), hf(idx).logits
+    rel = ((ours - ref).norm() / ref.norm()).item()
+    print(f"\n{case}: packed vs dequantized logits, relative error {rel:.2e}")
+    assert rel <= PACKED_BOUND[qtype], rel
 
 
 def test_llama3_rope_from_rope_freqs_tensor(tmp_path, tiny_vocab):
@@ -266,7 +295,7 @@ def test_llama3_rope_from_rope_freqs_tensor(tmp_path, tiny_vocab):
     hf = _hf_llama(V, 2, False, rope_type="llama3", rope_theta=500000.0, **scaling)
     factors = _llama3_factors(64, 500000.0, 4.0, 1.0, 4.0, 64)
     write_gguf(tmp_path / "m.gguf", hf, None, rope_freqs=factors)
-    model, tok = load_gguf(tmp_path / "m.gguf", "cpu", torch.float32)
+    model, tok = load_gguf(tmp_path / "m.gguf", "cpu", torch.float32, quantize="off")
     assert tok is None  # no tokenizer metadata: weights only
     cfg = model.cfg
     assert cfg.rope_scaling == "llama3" and cfg.rope_original_context == 64
@@ -470,7 +499,7 @@ def smollm2_file():
 @pytest.fixture(scope="session")
 def smollm2(smollm2_file):
     t = time.perf_counter()
-    lm = lmlab.load(NAME, device="cpu")
+    lm = lmlab.load(NAME, device="cpu", quantize="off")  # dequantized to float32, as transformers loads it
     lm.load_seconds = time.perf_counter() - t
     return lm
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,23 @@ class GGUFFile:
         except ValueError as e:
             raise LmlabError(f"{self.path}: tensor {name} ({t.tensor_type.name}) is malformed ({e})") from None
         return arr
+
+
+    def raw(self, name: str) -> np.ndarray:
+        """The bytes of tensor `name` as stored, read with pread rather than through the memory map, so that
+        reading a whole model does not leave it resident (the mapped pages would count toward RSS)."""
+        t = self.tensors[name]
+        with open(self.path, "rb") as fh:
+            data = os.pread(fh.fileno(), int(t.n_bytes), int(t.data_offset))
+        if len(data) != t.n_bytes:
+            raise LmlabError(f"{self.path} is truncated: tensor {name} needs {t.n_bytes} bytes; download it again")
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def is_quantized(self, name: str) -> bool:
+        from gguf import GGMLQuantizationType as Q
+
+        t = self.tensors.get(name)
+        return t is not None and t.tensor_type not in (Q.F32, Q.F16, Q.BF16)
 
 
 @functools.cache
@@ -316,9 +334,15 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
-def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """A GGUF file -> (Transformer in eval mode, BPETokenizer or None when the file carries no tokenizer)."""
+def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              quantize: str | None = None, group_size: int = 32):
+    """A GGUF file -> (Transformer in eval mode, BPETokenizer or None when the file carries no tokenizer).
+
+    `quantize` as lmlab.load takes it: None keeps quantized tensors packed (weights/gguf_packed.py), "int8" or
+    "int4" packs every matmul so, "off" dequantizes everything to `dtype`."""
     from lmlab.model import Transformer
+    from lmlab.quant import check_device
+    from lmlab.weights.gguf_packed import load_packed
 
     device = torch.device(device)
     f = GGUFFile(path)
@@ -330,6 +354,11 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     if unused:
         raise LmlabError(f"{f.path}: tensor {unused[0]!r} ({len(unused)} such in all) has no place in our "
                          f"{cfg.family} model (biases, experts or another variant); this file is not supported")
-    pairs = ((k, _tensor(a)) for k, a in map_gguf_weights(cfg, list(expected), f.array, str(f.path)))
-    load_converted(model, pairs, device, dtype, str(f.path), "the metadata")
+    as_float = quantize is None and (device.type != "cpu" or not any(f.is_quantized(n) for n in f.tensors))
+    if quantize == "off" or as_float:  # the packed kernels are CPU ones (lmlab.quant): elsewhere, stored is float
+        pairs = ((k, _tensor(a)) for k, a in map_gguf_weights(cfg, list(expected), f.array, str(f.path)))
+        load_converted(model, pairs, device, dtype, str(f.path), "the metadata")
+        return model, gguf_tokenizer(f)
+    check_device(device)
+    load_packed(model, f, keymaps()[cfg.family], quantize, group_size, dtype)
     return model, gguf_tokenizer(f)

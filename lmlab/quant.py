@@ -1,0 +1,216 @@
+"""Weight-only quantized layers for inference: int8 with one scale per output channel, int4 with a scale and an
+offset per group of input columns.
+
+Why weight-only: decoding one token reads every weight once and does two FLOPs with each, so on a CPU it is bound
+by memory bandwidth, and 8 or 4 bits a weight read 4x or 8x fewer bytes than float32. The matmuls are PyTorch's
+own kernels, `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu` (gpt-fast's int8 and int4 paths).
+Measured on a 2-core AVX2 EPYC at batch 1 (benchmarks/quant_kernels.py), both are 2-4x faster than a float32
+F.linear when the activations are bfloat16, and 5-10x slower when they are float32. So each quantized layer casts
+its input to bfloat16 for the matmul and its output back; everything else (norms, attention, the KV cache, the
+residual stream) stays in the model's dtype.
+
+Formats, N output rows, K input columns, g the group size:
+    int8: codes int8 (N, K) in [-127, 127], weight = codes * scale[n]              (scale (N,))
+    int4: codes 0..15 (N, K),               weight = codes * scale[n, j] + offset[n, j]   for column group j
+The int4 kernel wants its codes packed in its own tiled layout and scale/offset as `(q - 8) * s + z` in a
+(K/g, N, 2) table, so an int4 layer keeps only that form; `dequantize()` reads the weight back through the kernel.
+GGUF files' Q4_0, Q4_1 and Q4_K blocks are exactly int4 groups of 32 (`from_int4`), so they load without a float
+copy (weights/gguf.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmlab.errors import LmlabError
+
+QUANT_MODES = ("int8", "int4")
+COMPUTE_DTYPE = torch.bfloat16  # the activations' dtype inside the kernels: see the module docstring
+
+
+def check_mode(mode: str, group_size: int = 32) -> None:
+    """One line for a mode or group size this module cannot do."""
+    if mode not in QUANT_MODES:
+        raise LmlabError(f"unknown quantization {mode!r}; choose one of: {', '.join(QUANT_MODES)} "
+                         "(or off, to dequantize to float)")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in (32, 64, 128, 256):
+        raise LmlabError(f"int4 group size must be 32, 64, 128 or 256 (the kernel's sizes), got {group_size!r}")
+
+
+def check_device(device: torch.device) -> None:
+    """The int4 and int8 kernels used here exist for CPU tensors; say so before anything is converted."""
+    if torch.device(device).type != "cpu":
+        raise LmlabError(f"quantized inference runs on the CPU in this version, not on {torch.device(device).type}; "
+                         "use --device cpu, or --quantize off to run in float on this device")
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (codes (N, K) int8, scale (N,) float32), scale = max|w| / 127 per row."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of `group_size` columns: (codes (N, K) uint8 in 0..15, scale, offset (N, K/g)),
+    the group's minimum mapped to code 0 and its maximum to 15."""
+    N, K = w.shape
+    groups = w.float().reshape(N, K // group_size, group_size)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    codes = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    return codes.reshape(N, K), scale, lo
+
+
+def check_shape(name: str, N: int, K: int, mode: str, group_size: int) -> None:
+    if mode == "int4" and (K % group_size or N % 16):
+        raise LmlabError(f"cannot quantize {name} ({N} x {K}) to int4 with group size {group_size}: its input size "
+                         f"must be a multiple of the group size and its output size a multiple of 16; choose "
+                         "another --group-size, or --quantize int8")
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W held as int8 or int4 codes (see the module docstring); a drop-in for nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, mode: str, group_size: int,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.mode, self.group_size = in_features, out_features, mode, group_size
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    @classmethod
+    def from_int8(cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> QuantLinear:
+        layer = cls(codes.shape[1], codes.shape[0], "int8", codes.shape[1], bias)
+        layer.register_buffer("weight", codes.to(torch.int8).contiguous())
+        layer.register_buffer("scale", scale.to(COMPUTE_DTYPE).contiguous())
+        return layer
+
+    @classmethod
+    def from_int4(cls, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> QuantLinear:
+        N, K = codes.shape
+        group_size = K // scale.shape[1]
+        layer = cls(K, N, "int4", group_size, bias)
+        # The kernel computes (q - 8) * s + z: z = offset + 8 * s gives codes * scale + offset.
+        table = torch.stack((scale.float().t(), (offset.float() + 8 * scale.float()).t()), dim=-1)
+        layer.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+        layer.register_buffer("scales_zeros", table.to(COMPUTE_DTYPE).contiguous())  # (K/g, N, 2)
+        return layer
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, mode: str,
+                   group_size: int = 32) -> QuantLinear:
+        if mode == "int8":
+            return cls.from_int8(*quantize_int8(weight), bias)
+        return cls.from_int4(*quantize_int4(weight, group_size), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
+        if self.mode == "int8":
+            y = torch._weight_int8pack_mm(x2, self.weight, self.scale)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_zeros)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 (N, K) weight this layer computes with (its scales as the kernel holds them, in bf16)."""
+        if self.mode == "int8":
+            return self.weight.float() * self.scale.float()[:, None]
+        eye = torch.eye(self.in_features, device=self.weight.device)  # float32 input: exact (q - 8) * s + z
+        return torch._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, self.scales_zeros.float()).t()
+
+    def weight_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        return f"{self.in_features}, {self.out_features}, mode={self.mode}{group}, bias={self.bias is not None}"
+
+
+class QuantEmbedding(nn.Module):
+    """A token-embedding table held as int8 rows (one scale per row) or int4 groups; a lookup dequantizes only the
+    rows it gathers. int4 codes are stored two to a byte (even column in the low nibble)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = codes.shape
+        self.mode = "int8" if offset is None else "int4"
+        if offset is not None:
+            codes = codes.to(torch.uint8)
+            codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+            self.register_buffer("offset", offset.float().contiguous())
+        self.register_buffer("weight", codes.contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, mode: str, group_size: int = 32) -> QuantEmbedding:
+        if mode == "int8":
+            return cls(*quantize_int8(weight), None)
+        return cls(*quantize_int4(weight, group_size))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        codes, scale = F.embedding(idx, self.weight), F.embedding(idx, self.scale[:, None] if self.mode == "int8"
+                                                                   else self.scale)
+        if self.mode == "int8":
+            return codes.float() * scale
+        values = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2).float()  # (..., C)
+        groups = values.unflatten(-1, (scale.shape[-1], -1))
+        out = groups * scale[..., None] + F.embedding(idx, self.offset)[..., None]
+        return out.flatten(-2)
+
+    def dequantize(self) -> torch.Tensor:
+        return self(torch.arange(self.num_embeddings, device=self.weight.device))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode}"
+
+
+def quantize_model(model, mode: str, group_size: int = 32):
+    """Replace, in place, every linear layer of the blocks with a QuantLinear of `mode`, and the head and the
+    token embedding too. With int4 the head is int8, as llama.cpp keeps a Q4 file's output matrix at 6 bits:
+    the logits are the most sensitive matmul. Returns the model (eval mode)."""
+    check_mode(mode, group_size)
+    check_device(model.wte.weight.device)
+    todo = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"]
+    for name, m in todo:
+        check_shape(name, m.out_features, m.in_features, mode, group_size)
+    for name, m in todo:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, QuantLinear.from_float(m.weight.data, m.bias, mode, group_size))
+    head = model.lm_head
+    if isinstance(head, nn.Linear):
+        model.lm_head = QuantLinear.from_float(head.weight.data, head.bias, "int8")
+    if isinstance(model.wte, nn.Embedding):
+        model.wte = QuantEmbedding.from_float(model.wte.weight.data, "int8")
+    return model.eval()
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the weights one decoded token reads: every matmul's weight once, at its stored size (the
+    embedding lookup reads one row and is left out)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += m.weight_bytes()
+        elif isinstance(m, nn.Linear):
+            total += m.weight.nbytes
+    return total
+
+
+def weights_description(model) -> str:
+    """How the matmul weights are held, for reports: "float32", "int8", "int4 (group 32) + int8", ..."""
+    kinds = []
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            kind = f"int4 (group {m.group_size})" if m.mode == "int4" else "int8"
+        elif isinstance(m, nn.Linear):
+            kind = str(m.weight.dtype).removeprefix("torch.")
+        else:
+            continue
+        if kind not in kinds:
+            kinds.append(kind)
+    return " + ".join(kinds)

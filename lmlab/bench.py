@@ -28,10 +28,10 @@ import torch
 from lmlab.config import ModelConfig, TrainConfig
 from lmlab.errors import LmlabError, unknown
 from lmlab.model import Transformer
+from lmlab.quant import check_device, check_mode, quantize_model, weight_bytes, weights_description
 from lmlab.utils import atomic_write_text, resolve_device, resolve_dtype
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-QUANTIZE_CHOICES = ("int8", "int4", "off")  # "off": dequantize a GGUF's packed tensors to float
 BANDWIDTH_CONVENTION = "tensor copy_: (bytes read + bytes written) / s, median of 5"  # 1 GiB: beyond any cache
 
 
@@ -123,18 +123,6 @@ def memory_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 5
     dst.copy_(src)
     seconds = statistics.median(timed(lambda: dst.copy_(src), device) for _ in range(repeats))
     return 2 * src.nbytes / seconds
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights one decoded token reads: every matmul weight once (a tied head's embedding table
-    included, since the head multiplies by all of it), not the embedding lookup's single row.
-    TODO(quant): lmlab.quant.weight_bytes, which also counts packed quantized weights, once it lands."""
-    seen, total = set(), 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
-            seen.add(id(module.weight))
-            total += module.weight.nbytes
-    return total
 
 
 def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> Transformer:
@@ -303,12 +291,9 @@ def generate_model(model: str | None, preset: str | None, device: str, dtype: st
     from lmlab.config import preset as preset_config
 
     if model is not None:
-        kw = {} if quantize is None else dict(quantize=quantize, group_size=group_size)  # TODO(quant): always pass
-        return lmlab.load(model, device=device, dtype=dtype, **kw).model, str(model)
+        return lmlab.load(model, device=device, dtype=dtype, quantize=quantize, group_size=group_size).model, model
     net = random_model(preset_config(preset), resolve_device(device), resolve_dtype(dtype))
-    if quantize in ("int8", "int4"):
-        from lmlab.quant import quantize_model
-
+    if quantize not in (None, "off"):
         quantize_model(net, quantize, group_size=group_size)
     return net.eval(), f"preset {preset} (random weights)"
 
@@ -324,13 +309,14 @@ def bench_generate(model: str | None = None, *, preset: str | None = None, batch
     do not count in the peak."""
     for flag, value, least in (("batch", batch, 1), ("prompt_tokens", prompt_tokens, 1),
                                ("new_tokens", new_tokens, 2), ("runs", runs, 1), ("warmup", warmup, 0),
-                               ("group_size", group_size, 1), ("bandwidth_mib", bandwidth_mib, 1)):
+                               ("bandwidth_mib", bandwidth_mib, 1)):
         check_count(flag, value, least)
     check_compile(compile)
-    if quantize is not None and quantize not in QUANTIZE_CHOICES:
-        raise unknown("quantization", quantize, QUANTIZE_CHOICES)
+    dev = resolve_device(device)
+    if quantize not in (None, "off"):  # as lmlab.load checks them, but before a preset's float model is built
+        check_mode(quantize, group_size)
+        check_device(dev)
     with threads(n_threads) as n:
-        dev = resolve_device(device)
         reset_peak_memory(dev)
         check_fits_context(model, preset, prompt_tokens, new_tokens)
         net, name = generate_model(model, preset, device, dtype, quantize, group_size)
@@ -344,6 +330,7 @@ def bench_generate(model: str | None = None, *, preset: str | None = None, batch
         row["bandwidth_utilisation"] = wbytes / row["decode_step_s"] / bandwidth
     dt = str(resolve_dtype(dtype)).removeprefix("torch.")  # the activations' dtype (quantized weights are not)
     return dict(command="generate", model=name, **_setup(dev, n, dt, quantize, compile),
+                weights=weights_description(net),
                 params=net.cfg.num_params(), prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
                 warmup=warmup, compile_s=compile_s, batches=rows, weight_bytes=wbytes,
                 bandwidth_bytes_per_s=bandwidth, bandwidth_convention=BANDWIDTH_CONVENTION,
@@ -399,7 +386,7 @@ def format_table(r: dict[str, Any]) -> str:
     rows = [("model", r["model"] or "a random model"), ("device", f"{r['device']} ({r['machine']})"),
             ("threads", r["threads"]), ("dtype", r["dtype"])]
     if r["command"] == "generate":
-        rows.append(("quantization", r["quantization"] or "as stored"))
+        rows.append(("quantization", f"{r['quantization'] or 'none (as stored)'}: weights {r['weights']}"))
     rows.append(("compile", r["compile"] or "off (eager)"))
     if r["compile_s"] is not None:
         rows.append(("compile time", f"{r['compile_s']:.2f} s (first call, apart from the medians)"))

@@ -404,7 +404,7 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
-    from lmlab.bench import COMPILE_MODES, QUANTIZE_CHOICES
+    from lmlab.bench import COMPILE_MODES
 
     be = sub.add_parser("bench", help="measure training or decoding speed, peak memory and bandwidth use",
                         description="Print a table of medians after warm-up (and write it as JSON with --json).")
@@ -427,10 +427,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                                        "large tensor copy in the same process (read + write bytes/s).")
     gen.add_argument("--model", metavar="SOURCE", help="a named model, GGUF file, HF directory or lmlab run")
     gen.add_argument("--preset", help="instead of --model: random weights of a preset's shape")
-    gen.add_argument("--quantize", default=None, metavar="|".join(QUANTIZE_CHOICES),
-                     help="quantize the weights after loading (off: dequantize a GGUF) (default: as stored)")
-    gen.add_argument("--group-size", type=int, default=32, help="int4 group size along the input (default: 32)")
-    gen.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    _add_load_flags(gen)
     gen.add_argument("--batch", type=int, default=8, help="the batch size measured besides 1 (default: 8)")
     gen.add_argument("--prompt-tokens", type=int, default=128, help="random prompt ids per row (default: 128)")
     gen.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per row (default: 32)")
@@ -438,8 +435,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--warmup", type=int, default=1, help="untimed generations first (default: 1)")
     gen.add_argument("--bandwidth-mib", type=int, default=1024,
                      help="size of each buffer of the bandwidth copy, MiB (default: 1024)")
+    tr.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
     for p in (tr, gen):
-        p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
         p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
         p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                        help=f"torch.compile the model; MODE one of {', '.join(COMPILE_MODES)} (default: default)")

@@ -8,6 +8,7 @@ shapes and a 32 MiB bandwidth copy, so the file runs in a few seconds. torch.com
 from __future__ import annotations
 
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -40,13 +41,13 @@ def run_json(capsys, tmp_path, *args: str) -> tuple[dict, str]:
     return dict(json.loads(path.read_text()), rss_before=before), out
 
 
-def matmul_bytes(name: str) -> int:
-    """float32 bytes of every matmul weight of a preset, from its shapes: qkv, proj, the MLP's two or three
-    matrices per block, and the head (an embedding tied to it still counts: the head multiplies by all of it)."""
+def matmuls(name: str) -> list[tuple[int, int]]:
+    """(out, in) of every matmul weight of a preset, from its config: qkv, proj and the MLP's two or three matrices
+    per block, then the head (an embedding tied to it still counts: the head multiplies by all of it)."""
     c = preset(name)
-    qkv = c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
-    mlp = (3 if c.mlp == "swiglu" else 2) * c.d_model * c.d_ff
-    return 4 * (c.n_layers * (qkv + c.d_model * c.d_model + mlp) + c.vocab_size * c.d_model)
+    block = [((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.d_model), (c.d_model, c.d_model),
+             *[(c.d_ff, c.d_model)] * (2 if c.mlp == "swiglu" else 1), (c.d_model, c.d_ff)]
+    return block * c.n_layers + [(c.vocab_size, c.d_model)]
 
 
 def check_setup(r: dict, command: str) -> None:
@@ -98,7 +99,8 @@ def test_generate_preset(capsys, tmp_path):
                       "--new-tokens", "6", "--runs", "2", "--warmup", "1", "--bandwidth-mib", "32")
     check_setup(r, "generate")
     assert r["quantization"] is None and r["dtype"] == "float32"
-    assert r["weight_bytes"] == matmul_bytes("llama-cpu")
+    assert r["weights"] == "float32"
+    assert r["weight_bytes"] == 4 * sum(n * k for n, k in matmuls("llama-cpu"))
     assert 1e8 < r["bandwidth_bytes_per_s"] < 1e13  # 0.1 GB/s .. 10 TB/s: a real memory system
     assert [b["batch"] for b in r["batches"]] == [1, 3]
     for b in r["batches"]:
@@ -110,6 +112,24 @@ def test_generate_preset(capsys, tmp_path):
         assert 0 < b["bandwidth_utilisation"] < 1.5
     for label in ("prefill batch 1", "decode batch 3", "memory bandwidth", "peak RSS"):
         assert label in out
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_generate_quantized(capsys, tmp_path, mode):
+    """--quantize: the bytes a step reads shrink as the format says. int8: one byte a weight plus a bf16 scale per
+    output row, every matmul; int4: half a byte a weight plus its scales, the head kept at int8 (lmlab.quant)."""
+    r, out = run_json(capsys, tmp_path, "generate", "--preset", "llama-cpu", "--quantize", mode, "--batch", "2",
+                      "--prompt-tokens", "8", "--new-tokens", "4", "--runs", "1", "--warmup", "1",
+                      "--bandwidth-mib", "32")
+    *blocks, (vocab, d) = matmuls("llama-cpu")
+    int8_bytes = sum(n * k + 2 * n for n, k in blocks) + vocab * d + 2 * vocab
+    if mode == "int8":
+        assert r["weights"] == "int8" and r["weight_bytes"] == int8_bytes
+    else:
+        assert r["weights"] == "int4 (group 32) + int8"
+        assert sum(n * k // 2 for n, k in blocks) + vocab * d < r["weight_bytes"] < int8_bytes
+    assert r["quantization"] == mode and re.search(rf"\nquantization +{mode}: weights {re.escape(r['weights'])}", out)
+    assert all(0 < b["bandwidth_utilisation"] < 1.5 and b["decode_tokens_per_s"] > 0 for b in r["batches"])
 
 
 def test_generate_model_source(capsys, tmp_path, char_run):
@@ -130,6 +150,7 @@ def test_generate_model_source(capsys, tmp_path, char_run):
     (["train"], "give --preset NAME or --model SOURCE"),
     (["generate", "--preset", "char-cpu", "--batch", "0"], "--batch must be an integer >= 1, got 0"),
     (["generate", "--preset", "char-cpu", "--quantize", "int3"], "unknown quantization 'int3'"),
+    (["generate", "--preset", "char-cpu", "--quantize", "int4", "--group-size", "48"], "group size must be 32, 64"),
     (["generate", "--preset", "char-cpu", "--threads", "0"], "--threads must be an integer >= 1, got 0"),
     (["generate", "--preset", "char-cpu", "--new-tokens", "1"], "--new-tokens must be an integer >= 2, got 1"),
     (["generate", "--preset", "char-cpu", "--model", "x"], "give --model SOURCE or --preset NAME"),

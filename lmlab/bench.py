@@ -286,12 +286,13 @@ def bench_batch(model: torch.nn.Module, batch: int, prompt_tokens: int, new_toke
 def generate_model(model: str | None, preset: str | None, device: str, dtype: str | None, quantize: str | None,
                    group_size: int) -> tuple[torch.nn.Module, str]:
     """(the model in eval mode, its name): loaded from any source lmlab.load takes, or a random one of a preset's
-    shape (quantized after building when asked)."""
+    shape (quantized after building when asked, so the float model is in the peak memory: for a quantized peak
+    that means something, load a quantized file, e.g. benchmarks/synthetic_gguf.py's)."""
     import lmlab
     from lmlab.config import preset as preset_config
 
     if model is not None:
-        return lmlab.load(model, device=device, dtype=dtype, quantize=quantize, group_size=group_size).model, model
+        return lmlab.load(model, device=device, dtype=dtype, quantize=quantize, group_size=group_size).model, str(model)
     net = random_model(preset_config(preset), resolve_device(device), resolve_dtype(dtype))
     if quantize not in (None, "off"):
         quantize_model(net, quantize, group_size=group_size)

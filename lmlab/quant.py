@@ -181,11 +181,13 @@ def quantize_model(model, mode: str, group_size: int = 32):
     for name, m in todo:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, QuantLinear.from_float(m.weight.data, m.bias, mode, group_size))
-    head = model.lm_head
-    if isinstance(head, nn.Linear):
-        model.lm_head = QuantLinear.from_float(head.weight.data, head.bias, "int8")
     if isinstance(model.wte, nn.Embedding):
         model.wte = QuantEmbedding.from_float(model.wte.weight.data, "int8")
+    head = model.lm_head
+    if isinstance(head, nn.Linear) and model.cfg.tie_embeddings and head.bias is None:
+        model.lm_head = QuantLinear.from_int8(model.wte.weight, model.wte.scale)  # the same int8 table, once
+    elif isinstance(head, nn.Linear):
+        model.lm_head = QuantLinear.from_float(head.weight.data, head.bias, "int8")
     return model.eval()
 
 

@@ -152,10 +152,14 @@ def load_packed(model, f, keymap, mode: str | None, group_size: int, dtype: torc
             raise LmlabError(f"{f.path}: tensor for {key} has shape {part.codes.shape} but the metadata implies "
                              f"{expected}; the metadata and the weights do not match")
         if owner == "wte":
-            _place(model, "wte", packed_embedding(part, mode), state, dtype)
+            emb = packed_embedding(part, mode)
+            _place(model, "wte", emb, state, dtype)
             if cfg.tie_embeddings:  # the head reads the same stored table, packed for the matmul
-                head_mode = mode if mode != "int4" else "int8"
-                _place(model, "lm_head", packed_linear("lm_head", [part], head_mode, group_size), state, dtype)
+                if isinstance(emb, QuantEmbedding) and emb.mode == "int8":  # one int8 table serves both
+                    head = QuantLinear.from_int8(emb.weight, emb.scale)
+                else:
+                    head = packed_linear("lm_head", [part], mode if mode != "int4" else "int8", group_size)
+                _place(model, "lm_head", head, state, dtype)
         else:
             layer_mode = "int8" if owner == "lm_head" and mode == "int4" else mode
             _place(model, owner, packed_linear(owner, [part], layer_mode, group_size), state, dtype)

@@ -178,11 +178,26 @@ def train_config(cfg: ModelConfig, context: int | None, data: str | os.PathLike 
     return cfg
 
 
-def bench_train(cfg: ModelConfig, *, name: str | None = None, batch_size: int = 12, context: int | None = None,
-                steps: int = 20, warmup: int = 3, data: str | os.PathLike | None = None, device: str = "auto",
-                dtype: str = "float32", compile: str | None = None, n_threads: int | None = None) -> dict[str, Any]:
-    """Training speed of a randomly initialised model of cfg's shape: tokens/s and the median step time of
-    `steps` optimizer steps after `warmup` untimed ones. Each step is what lmlab train does: forward, loss,
+def model_shape(model: str | None, preset: str | None, config: ModelConfig | None) -> tuple[ModelConfig, str]:
+    """(config, name) of exactly one of: a model source (its config alone: no weight is read), a preset name, or
+    a ModelConfig."""
+    from lmlab.api import model_config
+    from lmlab.config import preset as preset_config
+
+    if sum(x is not None for x in (model, preset, config)) != 1:
+        raise LmlabError("give --preset NAME or --model SOURCE (one of them)")
+    if config is not None:
+        return config, "the config given"
+    return (model_config(model), str(model)) if model is not None else (preset_config(preset), preset)
+
+
+def bench_train(model: str | None = None, *, preset: str | None = None, config: ModelConfig | None = None,
+                batch_size: int = 12, context: int | None = None, steps: int = 20, warmup: int = 3,
+                data: str | os.PathLike | None = None, device: str = "auto", dtype: str = "float32",
+                compile: str | None = None, n_threads: int | None = None) -> dict[str, Any]:
+    """Training speed of a randomly initialised model of the shape of `model` (a source), `preset` or `config`
+    (one of them): tokens/s and the median step time of `steps` optimizer steps after `warmup` untimed ones
+    (speed depends on shapes and dtype, not on the weights' values). Each step is what lmlab train does: forward, loss,
     backward, gradient clipping and an AdamW step (TrainConfig's defaults), with bf16 autocast for
     dtype="bfloat16". Compiling times its first step apart, as compile_s (compilation plus that one step)."""
     for flag, value, least in (("batch_size", batch_size, 1), ("steps", steps, 1), ("warmup", warmup, 0)):
@@ -192,6 +207,7 @@ def bench_train(cfg: ModelConfig, *, name: str | None = None, batch_size: int = 
     tc = TrainConfig(dtype=dtype, compile=compile is not None)
     check_compile(compile)
     dev = resolve_device(device)
+    cfg, name = model_shape(model, preset, config)
     cfg = train_config(cfg, context, data)
     T = context or min(cfg.context_length, 1024)
     with threads(n_threads) as n:
@@ -199,7 +215,7 @@ def bench_train(cfg: ModelConfig, *, name: str | None = None, batch_size: int = 
         step_s, compile_s = _train_steps(cfg, tc, train_batches(cfg, batch_size, T, data, dev), dev, compile,
                                          warmup, steps)
         peak, peak_kind = peak_memory(dev)
-    return dict(command="train", model=f"{name} (random weights)" if name else None,
+    return dict(command="train", model=f"{name} (random weights)",
                 **_setup(dev, n, dtype, None, compile), params=cfg.num_params(), config=cfg.to_dict(),
                 batch_size=batch_size, context=T, steps=steps, warmup=warmup,
                 data=None if data is None else str(data), optimizer="adamw", compile_s=compile_s,
@@ -342,12 +358,7 @@ def check_fits_context(model: str | None, preset: str | None, prompt_tokens: int
     """Exactly one of model and preset; prompt and new tokens must fit its context: past it the engine slides
     its window, a second prefill that would land inside the decode timings. Checked on the config alone, before
     minutes of loading a large model."""
-    from lmlab.api import model_config
-    from lmlab.config import preset as preset_config
-
-    if (model is None) == (preset is None):
-        raise LmlabError("give --model SOURCE or --preset NAME (one of them)")
-    cfg = model_config(model) if model is not None else preset_config(preset)
+    cfg, _ = model_shape(model, preset, None)
     if prompt_tokens + new_tokens > cfg.context_length:
         raise LmlabError(f"--prompt-tokens + --new-tokens ({prompt_tokens} + {new_tokens}) exceed the model's "
                          f"context ({cfg.context_length}); ask for fewer tokens")
@@ -384,7 +395,7 @@ def _size(n: float) -> str:
 
 def format_table(r: dict[str, Any]) -> str:
     """Two columns, label and value: the settings first, then the figures."""
-    rows = [("model", r["model"] or "a random model"), ("device", f"{r['device']} ({r['machine']})"),
+    rows = [("model", r["model"]), ("device", f"{r['device']} ({r['machine']})"),
             ("threads", r["threads"]), ("dtype", r["dtype"])]
     if r["command"] == "generate":
         rows.append(("quantization", f"{r['quantization'] or 'none (as stored)'}: weights {r['weights']}"))

@@ -248,13 +248,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     settings = dict(device=args.device, compile=args.compile, n_threads=args.threads)
     if args.bench_command == "train":
-        from lmlab.api import model_config
-        from lmlab.config import preset
-
-        if (args.model is None) == (args.preset is None):
-            raise LmlabError("give --preset NAME or --model SOURCE (one of them)")
-        cfg = preset(args.preset) if args.preset else model_config(args.model)
-        r = bench.bench_train(cfg, name=args.preset or args.model, batch_size=args.batch_size, context=args.context,
+        r = bench.bench_train(args.model, preset=args.preset, batch_size=args.batch_size, context=args.context,
                               steps=args.steps, warmup=args.warmup, data=args.data, dtype=args.dtype, **settings)
     else:
         r = bench.bench_generate(args.model, preset=args.preset, batch=args.batch, prompt_tokens=args.prompt_tokens,

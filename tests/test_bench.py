@@ -94,6 +94,19 @@ def test_train_model_shape(capsys, tmp_path, char_run):
     assert r["context"] == 300 and r["tokens_per_s"] == pytest.approx(300 / r["step_s"])
 
 
+def test_train_library_config():
+    """From Python: any ModelConfig, the result as a dict; exactly one of model, preset and config."""
+    from lmlab import bench
+    from lmlab.config import ModelConfig
+    from lmlab.errors import LmlabError
+
+    cfg = ModelConfig(family="llama", vocab_size=50, context_length=8, d_model=16, n_layers=1, n_heads=2)
+    r = bench.bench_train(config=cfg, batch_size=2, steps=1, warmup=0, n_threads=1)
+    assert r["config"] == cfg.to_dict() and r["context"] == 8 and r["tokens_per_s"] > 0
+    with pytest.raises(LmlabError, match="one of them"):
+        bench.bench_train("char-cpu", preset="char-cpu")
+
+
 def test_generate_preset(capsys, tmp_path):
     r, out = run_json(capsys, tmp_path, "generate", "--preset", "llama-cpu", "--batch", "3", "--prompt-tokens", "8",
                       "--new-tokens", "6", "--runs", "2", "--warmup", "1", "--bandwidth-mib", "32")
@@ -153,7 +166,7 @@ def test_generate_model_source(capsys, tmp_path, char_run):
     (["generate", "--preset", "char-cpu", "--quantize", "int4", "--group-size", "48"], "group size must be 32, 64"),
     (["generate", "--preset", "char-cpu", "--threads", "0"], "--threads must be an integer >= 1, got 0"),
     (["generate", "--preset", "char-cpu", "--new-tokens", "1"], "--new-tokens must be an integer >= 2, got 1"),
-    (["generate", "--preset", "char-cpu", "--model", "x"], "give --model SOURCE or --preset NAME"),
+    (["generate", "--preset", "char-cpu", "--model", "x"], "give --preset NAME or --model SOURCE"),
     (["generate", "--preset", "char-cpu", "--prompt-tokens", "60", "--new-tokens", "8"], "exceed the model's context"),
     (["generate", "--model", "no/such/model"], "model not found"),
 ])

@@ -1,10 +1,14 @@
-"""Decode speed of SmolLM2-135M-Instruct (the Q4_1 GGUF, dequantized to float32) on this CPU:
-lmlab's KV-cached engine versus HF transformers' generate on the same file, measured in the same run.
+"""CPU decode and prefill speed of SmolLM2-135M-Instruct, one GGUF file, three engines in the same run:
+lmlab (weights as stored: the Q4_1 layers as int4, lmlab.quant), HF transformers (`generate`, the file
+dequantized to float32, its only way to read a GGUF) and llama.cpp (llama-cpp-python, the `[bench]` extra).
 
-    python benchmarks/decode_smollm2.py [--new-tokens 128] [--repeats 3]
+    python benchmarks/decode_smollm2.py [--new-tokens 128] [--repeats 3] [--threads 2] [--batch 8]
 
-Both decode greedily for exactly --new-tokens tokens after the same chat-templated prompt (EOS ignored), with
-the same torch thread count; runs alternate between the two so machine noise hits both alike.
+Each engine decodes greedily exactly --new-tokens tokens (EOS ignored) after the same chat-templated prompt.
+Per-token timestamps (lmlab's generator, an HF streamer, llama.cpp's generator) split each run into prefill
+(prompt tokens / time to the first new token) and decode (later tokens / the time they took). Engines
+alternate run by run after one warm-up each; medians are reported. lmlab's batch row decodes --batch copies of
+the prompt at once and counts every row's tokens.
 """
 
 from __future__ import annotations
@@ -17,55 +21,134 @@ import time
 import torch
 
 
+def cpu_line() -> str:
+    try:
+        info = open("/proc/cpuinfo").read()
+        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = next(line for line in info.splitlines() if line.startswith("flags")).split()
+        vec = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+    return f"{model}, {torch.get_num_threads()} torch threads, flags {' '.join(vec)}"
+
+
+def split(stamps: list[float], start: float, n_prompt: int, batch: int = 1) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) from the start time and one timestamp per new token."""
+    prefill = n_prompt * batch / (stamps[0] - start)
+    decode = (len(stamps) - 1) * batch / (stamps[-1] - stamps[0])
+    return prefill, decode
+
+
+def engines(args, ids: list[int], gguf_path):
+    """name -> a function running one timed generation and returning (prefill tok/s, decode tok/s)."""
+    import lmlab
+    from lmlab.generate import SamplingConfig, generate_ids
+
+    n = args.new_tokens
+    lm = lmlab.load(gguf_path, device="cpu")
+    s = SamplingConfig(max_new_tokens=n, temperature=0)
+
+    def run_lmlab(batch: int = 1):
+        start, stamps = time.perf_counter(), []
+        for _ in generate_ids(lm.model, [ids] * batch, s, eos_id=None):
+            stamps.append(time.perf_counter())
+        assert len(stamps) == n
+        return split(stamps, start, len(ids), batch)
+
+    out = {"lmlab": run_lmlab, f"lmlab batch {args.batch}": lambda: run_lmlab(args.batch)}
+    if "hf" in args.engines:
+        out["transformers"] = hf_engine(gguf_path, ids, n)
+    if "llamacpp" in args.engines:
+        out["llama.cpp"] = llamacpp_engine(gguf_path, ids, n, args.threads)
+    return out
+
+
+def hf_engine(gguf_path, ids: list[int], n: int):
+    import transformers
+    from transformers.generation.streamers import BaseStreamer
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                           dtype=torch.float32).eval()
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.stamps, self.first = [], True
+
+        def put(self, value):
+            if self.first:  # generate hands the streamer the prompt first
+                self.first = False
+            else:
+                self.stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def run():
+        x, streamer = torch.tensor([ids]), Stamps()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                        eos_token_id=None, pad_token_id=0, streamer=streamer)
+        assert len(streamer.stamps) == n
+        return split(streamer.stamps, start, len(ids))
+
+    return run
+
+
+def llamacpp_engine(gguf_path, ids: list[int], n: int, threads: int):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def run():
+        llm.reset()
+        start, stamps = time.perf_counter(), []
+        for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            stamps.append(time.perf_counter())
+            if len(stamps) == n:
+                break
+        return split(stamps, start, len(ids))
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--engines", default="lmlab,hf,llamacpp")
     args = ap.parse_args()
-
-    import transformers
+    torch.set_num_threads(args.threads)
 
     import lmlab
     from lmlab.chat import chat_prompt_ids
-    from lmlab.fetch import NAMED_MODELS, fetch
-    from lmlab.generate import SamplingConfig, generate_ids
+    from lmlab.fetch import fetch_model
 
-    lm = lmlab.load("smollm2-135m-instruct", device="cpu")
-    asset = NAMED_MODELS["smollm2-135m-instruct"]
-    entry = fetch(asset)
-    gguf = next(entry.glob("*.gguf"))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(entry, gguf_file=gguf.name, dtype=torch.float32).eval()
-    ids = chat_prompt_ids(lm.tokenizer, [{"role": "user", "content": "What is dropout in neural networks?"}])
-    n = args.new_tokens
-    s = SamplingConfig(max_new_tokens=n, temperature=0)
-
-    def run_lmlab() -> float:
-        t = time.perf_counter()
-        out = list(generate_ids(lm.model, [ids], s, eos_id=None))
-        assert len(out) == n
-        return time.perf_counter() - t
-
-    def run_hf() -> float:
-        x = torch.tensor([ids])
-        t = time.perf_counter()
-        with torch.inference_mode():
-            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, eos_token_id=None, pad_token_id=0)
-        assert out.shape[1] == len(ids) + n
-        return time.perf_counter() - t
-
-    run_lmlab(), run_hf()  # warm-up
-    ours, theirs = [], []
+    path = fetch_model("smollm2-135m-instruct")
+    gguf_path = path if path.is_file() else next(path.glob("*.gguf"))
+    tok = lmlab.load(gguf_path, device="cpu").tokenizer
+    ids = chat_prompt_ids(tok, [{"role": "user", "content": "What is dropout in neural networks?"}])
+    runs = engines(args, ids, gguf_path)
+    for fn in runs.values():
+        fn()  # warm-up
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for _ in range(args.repeats):
-        ours.append(run_lmlab())
-        theirs.append(run_hf())
-    tps_ours, tps_hf = n / statistics.median(ours), n / statistics.median(theirs)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"prompt {len(ids)} tokens, {n} new tokens, greedy, float32, median of {args.repeats}")
-    print(f"lmlab:        {tps_ours:7.1f} tokens/s")
-    print(f"transformers: {tps_hf:7.1f} tokens/s")
-    print(f"ratio lmlab / transformers: {tps_ours / tps_hf:.2f}x")
+        for name, fn in runs.items():
+            results[name].append(fn())
+    print(f"machine: {cpu_line()}; torch {torch.__version__}")
+    print(f"prompt {len(ids)} tokens, {args.new_tokens} new tokens, greedy, median of {args.repeats}\n")
+    print("| engine | prefill tokens/s | decode tokens/s |")
+    print("|---|---|---|")
+    med = {name: (statistics.median(p for p, _ in r), statistics.median(d for _, d in r)) for name, r in results.items()}
+    for name, (p, d) in med.items():
+        print(f"| {name} | {p:.0f} | {d:.1f} |")
+    ours = med["lmlab"][1]
+    for name in ("transformers", "llama.cpp"):
+        if name in med:
+            print(f"lmlab / {name}: decode {ours / med[name][1]:.2f}x, prefill {med['lmlab'][0] / med[name][0]:.2f}x")
+    print(f"lmlab batch {args.batch} / batch 1 (aggregate decode): {med[f'lmlab batch {args.batch}'][1] / ours:.2f}x")
 
 
 if __name__ == "__main__":

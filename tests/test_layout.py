@@ -10,9 +10,9 @@ PKG = Path(__file__).resolve().parents[1] / "lmlab"
 LAYERS = [
     {"errors"},
     {"config", "utils"},
-    {"model", "tokenizer", "optim", "distributed"},
+    {"model", "tokenizer", "optim", "distributed", "quant"},
     {"data", "sources", "checkpoint", "metrics", "fetch", "weights.keymap", "weights.load", "weights.gguf_tokenizer",
-     "weights.safetensors_dir"},
+     "weights.safetensors_dir", "weights.gguf_quant", "weights.gguf_packed"},
     {"weights.hf", "weights.gguf"},  # foreign formats: readers and key tables
     {"weights.gguf_export", "weights.export", "weights"},  # exporters, then the dispatch by format name
     {"train", "evaluate", "generate"},

@@ -20,6 +20,8 @@ copy (weights/gguf.py).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,6 +30,44 @@ from lmlab.errors import LmlabError
 
 QUANT_MODES = ("int8", "int4")
 COMPUTE_DTYPE = torch.bfloat16  # the activations' dtype inside the kernels: see the module docstring
+
+
+# From this many rows of input on, unpacking the weight and running a float GEMM beats the int kernels, which are
+# built for a few rows (decoding): at 512 rows they took 1.5-2x float32's time, the unpacking costs about one
+# pass over the weight (benchmarks/quant_kernels.py).
+GEMM_ROWS = 128
+
+
+@functools.cache
+def int4_layout() -> tuple[int, torch.Tensor] | None:
+    """How `_convert_weight_to_int4pack_for_cpu` lays out its nibbles on this machine, found by packing index
+    digits: (rows per block BN, the order of those rows among the block's nibbles), for a layout of the form
+    [N / BN][K][BN nibbles]; None for another form (the unpacking then goes through the kernel)."""
+    N, K = 128, 64
+    idx = torch.arange(N * K).view(N, K)
+    src = torch.zeros(N * K, dtype=torch.long)
+    for d in range(4):  # 4 hex digits name each of the 8192 positions
+        packed = torch._convert_weight_to_int4pack_for_cpu(((idx >> (4 * d)) & 15).int(), 1).reshape(-1)
+        src += torch.stack((packed & 15, packed >> 4), -1).reshape(-1).long() << (4 * d)
+    n, k = src // K, src % K
+    for BN in (16, 32, 64, 128):
+        rows = n[:BN]
+        blocks, cols = torch.arange(N // BN)[:, None, None], torch.arange(K)[None, :, None]
+        want_n = (blocks * BN + rows[None, None, :]).expand(N // BN, K, BN).reshape(-1)
+        if torch.equal(want_n, n) and torch.equal(cols.expand(N // BN, K, BN).reshape(-1), k):
+            return BN, torch.argsort(rows)
+    return None
+
+
+def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor | None:
+    """The (N, K) codes 0..15 of a kernel-packed int4 weight, or None where the layout is unknown."""
+    layout = int4_layout()
+    if layout is None or N % layout[0]:
+        return None
+    BN, order = layout
+    b = packed.reshape(N // BN, K, BN // 2)
+    nibbles = torch.stack((b & 15, b >> 4), dim=-1).reshape(N // BN, K, BN)[..., order.to(packed.device)]
+    return nibbles.permute(0, 2, 1).reshape(N, K)
 
 
 def check_mode(mode: str, group_size: int = 32) -> None:
@@ -108,7 +148,11 @@ class QuantLinear(nn.Module):
         return cls.from_int4(*quantize_int4(weight, group_size), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] >= GEMM_ROWS:  # a prefill or an eval batch: float GEMM on the weight unpacked for it
+            y = F.linear(x2, self.dequantize().to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        x2 = x2.to(COMPUTE_DTYPE)
         if self.mode == "int8":
             y = torch._weight_int8pack_mm(x2, self.weight, self.scale)
         else:
@@ -120,8 +164,13 @@ class QuantLinear(nn.Module):
         """The float32 (N, K) weight this layer computes with (its scales as the kernel holds them, in bf16)."""
         if self.mode == "int8":
             return self.weight.float() * self.scale.float()[:, None]
-        eye = torch.eye(self.in_features, device=self.weight.device)  # float32 input: exact (q - 8) * s + z
-        return torch._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, self.scales_zeros.float()).t()
+        N, K, g = self.out_features, self.in_features, self.group_size
+        codes = unpack_int4(self.weight, N, K)
+        if codes is None:  # a layout we do not know: read the weight through the kernel (exact, but K x K work)
+            eye = torch.eye(K, device=self.weight.device)
+            return torch._weight_int4pack_mm_for_cpu(eye, self.weight, g, self.scales_zeros.float()).t()
+        s, z = self.scales_zeros.float().unbind(-1)  # (K/g, N) each
+        return ((codes.float() - 8).view(N, K // g, g) * s.t()[..., None] + z.t()[..., None]).view(N, K)
 
     def weight_bytes(self) -> int:
         return sum(b.nbytes for b in self.buffers())

@@ -50,6 +50,32 @@ def test_int4_from_codes_is_exact():
     torch.testing.assert_close(layer.dequantize(), expected, rtol=0, atol=1e-6)
 
 
+def test_int4_unpacking_matches_the_kernel():
+    """unpack_int4 reads the kernel's private nibble layout (found by probing it); the weight it gives equals
+    the one the kernel computes with, read through the kernel itself (an identity matrix in float32)."""
+    from lmlab.quant import int4_layout
+
+    assert int4_layout() is not None  # on this machine's build the layout is of the probed form
+    layer = QuantLinear.from_float(torch.randn(96, 256, generator=torch.Generator().manual_seed(3)), None, "int4")
+    through_kernel = torch._weight_int4pack_mm_for_cpu(torch.eye(256), layer.weight, 32,
+                                                       layer.scales_zeros.float()).t()
+    torch.testing.assert_close(layer.dequantize(), through_kernel, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_many_rows_take_the_float_gemm_path(mode):
+    """From GEMM_ROWS rows on (prefill, eval) the layer unpacks and runs a float GEMM: the same weight, so the
+    same result as the int kernel up to its bf16 activations."""
+    from lmlab.quant import GEMM_ROWS
+
+    g = torch.Generator().manual_seed(4)
+    layer = QuantLinear.from_float(torch.randn(64, 128, generator=g), torch.randn(64, generator=g), mode)
+    x = torch.randn(GEMM_ROWS, 128, generator=g)
+    gemm, kernel = layer(x), torch.cat([layer(x[i:i + 8]) for i in range(0, GEMM_ROWS, 8)])
+    assert _rel(kernel, gemm) < 0.006
+    torch.testing.assert_close(gemm, F.linear(x, layer.dequantize(), layer.bias))
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quant_embedding_rows(mode):
     g = torch.Generator().manual_seed(2)

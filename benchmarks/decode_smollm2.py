@@ -141,7 +141,8 @@ def main() -> None:
     print(f"prompt {len(ids)} tokens, {args.new_tokens} new tokens, greedy, median of {args.repeats}\n")
     print("| engine | prefill tokens/s | decode tokens/s |")
     print("|---|---|---|")
-    med = {name: (statistics.median(p for p, _ in r), statistics.median(d for _, d in r)) for name, r in results.items()}
+    med = {name: (statistics.median(p for p, _ in r), statistics.median(d for _, d in r))
+           for name, r in results.items()}
     for name, (p, d) in med.items():
         print(f"| {name} | {p:.0f} | {d:.1f} |")
     ours = med["lmlab"][1]

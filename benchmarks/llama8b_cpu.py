@@ -61,7 +61,8 @@ def main() -> None:
         sys.exit(r.stderr)
     out = json.loads(r.stdout.strip().splitlines()[-1])
     size = path.stat().st_size
-    print(f"file {size / 2**30:.2f} GiB; {out['weights']}; weights read per token {out['weight_bytes'] / 2**30:.2f} GiB")
+    print(f"file {size / 2**30:.2f} GiB; {out['weights']}; "
+          f"weights read per token {out['weight_bytes'] / 2**30:.2f} GiB")
     print(f"load {out['load_s']:.1f} s; peak RSS after load {out['peak_rss_after_load'] / 2**30:.2f} GiB, "
           f"after decoding {out['peak_rss'] / 2**30:.2f} GiB")
     print(f"prefill of {out['prompt_tokens']} tokens {out['prefill_s']:.1f} s; decode "

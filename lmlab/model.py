@@ -197,7 +197,7 @@ def _attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     K = k.shape[1]
     G = H // K
     q = q.reshape(B, K, G * T, D)  # head h = j*G + g reads kv head j, as repeat_interleave pairs them
-    y = _attend_masked(q, k, v, mask.repeat(1, 1, G, 1))  # row g*T + t is query t
+    y = _attend_masked(q, k, v, mask if T == 1 else mask.repeat(1, 1, G, 1))  # row g*T + t is query t
     return y.reshape(B, H, T, D)
 
 

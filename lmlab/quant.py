@@ -35,7 +35,7 @@ COMPUTE_DTYPE = torch.bfloat16  # the activations' dtype inside the kernels: see
 # From this many rows of input on, unpacking the weight and running a float GEMM beats the int kernels, which are
 # built for a few rows (decoding): at 512 rows they took 1.5-2x float32's time, the unpacking costs about one
 # pass over the weight (benchmarks/quant_kernels.py).
-GEMM_ROWS = 128
+GEMM_ROWS = 16
 
 
 @functools.cache
@@ -66,8 +66,11 @@ def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor | None:
         return None
     BN, order = layout
     b = packed.reshape(N // BN, K, BN // 2)
-    nibbles = torch.stack((b & 15, b >> 4), dim=-1).reshape(N // BN, K, BN)[..., order.to(packed.device)]
-    return nibbles.permute(0, 2, 1).reshape(N, K)
+    if torch.equal(order, torch.arange(BN).view(-1, 2).t().reshape(-1)):  # low nibbles: rows 0.., high: BN/2..
+        nibbles = torch.cat((b & 15, b >> 4), dim=-1)  # (N/BN, K, BN) in row order, without a gather
+    else:
+        nibbles = torch.stack((b & 15, b >> 4), dim=-1).reshape(N // BN, K, BN)[..., order.to(packed.device)]
+    return nibbles.transpose(1, 2).reshape(N, K)
 
 
 def check_mode(mode: str, group_size: int = 32) -> None:

@@ -32,10 +32,10 @@ QUANT_MODES = ("int8", "int4")
 COMPUTE_DTYPE = torch.bfloat16  # the activations' dtype inside the kernels: see the module docstring
 
 
-# From this many rows of input on, unpacking the weight and running a float GEMM beats the int kernels, which are
-# built for a few rows (decoding): at 512 rows they took 1.5-2x float32's time, the unpacking costs about one
-# pass over the weight (benchmarks/quant_kernels.py).
-GEMM_ROWS = 16
+# From this many rows of input on, unpacking the weight and running a float GEMM beats the int kernels, whose time
+# grows in step with the rows (~45 us a row for a 1536 x 576 int4 weight on one AVX2 core): unpacking costs
+# ~0.3 ms (int8) or ~1.3 ms (int4) for that weight, the GEMM ~0.5 ms at 16 rows (benchmarks/quant_kernels.py).
+GEMM_ROWS = {"int8": 16, "int4": 64}
 
 
 @functools.cache
@@ -152,7 +152,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] >= GEMM_ROWS:  # a prefill or an eval batch: float GEMM on the weight unpacked for it
+        if x2.shape[0] >= GEMM_ROWS[self.mode]:  # a prefill or an eval batch: float GEMM on the weight unpacked for it
             y = F.linear(x2, self.dequantize().to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         x2 = x2.to(COMPUTE_DTYPE)

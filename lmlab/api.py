@@ -107,12 +107,14 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
 
 
 def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
-         dtype: str | torch.dtype | None = None, quantize: str | None = None, group_size: int = 32) -> LM:
+         dtype: str | torch.dtype | None = None, quantize: str | None = None, group_size: int = 32,
+         compile: bool = False) -> LM:
     """Load a model for inference (eval mode). dtype defaults to float32. Sources: see resolve_source.
 
     `quantize`: None keeps the weights as stored (a GGUF file's quantized tensors stay packed, lmlab.quant;
     float checkpoints stay float); "int8" or "int4" (with `group_size`) quantizes the matmul weights; "off"
-    dequantizes everything to `dtype`."""
+    dequantizes everything to `dtype`. `compile=True` torch.compiles the decoding step
+    (lmlab.generate.compile_decoding: about a minute to compile, then faster steps)."""
     from lmlab.checkpoint import load_model
     from lmlab.quant import check_device, check_mode, quantize_model
     from lmlab.weights.gguf import load_gguf
@@ -133,6 +135,10 @@ def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
         model, tok = load_hf_dir(path, dev, dt)
     if kind != "gguf" and quantize not in (None, "off"):
         quantize_model(model, quantize, group_size)
+    if compile:
+        from lmlab.generate import compile_decoding
+
+        compile_decoding(model)
     return LM(model, tok, name, meta)
 
 

@@ -272,7 +272,7 @@ def build_parser() -> Parser:
     return p
 
 
-def _add_load_flags(p: argparse.ArgumentParser) -> None:
+def _add_load_flags(p: argparse.ArgumentParser, compile_flag: bool = True) -> None:
     """How a model is loaded for inference: device, dtype and weight quantization (the flags of lmlab.load)."""
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
@@ -280,13 +280,16 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
                    help="int8 (per channel) or int4 (per group) weights, CPU only; off dequantizes a GGUF to float "
                         "(default: as stored: a GGUF's quantized tensors stay packed)")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default: 32)")
+    if compile_flag:
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the decoding step: about a minute to compile, then faster tokens")
 
 
 def _load(args: argparse.Namespace):
     import lmlab
 
     return lmlab.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                      group_size=args.group_size)
+                      group_size=args.group_size, compile=getattr(args, "compile", False))
 
 
 def _info_parser(sub: argparse._SubParsersAction) -> None:
@@ -421,7 +424,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                                        "large tensor copy in the same process (read + write bytes/s).")
     gen.add_argument("--model", metavar="SOURCE", help="a named model, GGUF file, HF directory or lmlab run")
     gen.add_argument("--preset", help="instead of --model: random weights of a preset's shape")
-    _add_load_flags(gen)
+    _add_load_flags(gen, compile_flag=False)  # bench's own --compile MODE compiles prefill and decoding
     gen.add_argument("--batch", type=int, default=8, help="the batch size measured besides 1 (default: 8)")
     gen.add_argument("--prompt-tokens", type=int, default=128, help="random prompt ids per row (default: 128)")
     gen.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per row (default: 32)")

@@ -195,3 +195,19 @@ def test_packed_load_peak_rss_is_about_the_file(smollm2_path):
     base, peak = map(int, r.stdout.split())
     print(f"\nfile {size / 2**20:.0f} MiB; peak RSS grew by {(peak - base) / 2**20:.0f} MiB while loading")
     assert peak - base <= size + 256 * 2**20
+
+
+def test_compiled_decoding_gives_the_same_tokens():
+    """compile_decoding swaps in a torch.compile'd step after the prefill: the same greedy tokens as eager, on a
+    quantized model (the int kernels inside the compiled graph)."""
+    from lmlab.config import ModelConfig
+    from lmlab.generate import SamplingConfig, compile_decoding, generate_ids
+    from lmlab.model import Transformer
+
+    torch.manual_seed(0)
+    model = quantize_model(Transformer(ModelConfig(family="llama", vocab_size=64, context_length=512, d_model=64,
+                                                   n_layers=1, n_heads=4, n_kv_heads=2, d_ff=128)), "int4")
+    s = SamplingConfig(max_new_tokens=12, temperature=0)
+    eager = list(generate_ids(model, [[1, 2, 3]], s))
+    compile_decoding(model)
+    assert list(generate_ids(model, [[1, 2, 3]], s)) == eager

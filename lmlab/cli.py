@@ -359,7 +359,7 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--chunk", type=int, default=None,
                     help="positions per head + loss call: peak memory holds chunk x vocab fp32 logits "
                          "(default: 1024; 0 = the whole batch at once)")
-    _add_load_flags(ev)
+    _add_load_flags(ev, compile_flag=False)  # no decoding to compile
     ev.set_defaults(func=cmd_eval)
 
 

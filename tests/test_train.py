@@ -479,3 +479,31 @@ def test_a_model_larger_than_memory_is_refused_before_allocating(tmp_path, char_
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("lmlab: error: the model has ") and "GiB" in r.stderr and len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_the_fused_adamw_steps_like_torchs_reference_loop():
+    """build_optimizer takes torch's fused AdamW on CPU (one kernel per group, for speed); five steps of it must
+    land where torch's plain for-loop AdamW (foreach=False, fused=False) does, from the same start and gradients."""
+    from lmlab.model import Transformer
+    from lmlab.optim import build_optimizer
+
+    tc = TrainConfig(lr=3e-3, weight_decay=0.1, beta2=0.99)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(Transformer(TINY))
+    ours = build_optimizer(models[0], tc)
+    assert all(opt.defaults["fused"] for opt in ours.optimizers)
+    reference = torch.optim.AdamW([{"params": [p for p in models[1].parameters() if p.dim() >= 2],
+                                    "weight_decay": 0.1},
+                                   {"params": [p for p in models[1].parameters() if p.dim() < 2],
+                                    "weight_decay": 0.0}],
+                                  lr=3e-3, betas=(0.9, 0.99), eps=1e-8, foreach=False, fused=False)
+    x = torch.randint(0, 65, (4, 32), generator=torch.Generator().manual_seed(1))
+    for opt, model in ((ours, models[0]), (reference, models[1])):
+        for _ in range(5):
+            torch.nn.functional.cross_entropy(model(x[:, :-1]).reshape(-1, 65), x[:, 1:].reshape(-1)).backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

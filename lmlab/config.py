@@ -279,6 +279,9 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda, then mps, then cpu
     dtype: str = "float32"  # or bfloat16: autocast (weights and optimizer state stay float32)
     compile: bool = False
+    # CPU intra-op threads; 0 = torch's default (one per core). On a machine other jobs share, 1 can be many times
+    # faster: a thread that loses its core stalls every parallel op of the step (benchmarks/char_cpu.md)
+    threads: int = 0
     fsdp: bool = False  # under torchrun: shard with FSDP2 (fully_shard) instead of DDP
 
     def __post_init__(self) -> None:
@@ -306,7 +309,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
             if getattr(self, name) < 1:
                 raise LmlabError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "step_every", "max_steps", "max_tokens", "patience", "seed"):
+        for name in ("warmup_steps", "step_every", "max_steps", "max_tokens", "patience", "seed", "threads"):
             if getattr(self, name) < 0:
                 raise LmlabError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         if self.seed >= 2**63:  # torch.manual_seed takes 64 bits, and each rank seeds with seed + rank

@@ -71,6 +71,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def use_fused(model: torch.nn.Module) -> bool | None:
+    """True (torch's one-kernel-per-group Adam/AdamW) where every parameter is a plain CPU or CUDA tensor. On CPU
+    torch otherwise runs a Python loop of ~10 small ops per parameter, 1/6 of a char-cpu step on 2 threads
+    (benchmarks/char_cpu.md); None (torch's choice) for sharded (DTensor) or other devices' parameters."""
+    params = list(model.parameters())
+    ok = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)
+    return True if ok and params else None
+
+
 def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> Optimizers:
     name, lr = tc.optimizer, tc.lr
     groups = param_groups(model, tc.weight_decay)
@@ -86,9 +95,9 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> Optimizers:
     if name == "rmsprop":
         return Optimizers([opt.RMSprop(groups, lr=lr, alpha=tc.beta2, eps=tc.eps)])
     if name == "adam":  # Adam's weight_decay is an L2 term in the gradient, as the original paper has it
-        return Optimizers([opt.Adam(groups, lr=lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)])
+        return Optimizers([opt.Adam(groups, lr=lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, fused=use_fused(model))])
     if name == "adamw":
-        return Optimizers([opt.AdamW(groups, lr=lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)])
+        return Optimizers([opt.AdamW(groups, lr=lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, fused=use_fused(model))])
     if name == "lbfgs":  # one fixed batch (train.py's lbfgs_step), small models: one parameter group, no decay
         params = [p for p in model.parameters() if p.requires_grad]
         return Optimizers([opt.LBFGS(params, lr=lr, max_iter=5, history_size=20, line_search_fn="strong_wolfe")])

@@ -56,7 +56,7 @@ from lmlab.utils import current_dir
 TRAIN_STATE = "train_state.pt"
 # Train settings that may change on --resume; anything else must match the run being resumed.
 RESUMABLE_CHANGES = {"max_steps", "max_tokens", "eval_interval", "eval_batches", "patience", "min_delta",
-                     "log_interval", "device", "compile"}
+                     "log_interval", "device", "compile", "threads"}
 
 
 @dataclass
@@ -86,6 +86,8 @@ def train(mc: ModelConfig, tc: TrainConfig, data_dir: str | Path, run_dir: str |
           quiet: bool = False) -> TrainResult:
     """Train a model described by `mc` with settings `tc` on a prepared data directory, into `run_dir`."""
     info = init_distributed(tc.device)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
     try:
         result = _train(build_run(mc, tc, Path(data_dir), Path(run_dir), resume, info), quiet)
         barrier(info)  # leave together: gloo aborts a rank that tears down while its peer still talks

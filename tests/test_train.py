@@ -186,6 +186,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, char_dat
     (["--lr", "-0.001"], "lr must be"), (["--dropout", "1.0"], "dropout must be a rate"),
     (["--dropout-attn", "-0.1"], "dropout_attn must be a rate"), (["--batch-size", "5000"], "does not fit"),
     (["--lrr", "0.1"], "did you mean '--lr'"), (["--max-steps", "ten"], "invalid int value"),
+    (["--threads", "-1"], "threads must be"),
 ])
 def test_bad_train_input(tmp_path, char_data, extra, match):
     r = subprocess.run(lmlab_cmd("train", *FLAGS, "--data", str(char_data), "--out", str(tmp_path / "r"),
@@ -479,3 +480,43 @@ def test_a_model_larger_than_memory_is_refused_before_allocating(tmp_path, char_
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("lmlab: error: the model has ") and "GiB" in r.stderr and len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_the_fused_adamw_steps_like_torchs_reference_loop():
+    """build_optimizer takes torch's fused AdamW on CPU (one kernel per group, for speed); five steps of it must
+    land where torch's plain for-loop AdamW (foreach=False, fused=False) does, from the same start and gradients."""
+    from lmlab.model import Transformer
+    from lmlab.optim import build_optimizer
+
+    tc = TrainConfig(lr=3e-3, weight_decay=0.1, beta2=0.99)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(Transformer(TINY))
+    ours = build_optimizer(models[0], tc)
+    assert all(opt.defaults["fused"] for opt in ours.optimizers)
+    reference = torch.optim.AdamW([{"params": [p for p in models[1].parameters() if p.dim() >= 2],
+                                    "weight_decay": 0.1},
+                                   {"params": [p for p in models[1].parameters() if p.dim() < 2],
+                                    "weight_decay": 0.0}],
+                                  lr=3e-3, betas=(0.9, 0.99), eps=1e-8, foreach=False, fused=False)
+    x = torch.randint(0, 65, (4, 32), generator=torch.Generator().manual_seed(1))
+    for opt, model in ((ours, models[0]), (reference, models[1])):
+        for _ in range(5):
+            torch.nn.functional.cross_entropy(model(x[:, :-1]).reshape(-1, 65), x[:, 1:].reshape(-1)).backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_threads_sets_torchs_cpu_thread_count(tmp_path, char_data):
+    """--threads reaches torch: a process started with one thread (OMP_NUM_THREADS=1) trains with two."""
+    code = (f"import torch; from lmlab.config import TrainConfig; from lmlab.train import train; "
+            f"from tests.test_train import TINY; "
+            f"train(TINY, TrainConfig(max_steps=2, eval_batches=1, batch_size=2, threads=2, device='cpu'), "
+            f"{str(char_data)!r}, {str(tmp_path / 'run')!r}, quiet=True); print(torch.get_num_threads())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
+                       cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["2"]

@@ -56,6 +56,16 @@ def engines(args, ids: list[int], gguf_path):
         return split(stamps, start, len(ids), batch)
 
     out = {"lmlab": run_lmlab, f"lmlab batch {args.batch}": lambda: run_lmlab(args.batch)}
+    if "compiled" in args.engines:  # the same model with its decoding step compiled (the warm-up compiles)
+        lm_c = lmlab.load(gguf_path, device="cpu", compile=True)
+
+        def run_compiled():
+            start, stamps = time.perf_counter(), []
+            for _ in generate_ids(lm_c.model, [ids], s, eos_id=None):
+                stamps.append(time.perf_counter())
+            return split(stamps, start, len(ids))
+
+        out["lmlab --compile"] = run_compiled
     if "hf" in args.engines:
         out["transformers"] = hf_engine(gguf_path, ids, n)
     if "llamacpp" in args.engines:
@@ -118,7 +128,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--engines", default="lmlab,hf,llamacpp")
+    ap.add_argument("--engines", default="lmlab,compiled,hf,llamacpp")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -147,8 +157,10 @@ def main() -> None:
         print(f"| {name} | {p:.0f} | {d:.1f} |")
     ours = med["lmlab"][1]
     for name in ("transformers", "llama.cpp"):
-        if name in med:
-            print(f"lmlab / {name}: decode {ours / med[name][1]:.2f}x, prefill {med['lmlab'][0] / med[name][0]:.2f}x")
+        for mine in ("lmlab", "lmlab --compile"):
+            if name in med and mine in med:
+                print(f"{mine} / {name}: decode {med[mine][1] / med[name][1]:.2f}x, "
+                      f"prefill {med[mine][0] / med[name][0]:.2f}x")
     print(f"lmlab batch {args.batch} / batch 1 (aggregate decode): {med[f'lmlab batch {args.batch}'][1] / ours:.2f}x")
 
 

@@ -178,8 +178,8 @@ def _guard(argv: list[str], world: World) -> list[str] | None:
         except Exception:  # noqa: BLE001 - argparse refused it: safe to run through main()
             return argv
         return None
-    if command in ("generate", "chat"):
-        argv = argv + ["--max-new-tokens", "4", "--device", "cpu"]
+    if command in ("generate", "chat"):  # --compile would spend ~15 s compiling per example: tested elsewhere
+        argv = [a for a in argv if a != "--compile"] + ["--max-new-tokens", "4", "--device", "cpu"]
         if command == "chat" and "--model" not in argv:
             argv += ["--model", str(world.paths["run"])]
     if command == "chat" and any(a in ("smollm2-135m-instruct",) for a in argv):

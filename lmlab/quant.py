@@ -173,7 +173,8 @@ class QuantLinear(nn.Module):
             eye = torch.eye(K, device=self.weight.device)
             return torch._weight_int4pack_mm_for_cpu(eye, self.weight, g, self.scales_zeros.float()).t()
         s, z = self.scales_zeros.float().unbind(-1)  # (K/g, N) each
-        return ((codes.float() - 8).view(N, K // g, g) * s.t()[..., None] + z.t()[..., None]).view(N, K)
+        offset = (z - 8 * s).t()[..., None]  # codes * s + offset: the uint8 codes promote to float in the multiply
+        return (codes.view(N, K // g, g) * s.t()[..., None] + offset).view(N, K)
 
     def weight_bytes(self) -> int:
         return sum(b.nbytes for b in self.buffers())

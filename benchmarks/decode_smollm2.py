@@ -14,22 +14,10 @@ the prompt at once and counts every row's tokens.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
-
-
-def cpu_line() -> str:
-    try:
-        info = open("/proc/cpuinfo").read()
-        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = next(line for line in info.splitlines() if line.startswith("flags")).split()
-        vec = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-    return f"{model}, {torch.get_num_threads()} torch threads, flags {' '.join(vec)}"
 
 
 def split(stamps: list[float], start: float, n_prompt: int, batch: int = 1) -> tuple[float, float]:
@@ -147,7 +135,9 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, fn in runs.items():
             results[name].append(fn())
-    print(f"machine: {cpu_line()}; torch {torch.__version__}")
+    from lmlab.bench import machine
+
+    print(f"machine: {machine(torch.device('cpu'))}, {args.threads} torch threads; torch {torch.__version__}")
     print(f"prompt {len(ids)} tokens, {args.new_tokens} new tokens, greedy, median of {args.repeats}\n")
     print("| engine | prefill tokens/s | decode tokens/s |")
     print("|---|---|---|")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -42,20 +41,14 @@ RUN_PREPARE = ("import runpy, sys, types; sys.modules.setdefault('requests', typ
 
 
 def machine() -> dict:
-    """CPU model, logical cores, the SIMD flags that decide CPU kernels, and the load when we start."""
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "flags": []}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = re.search(r"^model name\s*:\s*(.*)$", text, re.M).group(1)
-        flags = set(re.search(r"^flags\s*:\s*(.*)$", text, re.M).group(1).split())
-        info["flags"] = sorted(f for f in flags if f in {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"})
-    except (OSError, AttributeError):
-        pass
+    """The CPU (model, cores, the vector flags that decide CPU kernels: lmlab.bench.machine), torch, and the
+    load when we start."""
     import torch
 
-    info["torch"] = torch.__version__
-    info["load_avg_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return info
+    from lmlab.bench import machine as cpu
+
+    return {"cpu": cpu(torch.device("cpu")), "torch": torch.__version__,
+            "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def setup_nanogpt(checkout: Path, corpus: Path, work: Path, python: str) -> Path:
@@ -112,7 +105,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     dst = setup_nanogpt(args.nanogpt.resolve(), args.corpus.resolve(), args.work.resolve(), python)
     info = machine()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, {' '.join(info['flags'])}; torch {info['torch']}; "
+    print(f"machine: {info['cpu']}; torch {info['torch']}; "
           f"load {info['load_avg_1min']}; threads {args.threads or 'default'}", flush=True)
     rows = []
     for r in range(args.repeats):

@@ -60,6 +60,14 @@ def threads(n: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
+def progress(items, what: str):
+    """A progress bar on stderr for the timed loops (an 8B model's generations take minutes); tqdm leaves it out
+    when stderr is not a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=what, leave=False, disable=None)
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued kernels, so the host clock measures the work and not its launch."""
     if device.type == "cuda":
@@ -75,19 +83,22 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t
 
 
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")  # the ones that pick torch's CPU kernels
+
+
 def machine(device: torch.device) -> str:
-    """The hardware the figures belong to: the GPU's name, or the CPU's model name and logical core count."""
+    """The hardware the figures belong to: the GPU's name, or the CPU's model name, logical core count and the
+    vector flags that decide which CPU kernels run (an AVX2-only box and an AVX-512 one differ by kernels)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
     except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} logical cores"
+        fields = {}
+    fields = {k.strip(): v.strip() for k, v in fields.items()}  # the last core's lines: all cores are alike
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = [f for f in VECTOR_FLAGS if f in fields.get("flags", "").split()]
+    return f"{name}, {os.cpu_count()} logical cores" + (f", {' '.join(flags)}" if flags else "")
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -244,7 +255,7 @@ def _train_steps(cfg: ModelConfig, tc: TrainConfig, batch: Callable[[int], tuple
         opt.zero_grad()
 
     compile_s = timed(lambda: step(0), dev) if compile is not None else None
-    times = [timed(lambda i=i: step(i), dev) for i in range(1, 1 + warmup + steps)]
+    times = [timed(lambda i=i: step(i), dev) for i in progress(range(1, 1 + warmup + steps), "training steps")]
     return times[warmup:], compile_s
 
 
@@ -286,13 +297,12 @@ def bench_batch(model: torch.nn.Module, batch: int, prompt_tokens: int, new_toke
     """Prefill and decode speed at one batch size: medians over `runs` generations after `warmup` untimed ones
     (the prefill's over the runs, the decode step's over every step of every run). Prompts are random ids."""
     prompts = random_prompts(model.cfg.vocab_size, batch, prompt_tokens)
-    for _ in range(warmup):
-        decode_run(model, prompts, new_tokens)
     prefill, steps = [], []
-    for _ in range(runs):
+    for i in progress(range(warmup + runs), f"generations at batch {batch}"):
         p, s = decode_run(model, prompts, new_tokens)
-        prefill.append(p)
-        steps += s
+        if i >= warmup:
+            prefill.append(p)
+            steps += s
     step_s = statistics.median(steps)
     return dict(batch=batch, prefill_s=statistics.median(prefill),
                 prefill_tokens_per_s=median_rate(batch * prompt_tokens, prefill), decode_step_s=step_s,

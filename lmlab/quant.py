@@ -73,6 +73,12 @@ def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor | None:
     return nibbles.transpose(1, 2).reshape(N, K)
 
 
+def head_mode(mode: str | None) -> str | None:
+    """The output head's form for a model quantized to `mode`: int4 models keep an int8 head, as llama.cpp keeps
+    a Q4 file's output matrix at 6 bits, since the logits are the most sensitive matmul."""
+    return "int8" if mode == "int4" else mode
+
+
 def check_mode(mode: str, group_size: int = 32) -> None:
     """One line for a mode or group size this module cannot do."""
     if mode not in QUANT_MODES:
@@ -153,14 +159,13 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] >= GEMM_ROWS[self.mode]:  # a prefill or an eval batch: float GEMM on the weight unpacked for it
-            y = F.linear(x2, self.dequantize().to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias.to(x.dtype)
-        x2 = x2.to(COMPUTE_DTYPE)
-        if self.mode == "int8":
-            y = torch._weight_int8pack_mm(x2, self.weight, self.scale)
+            y = F.linear(x2, self.dequantize().to(x.dtype))
+        elif self.mode == "int8":
+            y = torch._weight_int8pack_mm(x2.to(COMPUTE_DTYPE), self.weight, self.scale).to(x.dtype)
         else:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_zeros)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(COMPUTE_DTYPE), self.weight, self.group_size,
+                                                  self.scales_zeros).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
@@ -223,9 +228,8 @@ class QuantEmbedding(nn.Module):
 
 
 def quantize_model(model, mode: str, group_size: int = 32):
-    """Replace, in place, every linear layer of the blocks with a QuantLinear of `mode`, and the head and the
-    token embedding too. With int4 the head is int8, as llama.cpp keeps a Q4 file's output matrix at 6 bits:
-    the logits are the most sensitive matmul. Returns the model (eval mode)."""
+    """Replace, in place, every linear layer of the blocks with a QuantLinear of `mode`, the head with one of
+    `head_mode(mode)` and the token embedding with int8 rows. Returns the model (eval mode)."""
     check_mode(mode, group_size)
     check_device(model.wte.weight.device)
     todo = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"]
@@ -240,7 +244,7 @@ def quantize_model(model, mode: str, group_size: int = 32):
     if isinstance(head, nn.Linear) and model.cfg.tie_embeddings and head.bias is None:
         model.lm_head = QuantLinear.from_int8(model.wte.weight, model.wte.scale)  # the same int8 table, once
     elif isinstance(head, nn.Linear):
-        model.lm_head = QuantLinear.from_float(head.weight.data, head.bias, "int8")
+        model.lm_head = QuantLinear.from_float(head.weight.data, head.bias, head_mode(mode), group_size)
     return model.eval()
 
 

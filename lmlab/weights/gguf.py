@@ -157,7 +157,6 @@ class GGUFFile:
             raise LmlabError(f"{self.path}: tensor {name} ({t.tensor_type.name}) is malformed ({e})") from None
         return arr
 
-
     def raw(self, name: str) -> np.ndarray:
         """The bytes of tensor `name` as stored, read with pread rather than through the memory map, so that
         reading a whole model does not leave it resident (the mapped pages would count toward RSS)."""

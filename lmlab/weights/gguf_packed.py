@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.quant import QuantEmbedding, QuantLinear, check_shape, quantize_int4, quantize_int8
+from lmlab.quant import QuantEmbedding, QuantLinear, check_shape, head_mode, quantize_int4, quantize_int8
 from lmlab.utils import trim_heap
 
 
@@ -89,10 +89,9 @@ def _int8(part: Part) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_int8(torch.from_numpy(part.dequantize()))
 
 
-def packed_linear(key: str, parts: list[Part], mode: str | None, group_size: int) -> nn.Module | torch.Tensor:
-    """The layer for one matmul weight built from its stored parts (already fused): a QuantLinear, or the float
-    weight (a tensor) where the parts are float and no quantization is asked for."""
-    part = parts[0]
+def packed_linear(key: str, part: Part, mode: str | None, group_size: int) -> nn.Module | torch.Tensor:
+    """The layer for one matmul weight built from its stored (already fused) part: a QuantLinear, or the float
+    weight (a tensor) where the part is float and no quantization is asked for."""
     N, K = part.codes.shape
     if mode is None and part.kind == "float":
         return torch.from_numpy(np.array(part.codes))  # a float tensor may be a read-only view of the file
@@ -158,11 +157,11 @@ def load_packed(model, f, keymap, mode: str | None, group_size: int, dtype: torc
                 if isinstance(emb, QuantEmbedding) and emb.mode == "int8":  # one int8 table serves both
                     head = QuantLinear.from_int8(emb.weight, emb.scale)
                 else:
-                    head = packed_linear("lm_head", [part], mode if mode != "int4" else "int8", group_size)
+                    head = packed_linear("lm_head", part, head_mode(mode), group_size)
                 _place(model, "lm_head", head, state, dtype)
         else:
-            layer_mode = "int8" if owner == "lm_head" and mode == "int4" else mode
-            _place(model, owner, packed_linear(owner, [part], layer_mode, group_size), state, dtype)
+            layer_mode = head_mode(mode) if owner == "lm_head" else mode
+            _place(model, owner, packed_linear(owner, part, layer_mode, group_size), state, dtype)
         del part
         trim_heap()
     model.load_state_dict(state, strict=False, assign=True)

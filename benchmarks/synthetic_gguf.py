@@ -103,19 +103,12 @@ def tokenizer_fields(source: str | Path, vocab_size: int) -> dict[str, Any]:
 
 
 def _write_config(w: GGUFWriter, cfg: ModelConfig, qtype: str, name: str) -> None:
-    """The llama.* and general.* metadata llama.cpp's converter and quantizer write for a quantized Llama."""
-    w.add_name(name)
+    """The llama.* and general.* metadata llama.cpp's converter and quantizer write for a quantized Llama: the
+    exporter's, with the quantized file type, the vocabulary size and the quantization version."""
+    from lmlab.weights.gguf_export import write_config
+
+    write_config(w, cfg, "llama", int(FILE_TYPES[qtype][1]), name)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_context_length(cfg.context_length)
-    w.add_embedding_length(cfg.d_model)
-    w.add_feed_forward_length(cfg.d_ff)
-    w.add_block_count(cfg.n_layers)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_file_type(int(FILE_TYPES[qtype][1]))
     w.add_quantization_version(2)  # GGML_QNT_VERSION
 
 
@@ -136,7 +129,7 @@ def write_synthetic_gguf(cfg: ModelConfig, qtype: str, out: str | Path, tokenize
     to `out`, and the tokenizer of GGUF file `tokenizer` (None: no tokenizer). Tensor infos go first, then each
     tensor is generated and written in turn, so memory holds one tensor at a time. Atomic, as the exporter."""
     from lmlab.utils import atomic_file
-    from lmlab.weights.gguf_export import _write_tokenizer
+    from lmlab.weights.gguf_export import write_tokenizer
 
     plan = tensor_plan(cfg, qtype)
     tok = tokenizer_fields(tokenizer, cfg.vocab_size) if tokenizer is not None else None
@@ -144,7 +137,7 @@ def write_synthetic_gguf(cfg: ModelConfig, qtype: str, out: str | Path, tokenize
         w = GGUFWriter(tmp, "llama")
         _write_config(w, cfg, qtype, name)
         if tok is not None:
-            _write_tokenizer(w, tok)
+            write_tokenizer(w, tok)
         for tname, shape, t in plan:
             if t == Q.F32:
                 w.add_tensor_info(tname, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))

@@ -99,9 +99,9 @@ def export_gguf(model, tokenizer, out: str | Path, dtype: str = "float32") -> Pa
     tok = _tokenizer_fields(tokenizer) if tokenizer is not None else None
     with atomic_file(out) as tmp:
         w = GGUFWriter(tmp, arch)
-        _write_config(w, cfg, arch, dtype)
+        write_config(w, cfg, arch, 1 if dtype == "float16" else 0)  # llama_ftype: ALL_F32 = 0, MOSTLY_F16 = 1
         if tok is not None:
-            _write_tokenizer(w, tok)
+            write_tokenizer(w, tok)
         for name, a in tensors.items():
             w.add_tensor(name, a.astype(np.float16) if dtype == "float16" and a.ndim >= 2 else a)
         w.write_header_to_file()
@@ -111,9 +111,10 @@ def export_gguf(model, tokenizer, out: str | Path, dtype: str = "float32") -> Pa
     return Path(out)
 
 
-def _write_config(w, cfg: ModelConfig, arch: str, dtype: str) -> None:
-    """The `{arch}.*` metadata llama.cpp reads the architecture from."""
-    w.add_name("lmlab export")
+def write_config(w, cfg: ModelConfig, arch: str, file_type: int, name: str = "lmlab export") -> None:
+    """The `{arch}.*` metadata llama.cpp reads the architecture from, and general.file_type (a llama_ftype).
+    benchmarks/synthetic_gguf.py writes its quantized files' metadata with it too."""
+    w.add_name(name)
     w.add_context_length(cfg.context_length)
     w.add_embedding_length(cfg.d_model)
     w.add_feed_forward_length(cfg.d_ff)
@@ -126,10 +127,10 @@ def _write_config(w, cfg: ModelConfig, arch: str, dtype: str) -> None:
         w.add_layer_norm_rms_eps(cfg.norm_eps)
     else:
         w.add_layer_norm_eps(cfg.norm_eps)
-    w.add_file_type(1 if dtype == "float16" else 0)  # llama_ftype: ALL_F32 = 0, MOSTLY_F16 = 1
+    w.add_file_type(file_type)
 
 
-def _write_tokenizer(w, tok: dict[str, Any]) -> None:
+def write_tokenizer(w, tok: dict[str, Any]) -> None:
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(tok["pre"])
     w.add_token_list(tok["tokens"])

@@ -1,6 +1,7 @@
 """The char-cpu acceptance run against nanoGPT's README CPU recipe, on this machine, in one run, alternating.
 
     python benchmarks/train_vs_nanogpt.py --nanogpt /path/to/nanoGPT [--repeats 2] [--threads N]
+                                          [--recipes nanogpt,muon]
 
 nanoGPT is not on PyPI, so this takes the path of a checkout of its public repository
 (https://github.com/karpathy/nanoGPT), kept outside this repo; nothing of it is copied into lmlab. The checkout is
@@ -10,9 +11,11 @@ its data/shakespeare_char/prepare.py is run there on our tinyshakespeare file (n
     nanoGPT  python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20
              --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128
              --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0          (its README's CPU recipe)
-    lmlab    bash benchmarks/char_cpu.sh SEED                                (the same model, optimizer and steps)
+    lmlab    RECIPE=nanogpt bash benchmarks/char_cpu.sh SEED                 (the same model, optimizer and steps)
+    lmlab    RECIPE=muon bash benchmarks/char_cpu.sh SEED                    (the same model and batch; Muon, 600 steps)
 
-Each repeat runs both, in alternating order, so machine noise hits both alike. Wall time is each whole training
+The run's goal is nanoGPT's: val loss <= 1.89. Each repeat runs every tool, in rotating order, so machine noise
+hits them alike. Wall time is each whole training
 process (interpreter start, imports, evaluations and checkpoints included); val loss is the final evaluation each
 tool prints, and lmlab's loss on all of val (`lmlab eval`) is reported too. --threads sets OMP_NUM_THREADS for both
 tools alike; without it each runs with its own default. Prints a table and writes JSON (--out).
@@ -75,13 +78,14 @@ def run_nanogpt(dst: Path, python: str, env: dict) -> dict:
     return {"tool": "nanoGPT", "wall_s": round(wall, 1), "val_loss": float(evals[-1][2]), "step": int(evals[-1][0])}
 
 
-def run_lmlab(seed: int, corpus: Path, env: dict) -> dict:
-    out = subprocess.run(["bash", "benchmarks/char_cpu.sh", str(seed)], cwd=REPO, env={**env, "CORPUS": str(corpus)},
+def run_lmlab(recipe: str, seed: int, corpus: Path, env: dict) -> dict:
+    out = subprocess.run(["bash", "benchmarks/char_cpu.sh", str(seed)], cwd=REPO,
+                         env={**env, "CORPUS": str(corpus), "RECIPE": recipe},
                          check=True, text=True, capture_output=True).stdout
     m = re.search(r"val loss ([\d.]+) \(fixed .*?\), ([\d.]+) \(all of val\), wall ([\d.]+) s", out)
     if m is None:
         sys.exit(f"train_vs_nanogpt: unexpected output from char_cpu.sh:\n{out}")
-    return {"tool": "lmlab", "wall_s": float(m.group(3)), "val_loss": float(m.group(1)),
+    return {"tool": f"lmlab {recipe}", "wall_s": float(m.group(3)), "val_loss": float(m.group(1)),
             "full_val_loss": float(m.group(2))}
 
 
@@ -91,6 +95,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1337, help="lmlab's seed (nanoGPT's is fixed at 1337)")
     ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for both; 0: each tool's default")
+    ap.add_argument("--recipes", default="nanogpt,muon", help="char_cpu.sh recipes to run (nanogpt, muon)")
     ap.add_argument("--corpus", type=Path, default=Path(os.environ.get("CORPUS", REPO.parent / "shared/data/"
                                                                         "tinyshakespeare.txt")))
     ap.add_argument("--work", type=Path, default=REPO / "runs/bench/vs_nanogpt")
@@ -107,26 +112,27 @@ def main() -> None:
     info = machine()
     print(f"machine: {info['cpu']}; torch {info['torch']}; "
           f"load {info['load_avg_1min']}; threads {args.threads or 'default'}", flush=True)
+    tools = ["nanoGPT"] + [f"lmlab {r}" for r in args.recipes.split(",")]
     rows = []
     for r in range(args.repeats):
-        order = ("nanogpt", "lmlab") if r % 2 == 0 else ("lmlab", "nanogpt")
-        for tool in order:
-            row = run_nanogpt(dst, python, env) if tool == "nanogpt" else run_lmlab(args.seed, args.corpus, env)
+        for tool in tools[r % len(tools):] + tools[:r % len(tools)]:  # rotate who goes first
+            row = (run_nanogpt(dst, python, env) if tool == "nanoGPT"
+                   else run_lmlab(tool.split()[1], args.seed, args.corpus, env))
             row["repeat"] = r
             rows.append(row)
             print(json.dumps(row), flush=True)
-    med = {t: statistics.median(x["wall_s"] for x in rows if x["tool"] == t) for t in ("nanoGPT", "lmlab")}
-    pairs = [n["wall_s"] / o["wall_s"] for n, o in zip((x for x in rows if x["tool"] == "nanoGPT"),
-                                                        (x for x in rows if x["tool"] == "lmlab"), strict=True)]
+    med = {t: statistics.median(x["wall_s"] for x in rows if x["tool"] == t) for t in tools}
     result = {"machine": info, "threads": args.threads or None, "runs": rows, "median_wall_s": med,
-              "speedup_of_medians": round(med["nanoGPT"] / med["lmlab"], 3),
-              "speedup_per_repeat": [round(p, 3) for p in pairs]}
+              "speedup_of_medians": {t: round(med["nanoGPT"] / med[t], 3) for t in tools[1:]},
+              "speedup_per_repeat": {t: [round(n["wall_s"] / o["wall_s"], 3) for n, o in zip(
+                  (x for x in rows if x["tool"] == "nanoGPT"), (x for x in rows if x["tool"] == t), strict=True)]
+                  for t in tools[1:]}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"median wall: nanoGPT {med['nanoGPT']:.1f} s, lmlab {med['lmlab']:.1f} s; lmlab is "
-          f"{result['speedup_of_medians']:.2f}x nanoGPT's speed (per repeat: {result['speedup_per_repeat']}); "
-          f"wrote {args.out}")
-
+    for t in tools[1:]:
+        print(f"median wall: nanoGPT {med['nanoGPT']:.1f} s, {t} {med[t]:.1f} s: "
+              f"{result['speedup_of_medians'][t]:.2f}x nanoGPT's speed (per repeat: {result['speedup_per_repeat'][t]})")
+    print(f"wrote {args.out}")
 
 if __name__ == "__main__":
     main()

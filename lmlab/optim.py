@@ -15,8 +15,62 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.optim._muon import _adjust_lr
 
 from lmlab.config import TrainConfig
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon with the Newton-Schulz iteration in float32 on CPU, batched over same-shaped matrices.
+
+    torch runs the iteration in bfloat16, which suits GPUs; a CPU without bf16 matrix units (AVX2, most
+    AVX-512) emulates it, 28x slower than float32 for a 512 x 128 gradient (66.6 vs 2.4 ms here), which made
+    a Muon step ten times an AdamW step. One batched iteration per shape (the blocks' matrices come in four)
+    instead of one per matrix took char-cpu's Muon step from 26 to 19 ms at 2 threads. Everything else is
+    torch's: its state, hyperparameters and lr rule.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            self._init_group(group, params, grads, bufs)
+            by_shape: dict[tuple, list[int]] = {}
+            for i, p in enumerate(params):
+                by_shape.setdefault((p.shape, p.device), []).append(i)
+            for (_, device), idx in by_shape.items():
+                for i in idx:
+                    bufs[i].lerp_(grads[i], 1 - group["momentum"])
+                momenta = [grads[i].lerp(bufs[i], group["momentum"]) if group["nesterov"] else bufs[i] for i in idx]
+                dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+                updates = orthogonalize(torch.stack(momenta), group["ns_coefficients"], group["ns_steps"],
+                                        group["eps"], dtype)
+                for i, update in zip(idx, updates, strict=True):
+                    p = params[i]
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(update.to(p.dtype), alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
+        return loss
+
+
+def orthogonalize(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration of torch.optim.Muon (Jordan et al.) on a stack of matrices
+    (k, m, n), in `dtype`: about U V^T of each g = U S V^T, taken on the wide orientation so the Gram
+    matrix is the small one."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = g.size(-2) > g.size(-1)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 class Optimizers:
@@ -107,9 +161,9 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> Optimizers:
         rest = [{"params": [p for p in g["params"] if id(p) not in hidden_ids], "weight_decay": g["weight_decay"]}
                 for g in groups]
         return Optimizers([
-            opt.Muon(hidden, lr=lr, weight_decay=tc.weight_decay, momentum=0.95, nesterov=True,
+            Muon(hidden, lr=lr, weight_decay=tc.weight_decay, momentum=0.95, nesterov=True,
                      adjust_lr_fn="match_rms_adamw"),  # Moonshot's scaling: AdamW's lr and decay carry over
-            opt.AdamW(rest, lr=lr, betas=(tc.beta1, tc.beta2), eps=tc.eps),
+            opt.AdamW(rest, lr=lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, fused=use_fused(model)),
         ])
     raise AssertionError(f"optimizer {name!r} passed validation but has no builder")
 

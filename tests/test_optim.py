@@ -141,3 +141,36 @@ def test_init_schemes(scheme):
     else:
         assert torch.allclose(w.T @ w, torch.eye(32), atol=1e-5)  # orthonormal columns
     assert torch.all(model.blocks[0].norm1.weight == 1)
+
+
+def test_muon_matches_torch_muon():
+    """lmlab's Muon only moves torch's Newton-Schulz iteration to float32 on CPU: in bfloat16 it is torch's bit for
+    bit, and three steps land where torch.optim.Muon's do, within bfloat16's rounding of the update."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    from lmlab.optim import Muon, orthogonalize
+
+    g = torch.randn(96, 32, generator=torch.Generator().manual_seed(0))
+    coeffs = (3.4445, -4.7750, 2.0315)
+    assert torch.equal(orthogonalize(g[None], coeffs, 5, 1e-7, torch.bfloat16)[0],
+                       _zeropower_via_newtonschulz(g, coeffs, 5, 1e-7))
+    shapes = [(32, 96), (32, 96), (48, 16)]  # two share a shape: they go through one batched iteration
+
+    def weights():
+        return [torch.nn.Parameter(torch.randn(*s, generator=torch.Generator().manual_seed(i)))
+                for i, s in enumerate(shapes)]
+
+    ours, theirs = weights(), weights()
+    steps = [(Muon(ours, lr=0.02, adjust_lr_fn="match_rms_adamw"), ours),
+             (torch.optim.Muon(theirs, lr=0.02, adjust_lr_fn="match_rms_adamw"), theirs)]
+    for i in range(3):
+        grads = [torch.randn(*s, generator=torch.Generator().manual_seed(10 + 3 * i + j)) for j, s in enumerate(shapes)]
+        for optimizer, params in steps:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+    for mine, reference, start in zip(ours, theirs, weights(), strict=True):
+        moved = (reference - start).detach().abs()
+        assert moved.mean() > 0.005  # the three steps did move the weights
+        assert ((mine - reference).abs().max() / moved.max()) < 0.05
+    assert steps[0][0].state_dict()["state"].keys() == steps[1][0].state_dict()["state"].keys()

@@ -173,9 +173,48 @@ def test_bad_input(dvt, char_data, tmp_path, capsys):
     ]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "study.json").write_text(json.dumps({"study": "dropout"}))
-    cases.append((("dropout-vs-topk", "--scale", "tiny", "--out", str(tmp_path / "other")), "holds the study 'dropout'"))
+    cases.append((("dropout-vs-topk", "--scale", "tiny", "--out", str(tmp_path / "other")),
+                  "holds the study 'dropout'"))
     for args, message in cases:
         rc, err = study(capsys, *args)
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and lines[0].startswith("lmlab: error: ") and message in err, (args, err)
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_dropout_study(tmp_path, char_data, capsys):
+    out = tmp_path / "study"
+    rc, err = study(capsys, "dropout", "--scale", "tiny", "--data", str(char_data), "--out", str(out))
+    assert rc == 0, err
+    r = json.loads((out / "results.json").read_text())
+    assert r["study"] == "dropout" and list(finite_numbers(r))
+    by = {c["setting"]: c for c in r["cells"]}
+    assert sorted(by) == sorted(["p0", "p0.1", "p0.2", "p0.3", "p0.2-early", "p0.2-linear", "p0.2-embed-only",
+                                 "p0.2-attn-only", "p0.2-resid-only"])
+    for name, c in by.items():
+        run = r["runs"][name]
+        check_curve(run, 30, 5)
+        assert (c["best_val"], c["best_step"], c["final_val"]) == (run["best_val"], run["best_step"], run["final_val"])
+        assert c["gap"] == pytest.approx(c["final_val"] - c["final_train"], abs=1e-9)
+    # the settings really differ where they should: the training loop logged the rates it used
+    events = [json.loads(line) for line in (out / "runs" / "p0.2-attn-only" / "metrics.jsonl").read_text().splitlines()]
+    assert {tuple(e["dropout"]) for e in events if e["event"] == "train"} == {(0.0, 0.2, 0.0)}
+    early = [json.loads(line) for line in (out / "runs" / "p0.2-early" / "metrics.jsonl").read_text().splitlines()]
+    rates = [e["dropout"][0] for e in early if e["event"] == "train"]
+    assert rates[0] == 0.2 and rates[-1] == 0.0
+    gap = {n: c["gap"] for n, c in by.items()}
+    const = [gap[n] for n in ("p0", "p0.1", "p0.2", "p0.3")]
+    assert r["findings"] == {
+        "dropout_narrows_gap": all(g < const[0] for g in const[1:]),
+        "gap_falls_as_p_rises": const[1] < const[0] and const[2] < const[1] and const[3] < const[2],
+        "dropout_lowers_best_val": min(by[n]["best_val"] for n in ("p0.1", "p0.2", "p0.3")) < by["p0"]["best_val"],
+        "every_site_narrows_gap": all(gap[f"p0.2-{s}-only"] < gap["p0"] for s in ("embed", "attn", "resid")),
+        "all_sites_narrow_most": gap["p0.2"] < min(gap[f"p0.2-{s}-only"] for s in ("embed", "attn", "resid")),
+        "early_ends_like_no_dropout": abs(gap["p0.2-early"] - gap["p0"]) < abs(gap["p0.2-early"] - gap["p0.2"]),
+    }
+    expected = {k: True for k in r["findings"]}
+    text = conclusion(out)
+    against = sorted(n for n, v in r["findings"].items() if v != expected[n])
+    assert sorted(re.findall(r"contradicts the expectation \((\w+) = ", text)) == against
+    for png in ("curves_rate.png", "curves_schedule.png", "curves_site.png", "gap.png"):
+        assert (out / png).stat().st_size < 100_000

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from lmlab.data import TokenData
 from lmlab.errors import LmlabError, unknown
-from lmlab.study import dropout_topk
+from lmlab.study import dropout, dropout_topk
 from lmlab.study.core import Context, check_args, claim_out
 
-STUDIES = {dropout_topk.NAME: dropout_topk}
+STUDIES = {m.NAME: m for m in (dropout_topk, dropout)}
 
 
 def run_study(name: str, out: str | Path, scale: str = "default", data: str | Path | None = None,

@@ -218,3 +218,53 @@ def test_dropout_study(tmp_path, char_data, capsys):
     assert sorted(re.findall(r"contradicts the expectation \((\w+) = ", text)) == against
     for png in ("curves_rate.png", "curves_schedule.png", "curves_site.png", "gap.png"):
         assert (out / png).stat().st_size < 100_000
+
+
+def test_sampling_study(tmp_path, char_run, capsys):
+    out = tmp_path / "study"
+    rc, err = study(capsys, "sampling", "--scale", "tiny", "--model", str(char_run), "--out", str(out))
+    assert rc == 0, err
+    r = json.loads((out / "results.json").read_text())
+    assert r["study"] == "sampling" and list(finite_numbers(r))
+    by = {c["strategy"]: c for c in r["cells"]}
+    assert sorted(by) == sorted(["greedy", "temperature=0.7", "temperature=1.0", "temperature=1.3", "top_k=1",
+                                 "top_k=10", "top_k=50", "top_k=full", "top_p=0.9", "top_p=0.95", "min_p=0.05",
+                                 "repetition_penalty=1.2"])
+    n = r["settings"]["n_samples"]
+    for c in by.values():
+        assert 0 <= c["distinct_1"] <= 1 and 0 <= c["distinct_2"] <= 1 and c["mean_logprob"] < 0
+        assert c["prompts"] <= c["distinct_continuations"] <= c["prompts"] * n
+    assert by["greedy"]["distinct_continuations"] == by["greedy"]["prompts"]  # N identical samples per prompt
+    # top-k 1 at temperature 1 and greedy pick the same tokens: the same text, the same log-probability
+    assert by["top_k=1"]["mean_logprob"] == pytest.approx(by["greedy"]["mean_logprob"], abs=1e-6)
+    temps = [by[f"temperature={t}"] for t in ("0.7", "1.0", "1.3")]
+    full = by["temperature=1.0"]
+    assert r["findings"] == {
+        "greedy_least_diverse": all(by["greedy"]["distinct_2"] <= c["distinct_2"] for c in by.values()),
+        "top_k1_is_greedy": by["top_k=1"]["distinct_2"] == by["greedy"]["distinct_2"]
+        and abs(by["top_k=1"]["mean_logprob"] - by["greedy"]["mean_logprob"]) < 1e-6,
+        "temperature_trades_logprob_for_diversity": all(a["distinct_2"] <= b["distinct_2"]
+                                                        and a["mean_logprob"] > b["mean_logprob"]
+                                                        for a, b in ((temps[0], temps[1]), (temps[1], temps[2]))),
+        "truncation_raises_logprob": all(by[s]["mean_logprob"] > full["mean_logprob"]
+                                         for s in ("top_k=10", "top_p=0.9", "min_p=0.05")),
+        "repetition_penalty_cuts_repeats": by["repetition_penalty=1.2"]["repeated_4gram_rate"]
+        <= full["repeated_4gram_rate"],
+    }
+    text = conclusion(out)
+    against = sorted(n for n, v in r["findings"].items() if not v)
+    assert sorted(re.findall(r"contradicts the expectation \((\w+) = ", text)) == against
+    assert (out / "diversity.png").stat().st_size < 100_000
+    marks = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/study_run.json")}
+    assert len(marks) == 12
+    rc, err = study(capsys, "sampling", "--scale", "tiny", "--model", str(char_run), "--out", str(out))
+    assert rc == 0 and {p: p.stat().st_mtime_ns for p in marks} == marks
+
+
+def test_sampling_model_that_cannot_load(tmp_path, char_data, capsys):
+    for model in (str(tmp_path / "missing"), str(char_data), "no-such-model"):
+        rc, err = study(capsys, "sampling", "--scale", "tiny", "--model", model, "--out", str(tmp_path / "s"))
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("lmlab: error: "), err
+    rc, err = study(capsys, "dropout", "--scale", "tiny", "--model", str(tmp_path), "--out", str(tmp_path / "s"))
+    assert rc == 2 and "--model is for the sampling study" in err
+    assert not (tmp_path / "s").exists()

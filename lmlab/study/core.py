@@ -58,6 +58,7 @@ class Context:
     steps: int | None  # overrides each run's step budget
     quiet: bool = False
     model: str | None = None  # the sampling study's --model
+    loaded: Any = None  # that model, once loaded (lmlab.LM)
 
     def data_dir(self, train_tokens: int = 0, val_tokens: int = 0) -> Path:
         """The prepared corpus, or (train_tokens > 0) a subset of it with that many training tokens."""
@@ -177,6 +178,19 @@ def train_one(ctx: Context, spec: RunSpec, after: Callable[[RunSpec, Path], dict
     if after is not None:
         summary.update(after(spec, run_dir))
     atomic_write_text(run_dir / DONE, json.dumps({"settings": spec.settings(), "summary": summary}) + "\n")
+    return summary
+
+
+def once(ctx: Context, name: str, settings: dict, compute: Callable[[], dict]) -> dict:
+    """A measurement that trains nothing (a sampling strategy, say), done once: its result is kept in
+    OUT/runs/NAME/study_run.json and reused by a later invocation with the same settings."""
+    path = ctx.out / "runs" / name / DONE
+    if path.is_file():
+        saved = read_json(path, "study run summary")
+        if saved.get("settings") == json.loads(json.dumps(settings)):
+            return saved["summary"]
+    summary = compute()
+    atomic_write_text(path, json.dumps({"settings": settings, "summary": summary}) + "\n")
     return summary
 
 

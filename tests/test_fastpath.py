@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from lmlab.config import ModelConfig, TrainConfig
 from lmlab.data import Batches, TokenData
@@ -113,4 +114,59 @@ def test_a_nan_is_caught_at_the_next_log_step_and_named(tmp_path, char_data):
     first_nan = int(err.value.args[0].split("at step ")[1].split(";")[0])
     assert 1 <= first_nan <= 5
     assert read_meta(tmp_path / "run" / "last")["run_state"]["step"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The padded vocabulary.
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_padded_head_gives_the_plain_heads_logits_and_gradients(tie):
+    """65 rows padded to 128 for the matmul: the same logits (B, T, 65) and the same gradients, the head still
+    tied to the embedding when the model ties them."""
+    import copy
+
+    from lmlab.fastpath import PaddedHead, pad_vocab
+
+    torch.manual_seed(0)
+    plain = Transformer(TINY.replace(tie_embeddings=tie))
+    padded = pad_vocab(copy.deepcopy(plain), 64)
+    assert isinstance(padded.lm_head, PaddedHead) and padded.lm_head.pad == 63
+    assert (padded.lm_head.weight is padded.wte.weight) == tie
+    x = torch.randint(0, 65, (3, 17), generator=torch.Generator().manual_seed(1))
+    a, b = plain(x), padded(x)
+    assert a.shape == b.shape == (3, 17, 65)
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    a.logsumexp(-1).sum().backward()
+    b.logsumexp(-1).sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), padded.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_padded_training_saves_and_exports_the_unpadded_shapes(tmp_path, char_data):
+    """A run with the padded head writes a checkpoint with the keys and shapes of an unpadded run's, and nearly
+    its weights; its model exports to an HF directory that transformers reads and runs to the same logits, and to
+a GGUF file of the true vocabulary."""
+    transformers = pytest.importorskip("transformers")
+    import lmlab
+    from lmlab.fastpath import pad_vocab
+    from lmlab.weights.export import export
+
+    for multiple in (1, 64):
+        tiny_run(char_data, tmp_path / f"pad{multiple}", max_steps=3, pad_vocab=multiple)
+    files = [safe_open(str(tmp_path / f"pad{m}" / "last" / "model.safetensors"), "pt") for m in (1, 64)]
+    assert sorted(files[0].keys()) == sorted(files[1].keys())
+    for key in files[0].keys():
+        a, b = files[0].get_tensor(key), files[1].get_tensor(key)
+        assert a.shape == b.shape, key
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=key)
+    lm = lmlab.load(tmp_path / "pad64" / "last", device="cpu")
+    model = pad_vocab(lm.model, 64)  # export the padded model itself, as a script holding it would
+    out = export(model, lm.tokenizer, tmp_path / "hf", "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.randint(0, model.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-4, atol=1e-4)
+        gguf = lmlab.load(export(model, lm.tokenizer, tmp_path / "m.gguf", "gguf"), device="cpu").model
+        assert gguf.lm_head.weight.shape == (model.cfg.vocab_size, model.cfg.d_model)
+        torch.testing.assert_close(gguf(x), model(x), rtol=1e-4, atol=1e-4)
 

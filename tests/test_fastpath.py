@@ -170,3 +170,75 @@ a GGUF file of the true vocabulary."""
         assert gguf.lm_head.weight.shape == (model.cfg.vocab_size, model.cfg.d_model)
         torch.testing.assert_close(gguf(x), model(x), rtol=1e-4, atol=1e-4)
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The decoding step: compiled as one graph (CUDA graphs on a GPU) against the plain eager engine.
+
+def _greedy(model: Transformer, prompts: list[list[int]], n: int = 10) -> list[list[int]]:
+    from lmlab.generate import SamplingConfig, generate_ids
+
+    steps = list(generate_ids(model, prompts, SamplingConfig(max_new_tokens=n, temperature=0), eos_id=None))
+    return [list(row) for row in zip(*steps, strict=True)]
+
+
+def _decode_models(device: str, dtype: torch.dtype) -> tuple[Transformer, Transformer]:
+    import copy
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="llama", vocab_size=97, context_length=64, d_model=64, d_ff=128, n_layers=2, n_heads=4,
+                      n_kv_heads=2)
+    plain = Transformer(cfg).to(device=device, dtype=dtype).eval()
+    return plain, copy.deepcopy(plain)
+
+
+def _check_graph_decoding(device: str, dtype: torch.dtype) -> None:
+    """Three generations (ragged prompts, so left padding and its mask; the second reuses the first's cache with
+    its stale entries, the third has another batch size): the same greedy tokens as the plain engine."""
+    from lmlab.generate import compile_decoding
+
+    plain, graphed = _decode_models(device, dtype)
+    compile_decoding(graphed, mode="reduce-overhead")  # fullgraph: any graph break fails here
+    g = torch.Generator().manual_seed(3)
+    batches = [[torch.randint(0, 97, (n,), generator=g).tolist() for n in lengths]
+               for lengths in ((5, 9, 2), (7, 3, 8), (6,))]
+    for prompts in batches:
+        assert _greedy(graphed, prompts) == _greedy(plain, prompts)
+
+
+@pytest.mark.slow
+def test_one_graph_decoding_step_on_cpu_matches_the_plain_engine():
+    """The CUDA-graph settings (reduce-overhead, fullgraph) on CPU, where torch skips the graph capture but
+    compiles the same single graph with Inductor, and the engine keeps and reuses its cache as on a GPU."""
+    _check_graph_decoding("cpu", torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_decoding_matches_the_plain_engine():
+    _check_graph_decoding("cuda", torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# lmlab bench's MFU: the CPU-side pieces (the figure itself needs a GPU).
+
+def test_train_flops_per_token_is_nanogpts_count_for_gpt2_124m():
+    """nanoGPT's estimate_mfu for GPT-2 small: 6 N + 12 L H Q T with N = 124,439,808 published parameters less
+    the 1024 x 768 position table, L = H = 12, Q = 64, T = 1024."""
+    from lmlab.bench import train_flops_per_token
+    from lmlab.config import preset
+
+    n = 124_439_808 - 1024 * 768
+    assert train_flops_per_token(preset("gpt2-124m"), 1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
+
+
+def test_matmul_peak_and_the_mfu_row():
+    """The peak is 2 n^3 over a measured time (positive, and below anything a CPU core can do for n = 128 in
+    float32: 1e13 FLOP/s), and a result with an MFU shows it in the table; on CPU bench train reports none."""
+    from lmlab.bench import bench_train, format_table, matmul_peak
+
+    peak = matmul_peak(torch.device("cpu"), torch.float32, n=128, repeats=3)
+    assert 0 < peak < 1e13
+    r = bench_train(config=TINY, batch_size=2, context=16, steps=2, warmup=0, device="cpu")
+    assert r["mfu"] is None and r["flops_per_token"] > 0 and "MFU" not in format_table(r)
+    r.update(mfu=0.42, matmul_peak_flops=8e14)
+    assert "42.0% of 800 TFLOP/s" in format_table(r)

@@ -10,6 +10,11 @@ same threads: a large `copy_`, counted as read + write bytes per second (STREAM'
 utilisation is (weight bytes read per decode step x steps/s) / that bandwidth; at batch B one step decodes B
 tokens but reads the weights once. KV-cache and activation traffic are left out of the numerator, so a model
 with a long context can look a little less efficient than it is.
+
+Training on CUDA is set against the matmul peak, measured the same way: a large bf16 matmul in this process
+(`matmul_peak`), not the datasheet's figure, so MFU compares with nanoGPT's "of the peak measured there". The
+FLOPs per token are PaLM's count (Chowdhery et al. 2022, app. B), as nanoGPT's estimate_mfu: 6 per matmul weight
+(forward and backward) plus 12 * layers * d_model * context for attention's two matmuls, causal or not.
 """
 
 from __future__ import annotations
@@ -153,6 +158,25 @@ def compiled(model: torch.nn.Module, mode: str | None) -> torch.nn.Module:
     return model if mode is None else torch.compile(model, mode=mode)
 
 
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192, repeats: int = 10) -> float:
+    """FLOP/s of an (n, n) @ (n, n) matmul in `dtype` on `device`: 2 n^3 over the median of `repeats` timed
+    calls after one untimed one. On an H100 n = 8192 in bf16 takes about 1.5 ms a call."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    seconds = statistics.median(timed(lambda: a @ b, device) for _ in range(repeats))
+    return 2 * n**3 / seconds
+
+
+def train_flops_per_token(cfg: ModelConfig, context: int) -> int:
+    """Training FLOPs per token (module docstring): 6 x the weights that multiply (every linear, the head
+    included; not the embedding tables, which are looked up) + 12 x layers x d_model x context."""
+    matmul_weights = cfg.num_params() - (cfg.context_length * cfg.d_model if cfg.pos == "learned" else 0)
+    if not cfg.tie_embeddings:
+        matmul_weights -= cfg.vocab_size * cfg.d_model  # the input table; the separate head stays counted
+    return 6 * matmul_weights + 12 * cfg.n_layers * cfg.d_model * context
+
+
 def median_rate(count: int, seconds: list[float]) -> float:
     return count / statistics.median(seconds)
 
@@ -226,11 +250,15 @@ def bench_train(model: str | None = None, *, preset: str | None = None, config: 
         step_s, compile_s = _train_steps(cfg, tc, train_batches(cfg, batch_size, T, data, dev), dev, compile,
                                          warmup, steps)
         peak, peak_kind = peak_memory(dev)
+        flops_peak = matmul_peak(dev) if dev.type == "cuda" else None  # a CPU's bf16 peak says little of fp32
+    tokens_per_s = median_rate(batch_size * T, step_s)
+    flops = train_flops_per_token(cfg, T)
     return dict(command="train", model=f"{name} (random weights)",
                 **_setup(dev, n, dtype, None, compile), params=cfg.num_params(), config=cfg.to_dict(),
                 batch_size=batch_size, context=T, steps=steps, warmup=warmup,
                 data=None if data is None else str(data), optimizer="adamw", compile_s=compile_s,
-                step_s=statistics.median(step_s), tokens_per_s=median_rate(batch_size * T, step_s),
+                step_s=statistics.median(step_s), tokens_per_s=tokens_per_s, flops_per_token=flops,
+                matmul_peak_flops=flops_peak, mfu=flops * tokens_per_s / flops_peak if flops_peak else None,
                 peak_memory_bytes=peak, peak_memory_kind=peak_kind)
 
 
@@ -239,10 +267,11 @@ def _train_steps(cfg: ModelConfig, tc: TrainConfig, batch: Callable[[int], tuple
     """Run the steps; (timed step seconds, compile seconds or None)."""
     from contextlib import nullcontext
 
+    from lmlab.fastpath import pad_vocab, vocab_multiple
     from lmlab.optim import build_optimizer
     from lmlab.train import loss_of
 
-    model = random_model(cfg, dev)
+    model = pad_vocab(random_model(cfg, dev), vocab_multiple(tc.pad_vocab, dev))  # as lmlab train: 64 on CUDA
     net, opt = compiled(model, compile), build_optimizer(model, tc)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if tc.dtype == "bfloat16" else nullcontext()
     net.train()
@@ -378,10 +407,17 @@ def _compiled_run(net: torch.nn.Module, compile: str | None, sizes: list[int],
                   prompt_tokens: int) -> tuple[torch.nn.Module, float | None]:
     """The module to generate with, and compile_s: the seconds of a first short generation at each batch size,
     with the prompt length the benchmark uses, which compiles the prefill and decode graphs for those shapes
-    (None uncompiled)."""
+    (None uncompiled). On CUDA only the decoding step is compiled, as lmlab.generate.compile_decoding does it
+    (mode "default" there means its CUDA-graph step), so the figure is the engine's own fast path."""
     if compile is None:
         return net, None
-    run = compiled(net, compile)
+    if next(net.parameters()).device.type == "cuda":  # the engine's own step: a CUDA graph unless a mode says not
+        from lmlab.generate import compile_decoding
+
+        compile_decoding(net, None if compile == "default" else compile)
+        run = net
+    else:
+        run = compiled(net, compile)
     t = time.perf_counter()
     for b in sizes:
         decode_run(run, random_prompts(net.cfg.vocab_size, b, prompt_tokens), 3)
@@ -422,7 +458,9 @@ def _train_rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
     return [("params", f"{r['params']:,}"), ("batch x context", f"{r['batch_size']} x {r['context']}"),
             ("data", r["data"] or "random token ids"),
             ("step time", f"{r['step_s'] * 1e3:.1f} ms (median of {r['steps']}, after {r['warmup']} warm-up)"),
-            ("train tokens/s", f"{r['tokens_per_s']:,.0f}")]
+            ("train tokens/s", f"{r['tokens_per_s']:,.0f}")] + ([
+            ("MFU", f"{r['mfu']:.1%} of {r['matmul_peak_flops'] / 1e12:,.0f} TFLOP/s (bf16 matmul peak measured "
+                    f"here; {r['flops_per_token'] / 1e6:,.1f} MFLOP/token)")] if r.get("mfu") else [])
 
 
 def _generate_rows(r: dict[str, Any]) -> list[tuple[str, Any]]:

@@ -279,6 +279,9 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda, then mps, then cpu
     dtype: str = "float32"  # or bfloat16: autocast (weights and optimizer state stay float32)
     compile: bool = False
+    # pad the output head's matmul to a multiple of this many vocabulary rows (logits sliced back; checkpoints keep
+    # the true vocabulary); 0 = automatic: 64 on CUDA, none elsewhere; 1 = never (lmlab/fastpath.py)
+    pad_vocab: int = 0
     # CPU intra-op threads; 0 = torch's default (one per core). On a machine other jobs share, 1 can be many times
     # faster: a thread that loses its core stalls every parallel op of the step (benchmarks/char_cpu.md)
     threads: int = 0
@@ -309,7 +312,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
             if getattr(self, name) < 1:
                 raise LmlabError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "step_every", "max_steps", "max_tokens", "patience", "seed", "threads"):
+        for name in ("warmup_steps", "step_every", "max_steps", "max_tokens", "patience", "seed", "threads",
+                     "pad_vocab"):
             if getattr(self, name) < 0:
                 raise LmlabError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         if self.seed >= 2**63:  # torch.manual_seed takes 64 bits, and each rank seeds with seed + rank

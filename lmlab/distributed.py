@@ -102,12 +102,14 @@ def load_optimizer_state(model: torch.nn.Module, opt, state: dict, info: DistInf
     opt.load_state_dict(state)
 
 
-def all_reduce_mean(value: float, info: DistInfo) -> float:
+def mean_over_ranks(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The element-wise mean of `t` over every rank, on the device: a collective but no host sync, so the training
+    loop can average a whole log interval's losses in one call."""
     if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=info.device)
+        return t
+    t = t.detach().clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() / info.world
+    return t / info.world
 
 
 def broadcast_flag(flag: bool, info: DistInfo) -> bool:

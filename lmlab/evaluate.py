@@ -77,16 +77,17 @@ def loss_over(net: torch.nn.Module, data: np.ndarray, batches: Iterable[tuple[np
     gradients (bf16: under bfloat16 autocast, as training runs), restoring the module's mode afterwards."""
     was_training = net.training
     net.eval()
-    total, count = 0.0, 0
+    losses, count = [], 0  # device tensors, read in one copy at the end: no sync per batch
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     try:
         with torch.no_grad(), autocast:
             for starts, scored in batches:
                 loss, n = window_loss(net, data, starts, T, device, scored, chunk)
-                total, count = total + loss.item(), count + n
+                losses.append(loss)
+                count += n
     finally:
         net.train(was_training)
-    return total, count
+    return sum(torch.stack(losses).tolist()) if losses else 0.0, count
 
 
 def mean_loss(net: torch.nn.Module, data: np.ndarray, windows: Iterable[np.ndarray], T: int, device: torch.device,

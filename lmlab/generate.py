@@ -166,17 +166,49 @@ def select(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator |
 # The engine: token ids in, token ids out.
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled decoding step
+_GRAPHED: weakref.WeakSet = weakref.WeakSet()  # models whose step is a CUDA graph: their cache stays put
 
 
-def compile_decoding(model: Transformer) -> None:
+def compile_decoding(model: Transformer, mode: str | None = None) -> None:
     """Run `model`'s one-token decoding steps through torch.compile from now on (the prefill stays eager).
 
     A decoding step is dozens of small ops per layer, each paying PyTorch's dispatch (~3 us on a CPU core):
     about a third of a SmolLM2 step at batch 1. Inductor fuses the elementwise work into generated C++ and
     leaves the matmuls to their kernels. Compiling costs about a minute on a 2-core CPU for each new batch size
     and cache length (cache lengths are rounded up to a multiple of 256 to keep those few), so it pays for long
-    generations and servers, not for one short reply."""
-    _COMPILED[model] = torch.compile(model, dynamic=False)
+    generations and servers, not for one short reply.
+
+    On CUDA (mode None there means "reduce-overhead") the step is also captured as a CUDA graph (gpt-fast's
+    recipe): one replay launches the whole step, so the GPU no longer waits for Python between kernels. That
+    needs the step as one graph (`fullgraph`: a graph break is an error, not a silent slowdown) and the static
+    KV cache at fixed addresses, so such a model keeps its cache between generations (`_setup_cache`)."""
+    if mode is None and model.wte.weight.device.type == "cuda":
+        mode = "reduce-overhead"
+    graphs = mode == "reduce-overhead"
+    _COMPILED[model] = torch.compile(model, dynamic=False, mode=mode, fullgraph=graphs)
+    if graphs:
+        _GRAPHED.add(model)
+
+
+def _setup_cache(model: Transformer, batch: int, slots: int) -> None:
+    """A static cache of `slots` slots for `batch` rows: a new one, or for a CUDA-graphed model the one it already
+    has when the shape matches. A graph replays at the addresses it was recorded with; a new cache per generation
+    would make it re-record every time (and fall back to no graph after a few dozen). Stale entries are harmless:
+    the prefill overwrites slots 0..L-1 and the mask hides every slot past the current one and before the offset."""
+    cache = model.blocks[0].attn.cache
+    if model in _GRAPHED and cache is not None and cache.k.shape[0] == batch and cache.k.shape[2] == slots:
+        return
+    model.setup_cache(batch, slots)
+
+
+def _decode_step(model: Transformer, step_fn, ids: torch.Tensor, slot: torch.Tensor,
+                 offset: torch.Tensor) -> torch.Tensor:
+    """Next-token logits (B, V) for one token per row (B, 1) written at cache slot `slot` (1,), a device tensor:
+    no host-to-device copy per token. A CUDA graph's outputs live in its pool until the next replay, so each
+    replay is marked as a new step (the previous logits have been consumed by then)."""
+    if model in _GRAPHED:
+        torch.compiler.cudagraph_mark_step_begin()
+    return step_fn(ids, slot, offset)[:, -1]
 
 
 def _cache_slots(model: Transformer, needed: int) -> int:
@@ -280,10 +312,11 @@ def generate_ids(model: Transformer, prompts: list[list[int]], s: SamplingConfig
     generated: list[list[int]] = [[] for _ in range(B)]
     was_training = model.training
     model.eval()
-    model.setup_cache(B, S)
+    _setup_cache(model, B, S)
     step_fn = _COMPILED.get(model, model)
     try:
         logits, pos, offset = _prefill(model, rows, pad)  # pos: the cache slot the next token goes into
+        slot = torch.tensor([pos], device=device)  # pos on the device, advanced there
         for step in range(s.max_new_tokens):
             next_ids = select(logits, s, generator, seen)  # (B,)
             yield _record(next_ids.tolist(), rows, generated, reasons, eos, should_stop)
@@ -293,11 +326,14 @@ def generate_ids(model: Transformer, prompts: list[list[int]], s: SamplingConfig
                 seen[torch.arange(B, device=device), next_ids] = True
             if pos >= S:  # the context is full: slide the window by C/2 (a prefill of the last C/2 tokens)
                 logits, pos, offset = _prefill(model, [r[-max(1, C // 2):] for r in rows], pad)
+                slot = torch.tensor([pos], device=device)
                 continue
-            logits = step_fn(next_ids[:, None], torch.tensor([pos], device=device), offset)[:, -1]
+            logits = _decode_step(model, step_fn, next_ids[:, None], slot, offset)
+            slot += 1
             pos += 1
     finally:
-        model.clear_cache()
+        if model not in _GRAPHED:
+            model.clear_cache()
         model.train(was_training)
     return Finished([r or "length" for r in reasons])
 

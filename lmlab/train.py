@@ -11,6 +11,11 @@ continues from last/ exactly: weights, optimizer state, RNG state and step are r
 function of the step, so the continued run equals the uninterrupted one, even after a SIGKILL at any instant.
 Ctrl-C (or SIGTERM) finishes the step in flight, saves last/, and exits; a NaN or inf loss stops the run and
 keeps the last good checkpoint.
+
+No step waits for the device except at log, eval and stop steps: each step's loss stays a device tensor until
+`Run.check_losses` reads the interval's losses in one copy, which is where a NaN or inf is caught (every save
+comes after such a check, so a diverged model is never saved). A GPU thus queues step after step while the host
+prepares the next batches.
 """
 
 from __future__ import annotations
@@ -34,13 +39,13 @@ from lmlab.config import ModelConfig, TrainConfig
 from lmlab.data import Batches, TokenData, eval_windows
 from lmlab.distributed import (
     DistInfo,
-    all_reduce_mean,
     barrier,
     broadcast_flag,
     full_state_dict,
     gather_objects,
     init_distributed,
     load_optimizer_state,
+    mean_over_ranks,
     optimizer_state,
     print0,
     shutdown,
@@ -48,6 +53,7 @@ from lmlab.distributed import (
 )
 from lmlab.errors import LmlabError
 from lmlab.evaluate import mean_loss
+from lmlab.fastpath import pad_vocab, vocab_multiple
 from lmlab.metrics import Metrics
 from lmlab.model import Transformer
 from lmlab.optim import Optimizers, build_optimizer, dropout_factor, lr_factor
@@ -57,6 +63,7 @@ TRAIN_STATE = "train_state.pt"
 # Train settings that may change on --resume; anything else must match the run being resumed.
 RESUMABLE_CHANGES = {"max_steps", "max_tokens", "eval_interval", "eval_batches", "patience", "min_delta",
                      "log_interval", "device", "compile", "threads"}
+RESUMABLE_CHANGES |= {"pad_vocab"}  # speed settings (lmlab/fastpath.py): how fast, not what is computed
 
 
 @dataclass
@@ -104,25 +111,29 @@ def _train(run: Run, quiet: bool) -> TrainResult:
     with StopRequest() as stop, progress:
         if not run.resumed and run.evaluate_and_save(progress):
             run.n_steps = state.step
+        pending: list[torch.Tensor] = []  # the losses since the last check, on the device
         while state.step < run.n_steps:
             t0 = time.time()
             lr, rates = run.set_schedules()
-            loss = run.train_step()
-            if not math.isfinite(loss):
-                raise run.diverged(loss)
+            pending.append(run.train_step())
             state.step += 1
+            at_log = state.step % tc.log_interval == 0 or state.step == run.n_steps
+            at_eval = state.step % tc.eval_interval == 0 or state.step == run.n_steps
+            if at_log or at_eval:
+                loss = run.check_losses(pending)  # the step's one host sync; raises on a NaN or inf
             state.elapsed_s += time.time() - t0
-            if state.step % tc.log_interval == 0 or state.step == run.n_steps:
+            if at_log:
                 tok_per_s = progress.throughput(state.step)
                 run.metrics.log("train", step=state.step, loss=loss, lr=lr, dropout=rates,
                                 tokens_seen=state.step * run.tokens_per_step, tok_per_s=round(tok_per_s, 1),
                                 elapsed_s=round(state.elapsed_s, 3))
                 progress.postfix(loss, lr, tok_per_s)
             progress.update()
-            if state.step % tc.eval_interval == 0 or state.step == run.n_steps:
-                if run.evaluate_and_save(progress):
-                    break
-            if broadcast_flag(stop.requested, run.info):
+            if at_eval and run.evaluate_and_save(progress):
+                break
+            # Under torchrun the flag is a collective (a sync): ranks agree on it at log and eval steps only.
+            if (at_log or at_eval or not run.info.enabled) and broadcast_flag(stop.requested, run.info):
+                run.check_losses(pending)
                 state.stop_reason = f"interrupted at step {state.step}"
                 run.save(run.last_dir, with_train_state=True)
                 break
@@ -246,6 +257,7 @@ def build_run(mc: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, r
     elif is_checkpoint(last_dir):  # (a best/ alone is what a kill during the very first save leaves: start over)
         raise LmlabError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
     model = build_model(mc, tc, info, last_dir if resume else None)
+    pad_vocab(model, vocab_multiple(tc.pad_vocab, info.device))  # the same parameters: before wrap and optimizer
     net = wrap(model, info, tc.fsdp)  # FSDP2 swaps in sharded parameters: build the optimizer after it
     opt = build_optimizer(model, tc)
     state = RunState()
@@ -287,39 +299,52 @@ class Run:
         self.model.set_dropout(*rates)
         return self.tc.lr * factor, rates
 
-    def micro_batches(self, step: int) -> float:
+    def micro_batches(self, step: int) -> torch.Tensor:
         """Forward and backward over grad_accum micro-batches, gradients averaged (and, under DDP, all-reduced
-        on the last one only), then clipped. Returns the mean loss over every rank."""
-        tc, info, total = self.tc, self.info, 0.0
+        on the last one only), then clipped. Returns this rank's mean loss as a 0-dim device tensor (no sync)."""
+        tc, info, total = self.tc, self.info, torch.zeros((), device=self.info.device)
         for micro in range(tc.grad_accum):
             x, y = self.data.batches.get(step, micro, info.device)
             sync = micro == tc.grad_accum - 1 or not info.enabled or tc.fsdp
             with nullcontext() if sync else self.net.no_sync():
                 loss = loss_of(self.net, x, y, self.autocast) / tc.grad_accum
                 loss.backward()
-            total += loss.item()
+            total += loss.detach()
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), tc.grad_clip)
-        return all_reduce_mean(total, info)
+        return total
 
-    def train_step(self) -> float:
-        """One optimizer step; the loss it was taken on."""
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step; the loss it was taken on, a device tensor. A NaN loss steps too (checking would
+        sync): `check_losses` stops the run before anything is saved from it."""
         if self.tc.optimizer == "lbfgs":
             return self.lbfgs_step()
         loss = self.micro_batches(self.state.step)
-        if math.isfinite(loss):
-            self.opt.step()
+        self.opt.step()
         self.opt.zero_grad()
         return loss
 
-    def lbfgs_step(self) -> float:
+    def check_losses(self, pending: list[torch.Tensor]) -> float | None:
+        """Read the losses of the steps since the last check (averaged over ranks) in one host copy, emptying
+        `pending`; raise the divergence error at the first NaN or inf. Returns the latest loss (None if none)."""
+        if not pending:
+            return None
+        losses = mean_over_ranks(torch.stack(pending), self.info).tolist()
+        first = self.state.step - len(losses) + 1  # the step pending[0] was taken at
+        pending.clear()
+        for i, loss in enumerate(losses):
+            if not math.isfinite(loss):
+                raise self.diverged(loss, first + i)
+        return losses[-1]
+
+    def lbfgs_step(self) -> torch.Tensor:
         """L-BFGS re-evaluates loss and gradient several times per step (its line search), always on one fixed
         batch: the batch_size * grad_accum windows of step 0, as grad_accum micro-batches, clipped like any step."""
-        def closure() -> float:
+        def closure() -> torch.Tensor:
             self.opt.zero_grad()
             return self.micro_batches(0)
 
-        return float(self.opt.step(closure))
+        return torch.as_tensor(self.opt.step(closure), device=self.info.device)
 
     def evaluate(self) -> tuple[float, float]:
         """(val loss, train loss) on the fixed evaluation windows."""
@@ -377,10 +402,10 @@ class Run:
             raise LmlabError(f"could not save the checkpoint to {directory} ({why}); the previous checkpoint there "
                              "is intact. Free some disk space, then --resume") from None
 
-    def diverged(self, loss: float) -> LmlabError:
-        """Log the stop and explain it: the error `_train` raises on a NaN or inf loss."""
-        self.state.stop_reason = f"loss became {loss} at step {self.state.step + 1}"
-        self.metrics.log("stop", step=self.state.step, reason=self.state.stop_reason)
+    def diverged(self, loss: float, step: int) -> LmlabError:
+        """Log the stop and explain it: the error `check_losses` raises on a NaN or inf loss at `step` (1-based)."""
+        self.state.stop_reason = f"loss became {loss} at step {step}"
+        self.metrics.log("stop", step=step - 1, reason=self.state.stop_reason)  # the last finite step
         self.metrics.close()
         kept = f"the last good checkpoint is {self.last_dir} (step {read_meta(self.last_dir)['run_state']['step']})" \
             if is_checkpoint(self.last_dir) else "no checkpoint was written yet"

@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parents[1] / "lmlab"
 LAYERS = [
     {"errors"},
     {"config", "utils"},
-    {"model", "tokenizer", "optim", "distributed", "quant"},
+    {"model", "tokenizer", "optim", "distributed", "quant", "fastpath"},
     {"data", "sources", "checkpoint", "metrics", "fetch", "weights.keymap", "weights.load", "weights.gguf_tokenizer",
      "weights.safetensors_dir", "weights.gguf_quant", "weights.gguf_packed"},
     {"weights.hf", "weights.gguf"},  # foreign formats: readers and key tables

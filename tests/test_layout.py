@@ -17,6 +17,7 @@ LAYERS = [
     {"weights.gguf_export", "weights.export", "weights"},  # exporters, then the dispatch by format name
     {"train", "evaluate", "generate"},
     {"chat", "plot", "demo", "api", "lmlab", "bench"},  # "lmlab": the package itself, whose __init__ re-exports api
+    {"serve.scheduler", "serve.protocol", "serve.app", "serve", "serve.__init__"},
     {"cli", "__main__"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -34,11 +34,19 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def validation_error(e: ValidationError | list) -> APIError:
     """Pydantic's (or FastAPI's) first complaint as one APIError naming the field."""
     errors = e.errors() if isinstance(e, ValidationError) else e
     first = errors[0] if errors else {"loc": (), "msg": "invalid request body", "type": ""}
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    loc = []
+    for part in first.get("loc", ()):  # the field's path, up to a union member's tag ('str', 'list[int]', ...)
+        if isinstance(part, str) and (part in TYPE_TAGS or "[" in part or "-" in part or part[:1].isupper()):
+            break
+        if part != "body":
+            loc.append(str(part))
     if first.get("type") == "json_invalid":
         return APIError(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
     param = ".".join(loc) or None

@@ -264,8 +264,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from lmlab.serve import ServeConfig, check_address, serve
 
-    cfg = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-                      context=args.context, prefill_chunk=args.prefill_chunk, api_key=args.api_key)
+    try:
+        cfg = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+                          context=args.context, prefill_chunk=args.prefill_chunk, api_key=args.api_key)
+    except LmlabError as e:  # name the flag the user typed, not the field
+        name, rest = str(e).split(" ", 1)
+        raise LmlabError(f"--{name.replace('_', '-')} {rest}") from None
     check_address(cfg)
     lm = _load(args)
     if lm.tokenizer is None:

@@ -373,3 +373,38 @@ def test_cache_view_writes_through():
     torch.testing.assert_close(out, reference)
     assert caches[0].k[1, :, 4:10].abs().sum() > 0 and caches[0].k[[0, 2]].abs().sum() == 0
     assert caches[0].k[1, :, :4].abs().sum() == 0 and caches[0].k[1, :, 10:].abs().sum() == 0
+
+
+def test_chat_page_in_a_real_browser(server, tmp_path):
+    """Headless system Chromium opens /, sends a message and sees a streamed reply; the screenshot is kept."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if browser is None or driver_path is None:
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,700"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    try:
+        driver.get(server + "/")
+        driver.find_element(By.ID, "key").send_keys(KEY)
+        driver.find_element(By.ID, "max_tokens").clear()
+        driver.find_element(By.ID, "max_tokens").send_keys("12")
+        driver.find_element(By.ID, "input").send_keys("Hello there")
+        driver.find_element(By.ID, "send").click()
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.find_element(By.ID, "send").is_enabled()
+                   and "chunks in" in d.find_element(By.ID, "status").text)
+        replies = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+        assert len(replies) == 1 and replies[0].text.strip(), driver.find_element(By.ID, "log").text
+        assert driver.find_elements(By.CSS_SELECTOR, ".msg.user")[0].text == "Hello there"
+        driver.save_screenshot(str(tmp_path / "chat_page.png"))
+        assert (tmp_path / "chat_page.png").stat().st_size > 1000
+    finally:
+        driver.quit()

@@ -103,6 +103,11 @@ def read_messages(source: str) -> list[dict]:
         raise LmlabError(f"messages on stdin are not valid JSON ({e})") from None
 
 
+def chat_stop(tok: Tokenizer, stop: tuple[str, ...]) -> tuple[str, ...]:
+    """A reply's stop strings: a plain-format model (no template) would otherwise run on into the next turn."""
+    return tuple(stop) + (() if tok.chat_template else PLAIN_STOP)
+
+
 def fit_conversation(tok: Tokenizer, messages: list[dict], budget: int) -> tuple[list[dict], list[int]]:
     """(the messages kept, their prompt ids): the oldest turns dropped, one user message and the replies after it
     at a time, until the prompt takes at most `budget` tokens. The leading system messages and the newest
@@ -126,8 +131,7 @@ def answer(lm, messages: list[dict], s: SamplingConfig = CHAT_SAMPLING,
     tok = lm.tokenizer
     if tok is None:
         raise LmlabError(f"{lm.source} has no tokenizer, so it cannot chat")
-    if not tok.chat_template:  # a plain-format model would otherwise run on into the next "User:" turn
-        s = s.replace(stop=tuple(s.stop) + PLAIN_STOP)
+    s = s.replace(stop=chat_stop(tok, s.stop))
     C = lm.config.context_length
     kept, ids = fit_conversation(tok, check_messages(messages), C - min(s.max_new_tokens, C // 2))
     callback = (lambda row, delta: on_text(delta)) if on_text is not None else None

@@ -269,13 +269,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lmlab.serve import ServeConfig, check_address, serve
+
+    try:
+        cfg = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+                          context=args.context, prefill_chunk=args.prefill_chunk, api_key=args.api_key)
+    except LmlabError as e:  # name the flag the user typed, not the field
+        name, rest = str(e).split(" ", 1)
+        raise LmlabError(f"--{name.replace('_', '-')} {rest}") from None
+    check_address(cfg)
+    lm = _load(args)
+    if lm.tokenizer is None:
+        raise LmlabError(f"{lm.source} has no tokenizer, so it cannot serve text; add its tokenizer file")
+    if args.check:
+        print(f"lmlab serve: {lm.source} would be served at http://{cfg.host}:{cfg.port} (--check: not started)")
+        return 0
+    serve(lm, cfg)
+    return 0
+
+
 def build_parser() -> Parser:
     p = Parser(prog="lmlab", description="Pretrain and run GPT-2- and Llama-family language models.",
                allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            parser_class=lambda **kw: Parser(allow_abbrev=False, **kw))
     for add in (_info_parser, _generate_parser, _prepare_parser, _train_parser, _eval_parser, _plot_parser,
-                _chat_parser, _export_parser, _bench_parser, _demo_parser, _study_parser):
+                _chat_parser, _export_parser, _bench_parser, _demo_parser, _study_parser,
+                _serve_parser):
         add(sub)
     return p
 
@@ -472,6 +493,29 @@ def _study_parser(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
     st.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     st.set_defaults(func=cmd_study)
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    sv = sub.add_parser("serve", help="serve a model over OpenAI's HTTP API, with a chat page at /",
+                        description="An OpenAI-compatible server (/v1/chat/completions, /v1/completions, "
+                                    "/v1/models, /health, /metrics) with continuous batching; the chat page is at /.")
+    sv.add_argument("--model", required=True, metavar="SOURCE",
+                    help="a named model, GGUF file, HF directory or lmlab run")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                                                         "only; 0.0.0.0 for every interface)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (default: 8)")
+    sv.add_argument("--max-queue", type=int, default=64,
+                    help="requests waiting for a row at most; more get HTTP 503 (default: 64)")
+    sv.add_argument("--context", type=int, default=0,
+                    help="tokens per request, prompt and reply (default: the model's context, at most 2048)")
+    sv.add_argument("--prefill-chunk", type=int, default=256,
+                    help="prompt tokens prefilled between two decoding steps at most (default: 256)")
+    sv.add_argument("--api-key", default=None, metavar="KEY",
+                    help="require the header Authorization: Bearer KEY on every route but /health and /")
+    sv.add_argument("--check", action="store_true", help="load the model, check the settings and exit")
+    _add_load_flags(sv, compile_flag=False)
+    sv.set_defaults(func=cmd_serve)
 
 
 def _unknown_flag(parser: Parser, args: argparse.Namespace, extras: list[str]) -> LmlabError:

@@ -132,6 +132,16 @@ class KVCache(nn.Module):
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k, self.v
 
+    def view(self, rows: slice, slots: slice) -> KVCache:
+        """Rows `rows` and slots `slots` of this cache alone, sharing its memory (a write through the view lands
+        here). A server steps only its busy rows, over only the slots they use, in one batched cache (lmlab.serve);
+        the view's slot 0 is this cache's slot `slots.start`, so input_pos and offset count from there."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[rows, :, slots], persistent=False)  # (b, K, s, D), a strided view
+        view.register_buffer("v", self.v[rows, :, slots], persistent=False)
+        return view
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -344,16 +354,24 @@ class Transformer(nn.Module):
 
     def setup_cache(self, batch_size: int, length: int, dtype: torch.dtype | None = None) -> None:
         """Allocate a static KV cache of `length` slots in every layer (replacing any earlier one)."""
+        self.use_cache(self.make_cache(batch_size, length, dtype))
+
+    def make_cache(self, batch_size: int, length: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+        """A KV cache per layer, not yet in use: a caller that keeps several (a server's batch and its prefill
+        row) switches between them, or views of them (`KVCache.view`), with `use_cache`."""
         if length > self.cfg.context_length:
             raise ValueError(f"cache length {length} exceeds the context length {self.cfg.context_length}")
         dtype = dtype or self.norm_f.weight.dtype  # the float dtype, also when the weights are quantized
-        for block in self.blocks:
-            block.attn.cache = KVCache(batch_size, self.cfg.n_kv_heads, length, self.cfg.head_dim, dtype,
-                                       self.wte.weight.device)
+        return [KVCache(batch_size, self.cfg.n_kv_heads, length, self.cfg.head_dim, dtype, self.wte.weight.device)
+                for _ in self.blocks]
+
+    def use_cache(self, caches: list[KVCache] | None) -> None:
+        """Decode with these caches (one per layer) from now on; None goes back to running without one."""
+        for i, block in enumerate(self.blocks):
+            block.attn.cache = None if caches is None else caches[i]
 
     def clear_cache(self) -> None:
-        for block in self.blocks:
-            block.attn.cache = None
+        self.use_cache(None)
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
                 offset: torch.Tensor | None = None, last_only: bool = False, head: bool = True) -> torch.Tensor:

@@ -19,6 +19,7 @@ LAYERS = [
     {"chat", "plot", "demo", "api", "lmlab", "bench"},  # "lmlab": the package itself, whose __init__ re-exports api
     {"study.core", "study.text", "study.plots", "study.dropout_topk", "study.dropout", "study.optimizers",
      "study.sampling", "study.__init__", "study"},  # lmlab study: experiments over train/generate/evaluate
+    {"serve.scheduler", "serve.protocol", "serve.app", "serve", "serve.__init__"},
     {"cli", "__main__"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -1,0 +1,49 @@
+"""`lmlab serve`: an OpenAI-compatible HTTP server with continuous batching and a chat page.
+
+scheduler.py  the thread that owns the model: a batched KV cache whose rows requests join and leave between
+              decoding steps (continuous batching), chunked prefill, per-request sampling and seeds
+protocol.py   OpenAI's request and response shapes, validated into lmlab.generate's SamplingConfig
+app.py        the FastAPI routes, server-sent events, API key, CORS, /metrics
+static/       the chat page served at /
+
+The server binds to 127.0.0.1 unless told otherwise; see `serve`.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from lmlab.errors import LmlabError
+from lmlab.serve.scheduler import ServeConfig
+
+__all__ = ["ServeConfig", "check_address", "create_app", "serve"]
+
+
+def create_app(lm, cfg: ServeConfig):
+    from lmlab.serve.app import create_app as make
+
+    return make(lm, cfg)
+
+
+def check_address(cfg: ServeConfig) -> None:
+    """Fail before the model loads, with the fix, when the address cannot be bound (taken, or not this host's)."""
+    try:
+        infos = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind(address)
+    except (OSError, UnicodeError, ValueError) as e:
+        raise LmlabError(f"cannot listen on {cfg.host}:{cfg.port} ({getattr(e, 'strerror', None) or e}); "
+                         "pick another --port, or a --host of this machine") from None
+
+
+def serve(lm, cfg: ServeConfig) -> None:
+    """Serve `lm` (from lmlab.load) until interrupted."""
+    import uvicorn
+
+    app = create_app(lm, cfg)
+    where = f"http://{cfg.host}:{cfg.port}"
+    print(f"lmlab serve: {lm.source} at {where} (chat page {where}/, API {where}/v1; {cfg.max_batch} rows of "
+          f"{app.state.scheduler.S} tokens){'; API key required' if cfg.api_key else ''}", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=2)

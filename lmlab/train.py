@@ -46,7 +46,7 @@ from lmlab.distributed import (
     shutdown,
     wrap,
 )
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, TrainingDiverged
 from lmlab.evaluate import mean_loss
 from lmlab.metrics import Metrics
 from lmlab.model import Transformer
@@ -377,15 +377,15 @@ class Run:
             raise LmlabError(f"could not save the checkpoint to {directory} ({why}); the previous checkpoint there "
                              "is intact. Free some disk space, then --resume") from None
 
-    def diverged(self, loss: float) -> LmlabError:
+    def diverged(self, loss: float) -> TrainingDiverged:
         """Log the stop and explain it: the error `_train` raises on a NaN or inf loss."""
         self.state.stop_reason = f"loss became {loss} at step {self.state.step + 1}"
         self.metrics.log("stop", step=self.state.step, reason=self.state.stop_reason)
         self.metrics.close()
         kept = f"the last good checkpoint is {self.last_dir} (step {read_meta(self.last_dir)['run_state']['step']})" \
             if is_checkpoint(self.last_dir) else "no checkpoint was written yet"
-        return LmlabError(f"training diverged: {self.state.stop_reason}; {kept}. Lower --lr, raise --warmup-steps, "
-                          "or set --grad-clip")
+        return TrainingDiverged(f"training diverged: {self.state.stop_reason}; {kept}. Lower --lr, raise "
+                                "--warmup-steps, or set --grad-clip")
 
     def finish(self, quiet: bool) -> TrainResult:
         """Log the stop and sum the run up."""

@@ -479,9 +479,9 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
 
 def _study_parser(sub: argparse._SubParsersAction) -> None:
     st = sub.add_parser("study", help="run a built-in experiment: real runs, then report.md, results.json and plots",
-                        description="Studies: dropout-vs-topk, dropout, sampling. An interrupted study resumes "
-                                    "where it stopped when run again with the same flags.")
-    st.add_argument("name", help="the study: dropout-vs-topk, dropout or sampling")
+                        description="Studies: dropout-vs-topk, dropout, sampling, optimizers. An interrupted study "
+                                    "resumes where it stopped when run again with the same flags.")
+    st.add_argument("name", help="the study: dropout-vs-topk, dropout, sampling or optimizers")
     st.add_argument("--out", default=None, help="where the study writes (default: runs/study-NAME)")
     st.add_argument("--scale", default="default",
                     help="tiny (seconds, for tests), default (minutes on a CPU), gpu (a larger model; needs a GPU)")

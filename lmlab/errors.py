@@ -15,6 +15,11 @@ class LmlabError(ValueError):
     """Bad input from the user: the message says what is wrong and how to fix it, in one line."""
 
 
+class TrainingDiverged(LmlabError):
+    """A NaN or inf training loss: a setting (most often the lr) the run cannot train with. Its own type so that
+    a learning-rate sweep (lmlab study optimizers) can record the run as diverged instead of stopping."""
+
+
 def closest(name: str, choices: Iterable[str], cutoff: float = 0.5) -> str:
     """' (did you mean X?)' for the nearest choice (difflib's similarity ratio >= cutoff), or '' when none is."""
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)

@@ -51,7 +51,7 @@ from lmlab.distributed import (
     shutdown,
     wrap,
 )
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, TrainingDiverged
 from lmlab.evaluate import mean_loss
 from lmlab.fastpath import pad_vocab, vocab_multiple
 from lmlab.metrics import Metrics
@@ -402,15 +402,15 @@ class Run:
             raise LmlabError(f"could not save the checkpoint to {directory} ({why}); the previous checkpoint there "
                              "is intact. Free some disk space, then --resume") from None
 
-    def diverged(self, loss: float, step: int) -> LmlabError:
+    def diverged(self, loss: float, step: int) -> TrainingDiverged:
         """Log the stop and explain it: the error `check_losses` raises on a NaN or inf loss at `step` (1-based)."""
         self.state.stop_reason = f"loss became {loss} at step {step}"
         self.metrics.log("stop", step=step - 1, reason=self.state.stop_reason)  # the last finite step
         self.metrics.close()
         kept = f"the last good checkpoint is {self.last_dir} (step {read_meta(self.last_dir)['run_state']['step']})" \
             if is_checkpoint(self.last_dir) else "no checkpoint was written yet"
-        return LmlabError(f"training diverged: {self.state.stop_reason}; {kept}. Lower --lr, raise --warmup-steps, "
-                          "or set --grad-clip")
+        return TrainingDiverged(f"training diverged: {self.state.stop_reason}; {kept}. Lower --lr, raise "
+                                "--warmup-steps, or set --grad-clip")
 
     def finish(self, quiet: bool) -> TrainResult:
         """Log the stop and sum the run up."""

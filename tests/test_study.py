@@ -272,3 +272,110 @@ def test_sampling_model_that_cannot_load(tmp_path, char_data, capsys):
     rc, err = study(capsys, "dropout", "--scale", "tiny", "--model", str(tmp_path), "--out", str(tmp_path / "s"))
     assert rc == 2 and "--model is for the sampling study" in err
     assert not (tmp_path / "s").exists()
+
+
+# The optimizer study's grid, written out again (not imported): an entry per optimizer and lr, batch and init.
+OPT_GRIDS = {"sgd": (0.3, 1.0, 3.0), "momentum": (0.03, 0.1, 0.3), "nesterov": (0.03, 0.1, 0.3),
+             "adagrad": (3e-3, 1e-2, 3e-2), "rmsprop": (3e-4, 1e-3, 3e-3), "adam": (1e-3, 3e-3, 1e-2),
+             "adamw": (1e-3, 3e-3, 1e-2), "muon": (3e-3, 1e-2, 3e-2)}
+
+
+@pytest.fixture(scope="module")
+def opt_study(tmp_path_factory, char_data):
+    import torch
+
+    threads = torch.get_num_threads()  # the tiny scale trains on one thread; give the other tests theirs back
+    out = tmp_path_factory.mktemp("opt") / "study"
+    try:
+        assert main(["study", "optimizers", "--scale", "tiny", "--data", str(char_data), "--out", str(out),
+                     "--device", "cpu", "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_optimizers_study(opt_study):
+    r = json.loads((opt_study / "results.json").read_text())
+    assert r["study"] == "optimizers" and list(finite_numbers(r))
+    cells = r["cells"]
+    grid = {(c["optimizer"], c["lr"]): c for c in cells if c["group"] == "lr"}
+    assert sorted(grid) == sorted((o, lr) for o, lrs in OPT_GRIDS.items() for lr in lrs)
+    batch = sorted((c for c in cells if c["group"] == "batch"), key=lambda c: c["batch_size"])
+    assert [c["batch_size"] for c in batch] == [2, 8, 32]
+    assert len({c["tokens_seen"] for c in batch}) == 1  # one token budget
+    init = {c["init"]: c for c in cells if c["group"] == "init"}
+    lb = {c["optimizer"]: c for c in cells if c["group"] == "lbfgs"}
+    assert sorted(init) == ["gpt2", "orthogonal", "xavier"] and sorted(lb) == ["adamw", "lbfgs"]
+    for c in cells:  # tiny: 12 steps, eval every 4; batch b: 12 * 8 / b steps, eval every 4 * 8 / b; L-BFGS 10, 2
+        run = r["runs"][c["run"]]
+        steps, every = {"lbfgs": (10, 2), "batch": (96 // c["batch_size"], 32 // c["batch_size"])}.get(c["group"],
+                                                                                                        (12, 4))
+        if not run["diverged"]:
+            check_curve(run, steps, every)
+        assert (c["best_val"], c["best_step"], c["tok_per_s"]) == (run["best_val"], run["best_step"], run["tok_per_s"])
+    # the settings really differ where they should: the runs' saved train configs
+    for c in cells:
+        tc = json.loads((opt_study / "runs" / c["run"] / "last" / "lmlab.json").read_text())["train_config"]
+        assert (tc["optimizer"], tc["lr"], tc["batch_size"], tc["init"]) == (c["optimizer"], c["lr"], c["batch_size"],
+                                                                            c["init"])
+    # the target and each time to it, from the curves
+    best = {o: min((grid[(o, lr)] for lr in lrs if not grid[(o, lr)]["diverged"]), key=lambda c: c["best_val"])
+            for o, lrs in OPT_GRIDS.items()}
+    vals = sorted(c["best_val"] for c in best.values())
+    assert r["target_loss"] == pytest.approx((vals[3] + vals[4]) / 2)
+    for c in cells:
+        curve = r["runs"][c["run"]]["curve"]
+        hits = [i for i, v in enumerate(curve["val"]) if v <= r["target_loss"]]
+        assert c["time_to_target_s"] == (curve["elapsed_s"][hits[0]] if hits else None)
+    assert {o: b["setting"] for o, b in r["best"].items()} == {o: c["setting"] for o, c in best.items()}
+    v = {o: c["best_val"] for o, c in best.items()}
+    step_s = {o: c["elapsed_s"] / c["steps"] for o, c in lb.items()}
+    assert r["findings"] == {
+        "adaptive_beats_sgd": min(v["adagrad"], v["rmsprop"], v["adam"], v["adamw"]) < v["sgd"],
+        "momentum_beats_sgd": min(v["momentum"], v["nesterov"]) < v["sgd"],
+        "muon_or_adamw_best": min(v, key=v.get) in ("muon", "adamw"),
+        "best_lr_inside_grid": all(c["lr"] == OPT_GRIDS[o][1] for o, c in best.items()),
+        "smaller_batches_better_per_token": batch[0]["best_val"] < batch[1]["best_val"] < batch[2]["best_val"],
+        "larger_batches_faster": batch[0]["tok_per_s"] < batch[1]["tok_per_s"] < batch[2]["tok_per_s"],
+        "gpt2_init_best": init["gpt2"]["best_val"] < min(init["xavier"]["best_val"], init["orthogonal"]["best_val"]),
+        "lbfgs_costlier_per_step": step_s["lbfgs"] > step_s["adamw"],
+        "lbfgs_overfits_its_batch": lb["lbfgs"]["gap"] > lb["adamw"]["gap"],
+    }
+    text = conclusion(opt_study)
+    against = sorted(n for n, val in r["findings"].items() if not val)
+    assert sorted(re.findall(r"contradicts the expectation \((\w+) = ", text)) == against
+    assert f"{v['sgd']:.4f}" in text and all(f"{c['best_val']:.4f}" in text for c in batch)
+    for png in ("curves_step.png", "curves_time.png", "lr_grid.png", "batch.png", "init.png"):
+        assert (opt_study / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (opt_study / png).stat().st_size < 100_000
+
+
+def test_optimizers_rerun_redoes_nothing(opt_study, capsys):
+    marks = sorted(opt_study.glob("runs/*/study_run.json"))
+    assert len(marks) == 24 + 2 + 2 + 2  # the batch-8 and gpt2-init cells reuse the adamw lr 0.003 run
+    before = {p: p.stat().st_mtime_ns for p in marks}
+    saved = json.loads((opt_study / "results.json").read_text())
+    data = json.loads((opt_study / "study.json").read_text())["data"]
+    rc, err = study(capsys, "optimizers", "--scale", "tiny", "--data", data, "--out", str(opt_study))
+    assert rc == 0, err
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert json.loads((opt_study / "results.json").read_text()) == saved
+
+
+def test_diverged_run_is_a_result(tmp_path, char_data):
+    """In a learning-rate sweep a NaN loss is an outcome: the run is marked finished and diverged, with the curve
+    up to the blow-up; anywhere else it stays the training loop's error."""
+    from lmlab.config import ModelConfig, TrainConfig
+    from lmlab.errors import TrainingDiverged
+    from lmlab.study.core import Context, RunSpec, run_all
+
+    mc = ModelConfig(family="gpt2", vocab_size=65, context_length=16, d_model=16, n_layers=1, n_heads=2)
+    tc = TrainConfig(optimizer="sgd", lr=1e30, grad_clip=0.0, warmup_steps=0, max_steps=10, batch_size=4,
+                     eval_interval=5, eval_batches=1, device="cpu")
+    spec = RunSpec("blowup", "sgd lr 1e30", mc, tc, char_data)
+    with pytest.raises(TrainingDiverged):
+        run_all(Context("t", tmp_path / "a", "tiny", "cpu", None, None, quiet=True), [spec])
+    ctx = Context("t", tmp_path / "b", "tiny", "cpu", None, None, quiet=True)
+    run = run_all(ctx, [spec], diverged_ok=True)["blowup"]
+    assert run["diverged"] and run["curve"]["step"] == [0] and math.isfinite(run["best_val"])
+    assert (tmp_path / "b" / "runs" / "blowup" / "study_run.json").is_file()
+    assert run_all(ctx, [spec], diverged_ok=True)["blowup"] == run  # not redone

@@ -3,6 +3,7 @@
     dropout-vs-topk   why dropout, if top-k sampling already adds randomness? (lmlab/study/dropout_topk.py)
     dropout           dropout rates, schedules and sites against overfitting (lmlab/study/dropout.py)
     sampling          what each decoding strategy does to diversity and log-probability (lmlab/study/sampling.py)
+    optimizers        SGD to Muon at their best lr; batch size, init, L-BFGS (lmlab/study/optimizers.py)
 
 Each writes OUT/results.json (`{"study": NAME, "cells": [...], "findings": {...}}`, every finding a boolean
 computed from numbers in the same file), OUT/report.md (its conclusion written from those numbers) and small PNGs,
@@ -15,10 +16,10 @@ from pathlib import Path
 
 from lmlab.data import TokenData
 from lmlab.errors import LmlabError, unknown
-from lmlab.study import dropout, dropout_topk, sampling
+from lmlab.study import dropout, dropout_topk, optimizers, sampling
 from lmlab.study.core import Context, check_args, claim_out
 
-STUDIES = {m.NAME: m for m in (dropout_topk, dropout, sampling)}
+STUDIES = {m.NAME: m for m in (dropout_topk, dropout, sampling, optimizers)}
 
 
 def run_study(name: str, out: str | Path, scale: str = "default", data: str | Path | None = None,

@@ -128,9 +128,10 @@ def claim_out(out: Path, claim: dict[str, Any]) -> None:
 
 
 def run_all(ctx: Context, specs: list[RunSpec], after: Callable[[RunSpec, Path], dict] | None = None,
-            ) -> dict[str, dict]:
+            diverged_ok: bool = False) -> dict[str, dict]:
     """Train (or resume, or reuse) every run; their summaries by name. A bar per run (the training loop's) and
-    one for the whole study, whose ETA counts the steps still to train."""
+    one for the whole study, whose ETA counts the steps still to train. With diverged_ok (a learning-rate sweep,
+    where too high an lr is a result), a run whose loss becomes NaN or inf is a finished run marked diverged."""
     from tqdm.auto import tqdm
 
     names = [s.name for s in specs]
@@ -144,7 +145,7 @@ def run_all(ctx: Context, specs: list[RunSpec], after: Callable[[RunSpec, Path],
         for i, spec in enumerate(specs):
             if done[spec.name] is None:
                 bar.set_description(f"study {ctx.study}: run {i + 1}/{len(specs)} ({spec.name})")
-                done[spec.name] = train_one(ctx, spec, after)
+                done[spec.name] = train_one(ctx, spec, after, diverged_ok)
                 bar.update(spec.tc.max_steps)
     finally:
         bar.close()
@@ -160,23 +161,33 @@ def finished(ctx: Context, spec: RunSpec) -> dict | None:
     return saved["summary"] if saved.get("settings") == json.loads(json.dumps(spec.settings())) else None
 
 
-def train_one(ctx: Context, spec: RunSpec, after: Callable[[RunSpec, Path], dict] | None) -> dict:
+def train_one(ctx: Context, spec: RunSpec, after: Callable[[RunSpec, Path], dict] | None,
+              diverged_ok: bool = False) -> dict:
     """Train one run through lmlab.train (resuming its last/ if a previous invocation was interrupted), measure it,
-    and mark it finished: the summary goes to study_run.json atomically, last of all."""
+    and mark it finished: the summary goes to study_run.json atomically, last of all. A diverged run (diverged_ok)
+    is summed up from the evaluations before its loss blew up, and is not measured further."""
     from lmlab.checkpoint import is_checkpoint
+    from lmlab.errors import TrainingDiverged
     from lmlab.train import train
 
     run_dir = ctx.out / "runs" / spec.name
     resume = is_checkpoint(run_dir / "last")
     ctx.say(f"{'resuming' if resume else 'training'} {spec.name}: {spec.label}")
-    result = train(spec.mc, spec.tc, spec.data, run_dir, resume=resume, quiet=ctx.quiet)
-    if result.stop_reason.startswith("interrupted"):
-        print(f"lmlab study: {spec.name} {result.stop_reason}; run the same command again to resume it",
-              file=sys.stderr)
-        raise KeyboardInterrupt
-    summary = summarize(run_dir, result.elapsed_s)
-    if after is not None:
-        summary.update(after(spec, run_dir))
+    try:
+        result = train(spec.mc, spec.tc, spec.data, run_dir, resume=resume, quiet=ctx.quiet)
+    except TrainingDiverged as e:
+        if not diverged_ok:
+            raise
+        ctx.say(f"{spec.name}: {e}")
+        summary = {**summarize(run_dir), "diverged": True}
+    else:
+        if result.stop_reason.startswith("interrupted"):
+            print(f"lmlab study: {spec.name} {result.stop_reason}; run the same command again to resume it",
+                  file=sys.stderr)
+            raise KeyboardInterrupt
+        summary = summarize(run_dir, result.elapsed_s)
+        if after is not None:
+            summary.update(after(spec, run_dir))
     atomic_write_text(run_dir / DONE, json.dumps({"settings": spec.settings(), "summary": summary}) + "\n")
     return summary
 
@@ -194,12 +205,15 @@ def once(ctx: Context, name: str, settings: dict, compute: Callable[[], dict]) -
     return summary
 
 
-def summarize(run_dir: Path, elapsed_s: float) -> dict:
-    """A run's numbers, all from its metrics.jsonl: the eval curve, best and final losses, the gap, tokens/s."""
+def summarize(run_dir: Path, elapsed_s: float | None = None) -> dict:
+    """A run's numbers, all from its metrics.jsonl: the eval curve, best and final losses, the gap, tokens/s.
+    elapsed_s: the loop's training time (None: the last logged one, as for a run that stopped on an error)."""
     from lmlab.metrics import read_events
 
     events = read_events(run_dir / "metrics.jsonl")
-    evals = [e for e in events if e["event"] == "eval"]
+    evals = [e for e in events if e["event"] == "eval" and math.isfinite(e["val_loss"])]
+    if elapsed_s is None:
+        elapsed_s = max(e["elapsed_s"] for e in events if "elapsed_s" in e)
     speeds = sorted(e["tok_per_s"] for e in events if e["event"] == "train" and e.get("tok_per_s"))
     best = min(evals, key=lambda e: e["val_loss"])
     last = evals[-1]
@@ -210,6 +224,7 @@ def summarize(run_dir: Path, elapsed_s: float) -> dict:
         "final_train": last["train_loss"], "gap": last["val_loss"] - last["train_loss"], "steps": last["step"],
         "tokens_seen": last["tokens_seen"], "elapsed_s": elapsed_s,
         "tok_per_s": speeds[len(speeds) // 2] if speeds else 0.0,  # the median: the first steps run cold
+        "diverged": False,
     }
 
 

@@ -76,3 +76,22 @@ def scatter(points: dict[str, tuple[float, float]], out: Path, title: str, xlabe
     out = _save(fig, out)
     plt.close(fig)
     return out
+
+
+def lines(series: dict[str, tuple[list[float], list[float]]], out: Path, title: str, xlabel: str, ylabel: str,
+          logx: bool = False) -> Path:
+    """One marked line per entry, (xs, ys): a quantity against a setting (val loss against lr, or tokens seen)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for i, (label, (xs, ys)) in enumerate(series.items()):
+        ax.plot(xs, ys, marker="o", ms=3, lw=1.2, color=f"C{i % 10}", label=label)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    out = _save(fig, out)
+    plt.close(fig)
+    return out

@@ -10,13 +10,15 @@ PKG = Path(__file__).resolve().parents[1] / "lmlab"
 LAYERS = [
     {"errors"},
     {"config", "utils"},
-    {"model", "tokenizer", "optim", "distributed", "quant"},
+    {"model", "tokenizer", "optim", "distributed", "quant", "lora"},
     {"data", "sources", "checkpoint", "metrics", "fetch", "weights.keymap", "weights.load", "weights.gguf_tokenizer",
      "weights.safetensors_dir", "weights.gguf_quant", "weights.gguf_packed"},
     {"weights.hf", "weights.gguf"},  # foreign formats: readers and key tables
-    {"weights.gguf_export", "weights.export", "weights"},  # exporters, then the dispatch by format name
+    # exporters, then the dispatch by format name; LoRA adapters in and out
+    {"weights.gguf_export", "weights.export", "weights.adapter", "weights"},
     {"train", "evaluate", "generate"},
-    {"chat", "plot", "demo", "api", "lmlab", "bench"},  # "lmlab": the package itself, whose __init__ re-exports api
+    # "lmlab": the package itself, whose __init__ re-exports api; sft renders through chat, finetune loads through api
+    {"chat", "plot", "demo", "api", "lmlab", "bench", "sft", "finetune"},
     {"cli", "__main__"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -267,12 +267,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     import lmlab
-    from lmlab.weights.adapter import export_peft, is_adapter_dir
+    from lmlab.weights.adapter import export_gguf_lora, export_peft, is_adapter_dir
     from lmlab.weights.export import check_target, export
 
     check_target(args.out, args.format, args.dtype)  # before the model is loaded
-    if args.format == "peft":
-        print(f"wrote {export_peft(args.source, args.out)}")
+    if args.format in ("peft", "gguf-lora"):
+        print(f"wrote {(export_peft if args.format == 'peft' else export_gguf_lora)(args.source, args.out)}")
         return 0
     from pathlib import Path
 
@@ -317,7 +317,7 @@ def build_parser() -> Parser:
     return p
 
 
-def _add_load_flags(p: argparse.ArgumentParser, compile_flag: bool = True) -> None:
+def _add_load_flags(p: argparse.ArgumentParser, compile_flag: bool = True, adapter_flag: bool = True) -> None:
     """How a model is loaded for inference: device, dtype and weight quantization (the flags of lmlab.load)."""
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
@@ -325,8 +325,9 @@ def _add_load_flags(p: argparse.ArgumentParser, compile_flag: bool = True) -> No
                    help="int8 (per channel) or int4 (per group) weights, CPU only; off dequantizes a GGUF to float "
                         "(default: as stored: a GGUF's quantized tensors stay packed)")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default: 32)")
-    p.add_argument("--adapter", default=None, metavar="DIR",
-                   help="a LoRA adapter to apply: a lmlab finetune --lora run, or a PEFT adapter directory")
+    if adapter_flag:
+        p.add_argument("--adapter", default=None, metavar="DIR",
+                       help="a LoRA adapter to apply: a lmlab finetune --lora run, or a PEFT adapter directory")
     if compile_flag:
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the decoding step: about a minute to compile, then faster tokens")
@@ -336,7 +337,8 @@ def _load(args: argparse.Namespace):
     import lmlab
 
     return lmlab.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                      group_size=args.group_size, compile=getattr(args, "compile", False), adapter=args.adapter)
+                      group_size=args.group_size, compile=getattr(args, "compile", False),
+                      adapter=getattr(args, "adapter", None))
 
 
 def _info_parser(sub: argparse._SubParsersAction) -> None:
@@ -472,8 +474,10 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
                         description="hf: config.json, model.safetensors, tokenizer.json, tokenizer_config.json for "
                                     "transformers' AutoModelForCausalLM; gguf: one F32/F16 file for llama.cpp.")
     ex.add_argument("source", metavar="SOURCE", help="an lmlab run or checkpoint, HF dir, GGUF file or named model")
-    ex.add_argument("--format", required=True, help="hf, gguf, or peft (a LoRA run's adapter, for HF PEFT)")
-    ex.add_argument("--out", required=True, metavar="PATH", help="a directory (hf, peft) or a .gguf file (gguf)")
+    ex.add_argument("--format", required=True, help="hf, gguf, or a LoRA run's adapter alone: peft (for HF PEFT) "
+                                                     "or gguf-lora (for llama.cpp's --lora)")
+    ex.add_argument("--out", required=True, metavar="PATH",
+                    help="a directory (hf, peft) or a .gguf file (gguf, gguf-lora)")
     ex.add_argument("--dtype", default=None, help="gguf only: float32 (default) or float16")
     ex.add_argument("--merge", action="store_true", help="fold a LoRA adapter (SOURCE a LoRA run, or --adapter) "
                                                          "into the base before exporting it as hf or gguf")
@@ -505,7 +509,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                                        "large tensor copy in the same process (read + write bytes/s).")
     gen.add_argument("--model", metavar="SOURCE", help="a named model, GGUF file, HF directory or lmlab run")
     gen.add_argument("--preset", help="instead of --model: random weights of a preset's shape")
-    _add_load_flags(gen, compile_flag=False)  # bench's own --compile MODE compiles prefill and decoding
+    _add_load_flags(gen, compile_flag=False, adapter_flag=False)  # bench's own --compile MODE compiles both
     gen.add_argument("--batch", type=int, default=8, help="the batch size measured besides 1 (default: 8)")
     gen.add_argument("--prompt-tokens", type=int, default=128, help="random prompt ids per row (default: 128)")
     gen.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per row (default: 32)")

@@ -206,3 +206,35 @@ def test_an_adapter_for_another_base_is_refused_in_one_line(tmp_path, chat_tok, 
                  "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lmlab: error: adapter") and err.count("\n") == 1
+
+
+def test_gguf_lora_applied_to_the_base_gguf_equals_the_merged_gguf(tmp_path, llama_base, lora_run):
+    """What llama.cpp computes with --lora, W + (alpha / r) B A on each named base tensor, read from the files by
+    the gguf package: the base's GGUF plus the adapter's GGUF must give the merged model's GGUF, q/k rows included
+    (they are permuted for llama.cpp in the base, so B's rows must be too)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from lmlab.cli import main
+
+    assert main(["export", str(llama_base), "--format", "gguf", "--out", str(tmp_path / "base.gguf")]) == 0
+    assert main(["export", str(lora_run), "--format", "gguf", "--merge", "--out", str(tmp_path / "merged.gguf")]) == 0
+    assert main(["export", str(lora_run), "--format", "gguf-lora", "--out", str(tmp_path / "lora.gguf")]) == 0
+
+    def tensors(name):
+        r = GGUFReader(tmp_path / name)
+        return r, {t.name: np.array(t.data, dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
+                   for t in r.tensors}
+
+    reader, lora = tensors("lora.gguf")
+    (_, base), (_, merged) = tensors("base.gguf"), tensors("merged.gguf")
+    assert reader.fields["general.type"].contents() == "adapter" and reader.fields["adapter.type"].contents() == "lora"
+    alpha = float(reader.fields["adapter.lora.alpha"].contents())
+    adapted = {n.removesuffix(".lora_a") for n in lora if n.endswith(".lora_a")}
+    assert adapted == {f"blk.{i}.{t}.weight" for i in range(2) for t in ("attn_q", "attn_v", "attn_output", "ffn_down")}
+    for name, w in base.items():
+        want = merged[name]
+        if name in adapted:
+            a, b = lora[name + ".lora_a"], lora[name + ".lora_b"]
+            w = w + alpha / a.shape[0] * b @ a
+        np.testing.assert_allclose(w, want, rtol=0, atol=1e-5, err_msg=name)

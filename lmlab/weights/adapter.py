@@ -1,6 +1,7 @@
 """LoRA adapters in and out: our own (a LoRA fine-tune's checkpoint: lmlab.json naming the base, plus
 adapter.safetensors) and HF PEFT's (adapter_config.json + adapter_model.safetensors, what
-`peft.PeftModel.from_pretrained` reads and `save_pretrained` writes).
+`peft.PeftModel.from_pretrained` reads and `save_pretrained` writes); out also as a llama.cpp LoRA GGUF (what its
+convert_lora_to_gguf.py writes and `llama-cli --lora` applies).
 
 PEFT names each adapted layer by its HF module: `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`
 (r, in) and `...lora_B.weight` (out, r). Ours are the slices of lmlab.lora: `blocks.3.attn.qkv.lora_A.q`. The
@@ -35,6 +36,10 @@ MODULES = {
              "mlp.c_proj": ("mlp.down", "down")},
 }
 LAYER_PREFIX = {"llama": "model.layers.", "gpt2": "transformer.h."}
+# our slice -> the llama.cpp base tensor it adapts, in blk.{i}. (weights/gguf.py's tables)
+GGUF_NAMES = {"llama": {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
+                        "up": "ffn_up", "down": "ffn_down"},
+              "gpt2": {"qkv": "attn_qkv", "o": "attn_output", "up": "ffn_up", "down": "ffn_down"}}
 OUR_KEY = re.compile(r"blocks\.(\d+)\.(.+)\.lora_([AB])\.(\w+)$")
 
 
@@ -136,18 +141,26 @@ def apply_adapter(model, path: str | os.PathLike, merge: bool = True) -> None:
         merge_lora(model)
 
 
-def export_peft(path: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write our adapter at `path` (a LoRA run or checkpoint) as a PEFT adapter directory `out`, atomically."""
-    from safetensors.torch import load_file, save_file
-
-    from lmlab.utils import atomic_dir
+def our_adapter(path: str | os.PathLike, fmt: str) -> tuple[ModelConfig, dict[str, Any], dict[str, torch.Tensor]]:
+    """(base config, lmlab.json's "adapter", tensors) of our adapter at `path`, or the error for exporting
+    anything else as `fmt`."""
+    from safetensors.torch import load_file
 
     found = read_adapter_meta(Path(path))
     if found is None or "adapter" not in found[1]:
-        raise LmlabError(f"{path} holds no lmlab LoRA adapter; --format peft exports a run made by "
+        raise LmlabError(f"{path} holds no lmlab LoRA adapter; --format {fmt} exports a run made by "
                          "lmlab finetune --lora")
     where, meta = found
-    cfg, ad = ModelConfig.from_dict(meta["config"]), meta["adapter"]
+    return ModelConfig.from_dict(meta["config"]), meta["adapter"], load_file(str(current_dir(where) / OURS))
+
+
+def export_peft(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write our adapter at `path` (a LoRA run or checkpoint) as a PEFT adapter directory `out`, atomically."""
+    from safetensors.torch import save_file
+
+    from lmlab.utils import atomic_dir
+
+    cfg, ad, state = our_adapter(path, "peft")
     # PEFT matches a target by the end of the module's name: q_proj for Llama; GPT-2's two c_proj need their parent
     targets = sorted(hf.rsplit(".", 1)[-1] if cfg.family == "llama" else hf
                      for hf, (_, name) in MODULES[cfg.family].items() if name in ad["targets"])
@@ -156,8 +169,7 @@ def export_peft(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / PEFT_CONFIG).is_file())):
         raise LmlabError(f"--out {out} exists and is not a PEFT adapter directory; give a new directory")
     with atomic_dir(out) as tmp:
-        save_file(to_peft(load_file(str(current_dir(where) / OURS)), cfg), str(tmp / PEFT_WEIGHTS),
-                  metadata={"format": "pt"})
+        save_file(to_peft(state, cfg), str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
     return out
 
@@ -168,3 +180,39 @@ def peft_config(ad: dict[str, Any], targets: list[str], family: str) -> dict[str
             "r": ad["r"], "lora_alpha": ad["alpha"], "lora_dropout": ad["dropout"], "target_modules": targets,
             "use_rslora": ad.get("rslora", False), "bias": "none", "fan_in_fan_out": family == "gpt2",
             "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "use_dora": False}
+
+
+def export_gguf_lora(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write our adapter at `path` as a llama.cpp LoRA adapter file: each adapted base tensor T gets T.lora_a
+    (r, in) and T.lora_b (out, r), float32; the B rows of q and k take llama.cpp's q/k permutation, as the base
+    file's q and k rows do; llama.cpp scales by adapter.lora.alpha / r, so an rsLoRA adapter's alpha is rescaled."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from lmlab.utils import atomic_file
+    from lmlab.weights.gguf import _permute
+    from lmlab.weights.gguf_export import _check_exportable
+
+    cfg, ad, state = our_adapter(path, "gguf-lora")
+    arch = _check_exportable(cfg)
+    heads = {"q": cfg.n_heads, "k": cfg.n_kv_heads} if arch == "llama" else {}
+    tensors = {}
+    for key, t in state.items():
+        layer, _, ab, name = OUR_KEY.match(key).groups()
+        a = t.detach().float().cpu().numpy()
+        if ab == "B" and name in heads:
+            a = _permute(a, heads[name])
+        tensors[f"blk.{layer}.{GGUF_NAMES[cfg.family][name]}.weight.lora_{ab.lower()}"] = np.ascontiguousarray(a)
+    lora = LoRAConfig.from_dict({k: v for k, v in ad.items() if k != "base"})
+    with atomic_file(out) as tmp:
+        w = GGUFWriter(tmp, arch)
+        w.add_type("adapter")
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", lora.scale * lora.r)
+        for name in sorted(tensors):
+            w.add_tensor(name, tensors[name])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return Path(out)

@@ -194,6 +194,7 @@ class SFTData:
         self.val_batches = _chunks(self.val[:n_eval], batch_size)
         train_eval = np.random.default_rng([seed, 104729]).permutation(len(self.train))[:n_eval]
         self.train_batches = _chunks([self.train[i] for i in train_eval], batch_size)
+        self._order: tuple[int, np.ndarray] | None = None
 
     def indices(self, step: int, micro: int) -> np.ndarray:
         """This rank's example indices for one micro-batch: random draws seeded by (seed, step, micro), or each
@@ -203,9 +204,13 @@ class SFTData:
             idx = np.random.default_rng([self.seed, step, micro]).integers(0, n, size=g_batch)
         else:
             flat = np.arange(g_batch) + (step * self.accum + micro) * g_batch
-            idx = np.array([np.random.default_rng([self.seed, 7919, int(i // n)]).permutation(n)[i % n]
-                            for i in flat])
+            idx = np.array([self._epoch_order(int(i // n))[i % n] for i in flat])
         return idx[self.rank * self.B:(self.rank + 1) * self.B]
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, 7919, epoch]).permutation(len(self.train)))
+        return self._order[1]
 
     def batch(self, step: int, micro: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return pad_batch([self.train[i] for i in self.indices(step, micro)], device)

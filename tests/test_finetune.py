@@ -182,3 +182,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, llama_base, capsys, text, fl
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("lmlab: error: ") and err.count("\n") == 1, err
     assert re.search(message, err), err
+
+
+def test_epoch_sampling_visits_each_training_example_once_per_epoch(tmp_path, chat_tok):  # noqa: F811
+    data = SFTData(write_records(tmp_path / "d.jsonl", 30), chat_tok, SFTConfig(), chat_tok.vocab_size, 128,
+                   batch_size=3, grad_accum=2, seed=5, sampling="epoch")
+    n = len(data.train)  # 27: nine steps of 2 x 3 draw 54 indices, two epochs
+    drawn = [i for step in range(9) for micro in range(2) for i in data.indices(step, micro)]
+    assert sorted(drawn[:n]) == list(range(n)) and sorted(drawn[n:2 * n]) == list(range(n))
+    assert drawn[:n] != drawn[n:2 * n]  # each epoch its own order

@@ -259,3 +259,30 @@ def test_peft_loads_a_gpt2_adapter_on_the_fused_c_attn(tmp_path, char_run):
     ours = lmlab.load(tmp_path / "run", device="cpu").model(torch.tensor([ids])).detach()
     assert (ours - lmlab.load(char_run, device="cpu").model(torch.tensor([ids]))).abs().max() > 1e-2
     torch.testing.assert_close(ours, _hf_logits(theirs, ids), rtol=0, atol=1e-5)
+
+
+def test_an_adapter_on_a_quantized_base_stays_beside_the_packed_weights(llama_base, lora_run):
+    """A packed base (QuantLinear) cannot take the update into its codes: the LoRA layers wrap it, and compute what
+    the float base with the same (dequantized) weights and the adapter computes, at decode (1 row) and prefill."""
+    from lmlab.quant import QuantLinear, quantize_model
+    from lmlab.weights.adapter import apply_adapter
+
+    packed = lmlab.load(llama_base, device="cpu").model
+    quantize_model(packed, "int8")
+    float_twin = copy.deepcopy(packed)
+    for name, m in list(float_twin.named_modules()):
+        if isinstance(m, QuantLinear) and name.startswith("blocks."):
+            parent, _, attr = name.rpartition(".")
+            linear = torch.nn.Linear(m.in_features, m.out_features, bias=False)
+            linear.weight.data = m.dequantize()
+            setattr(float_twin.get_submodule(parent), attr, linear)
+    bare = copy.deepcopy(packed)
+    apply_adapter(packed, lora_run)
+    apply_adapter(float_twin, lora_run, merge=False)
+    layers = [m for m in packed.modules() if isinstance(m, LoRALinear)]
+    assert layers and all(isinstance(m.base, QuantLinear) for m in layers)
+    for ids in ([7], list(range(3, 40))):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            torch.testing.assert_close(packed(x), float_twin(x), rtol=0, atol=2e-2)  # bf16 inside the int8 kernel
+            assert (packed(x) - bare(x)).abs().max() > 0.2  # far above that: the adapter is applied

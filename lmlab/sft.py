@@ -105,7 +105,10 @@ def encode_example(tokenizer: Tokenizer, messages: list[dict], sft: SFTConfig, w
     plain = sft.template == "plain" or not getattr(tokenizer, "chat_template", None)
     ids, labels = [], []
     for text, reply in segments(tokenizer, messages, plain, where):
-        piece = encode_rendered(tokenizer, text) if text else []
+        try:
+            piece = encode_rendered(tokenizer, text) if text else []
+        except LmlabError as e:  # a character tokenizer meeting a character it never saw
+            raise LmlabError(f"{where}: {e}") from None
         ids += piece
         labels += piece if reply or sft.train_on_prompt else [IGNORE] * len(piece)
     eos = getattr(tokenizer, "eos_id", None)

@@ -11,6 +11,10 @@ continues from last/ exactly: weights, optimizer state, RNG state and step are r
 function of the step, so the continued run equals the uninterrupted one, even after a SIGKILL at any instant.
 Ctrl-C (or SIGTERM) finishes the step in flight, saves last/, and exits; a NaN or inf loss stops the run and
 keeps the last good checkpoint.
+
+What a run trains and on what is its job: `Pretrain` (random init, a token directory, whole-model checkpoints), or
+lmlab.finetune.FineTune (a loaded model, maybe with LoRA layers, instruction examples, adapter-only checkpoints).
+The loop sees only the job's Data (batch, losses) and model, so fine-tuning is this loop, not a second one.
 """
 
 from __future__ import annotations
@@ -325,10 +329,10 @@ class Run:
 
     def __init__(self, mc: ModelConfig, tc: TrainConfig, info: DistInfo, data: Data, run_dir: Path,
                  model: Transformer, net: torch.nn.Module, opt: Optimizers, state: RunState, metrics: Metrics,
-                 resumed: bool, job: Pretrain | None = None) -> None:
+                 resumed: bool, job: Pretrain) -> None:
         self.mc, self.tc, self.info, self.data, self.run_dir = mc, tc, info, data, run_dir
         self.model, self.net, self.opt, self.state, self.metrics = model, net, opt, state, metrics
-        self.resumed, self.job = resumed, job or Pretrain(data.tokens.path)
+        self.resumed, self.job = resumed, job
         self.last_dir, self.best_dir = run_dir / "last", run_dir / "best"
         self.tokens_per_step = data.tokens_per_batch * tc.grad_accum * info.world
         self.n_steps = total_steps(tc, self.tokens_per_step)

@@ -22,7 +22,7 @@ from lmlab.distributed import DistInfo
 from lmlab.errors import LmlabError
 from lmlab.lora import apply_lora, is_adapter_key, load_adapter_state
 from lmlab.model import Transformer
-from lmlab.sft import SFTData
+from lmlab.sft import SFTData, read_conversations
 from lmlab.train import Pretrain, TrainResult, train_job
 from lmlab.utils import current_dir
 
@@ -53,6 +53,7 @@ class FineTune(Pretrain):
 
         if not Path(data_file).is_file():
             raise LmlabError(f"instruction data {data_file} not found: give a JSON or JSONL file of records")
+        read_conversations(data_file)  # a malformed record is reported now, not after a long load of the base
         self.source, self.data_file, self.sft, self.lora = base_name(source), Path(data_file), sft, lora
         self.base = load(source, device="cpu", dtype="float32", quantize="off")
         if self.base.tokenizer is None:

@@ -82,6 +82,11 @@ def to_messages(record: Any, where: str) -> list[dict]:
     return [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
 
 
+def read_conversations(path: str | Path) -> list[tuple[str, list[dict]]]:
+    """(where, conversation) for every record of the file: every record checked before any is tokenized."""
+    return [(where, to_messages(record, where)) for where, record in read_records(path)]
+
+
 def segments(tokenizer: Tokenizer, messages: list[dict], plain: bool, where: str) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, is_reply) pieces: a reply runs from the end of the conversation rendered
     up to it with the generation prompt to the end of it rendered through the reply (its end-of-turn included)."""
@@ -129,8 +134,8 @@ def load_examples(path: str | Path, tokenizer: Tokenizer, sft: SFTConfig, max_le
     """The file's examples (inputs and shifted labels, cut to max_length tokens) and how many were dropped
     because no reply token was left within max_length."""
     examples, dropped = [], 0
-    for where, record in read_records(path):
-        ids, labels = encode_example(tokenizer, to_messages(record, where), sft, where)
+    for where, messages in read_conversations(path):
+        ids, labels = encode_example(tokenizer, messages, sft, where)
         if ids and max(ids) >= vocab_size:
             raise LmlabError(f"{where}: token id {max(ids)} is outside the model's vocabulary ({vocab_size}); the "
                              "tokenizer does not belong to this model")

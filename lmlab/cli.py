@@ -169,8 +169,8 @@ FOREIGN_FLAGS = {
 
 
 def _config_flags(p: argparse.ArgumentParser, model_fields: tuple[str, ...] | None = None,
-                  model_title: str = "model config (override the preset)") -> None:
-    """Every ModelConfig (or only `model_fields` of it) and TrainConfig field as a flag, dest cfg_NAME."""
+                  model_title: str = "model config (override the preset)", skip: tuple[str, ...] = ()) -> None:
+    """Every ModelConfig (or only `model_fields` of it) and TrainConfig field but `skip` as a flag, dest cfg_NAME."""
     from dataclasses import fields
 
     from lmlab.config import ModelConfig, TrainConfig
@@ -178,7 +178,7 @@ def _config_flags(p: argparse.ArgumentParser, model_fields: tuple[str, ...] | No
     for title, cls in ((model_title, ModelConfig), ("train config", TrainConfig)):
         g = p.add_argument_group(title)
         for f in fields(cls):
-            if cls is ModelConfig and model_fields is not None and f.name not in model_fields:
+            if (cls is ModelConfig and model_fields is not None and f.name not in model_fields) or f.name in skip:
                 continue
             kind = _field_parser(str(f.type))
             extra = dict(nargs="?", const=True) if "bool" in str(f.type) else {}
@@ -418,7 +418,7 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
                     help="auto (the model's chat template, plain where it has none) or plain (User:/Assistant:)")
     ft.add_argument("--resume", action="store_true", help="continue the run in RUN exactly where it stopped")
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
-    _config_flags(ft, DROPOUT_FIELDS, "dropout (default: the base model's rates)")
+    _config_flags(ft, DROPOUT_FIELDS, "dropout (default: the base model's rates)", skip=("init",))  # weights given
     ft.set_defaults(func=cmd_finetune)
 
 

@@ -23,7 +23,7 @@ from lmlab.metrics import read_events
 from lmlab.sft import IGNORE, SFTData, encode_example, to_messages
 from lmlab.train import loss_of, train_job
 from tests.conftest import lmlab_cmd, subprocess_env
-from tests.test_lora import CHATML, chat_tok, llama_base  # noqa: F401 (fixtures)
+from tests.test_lora import CHATML, chat_tok, llama_base, one_thread  # noqa: F401 (fixtures)
 
 transformers = pytest.importorskip("transformers")
 
@@ -131,8 +131,7 @@ def _finetune_cmd(base, data, run, *extra):
 def test_a_killed_finetune_resumes_to_the_uninterrupted_adapter_bit_for_bit(tmp_path, llama_base):  # noqa: F811
     data = write_records(tmp_path / "d.jsonl", 30)
     env = subprocess_env()
-    r = subprocess.run(_finetune_cmd(llama_base, data, tmp_path / "full"), env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert main(_finetune_cmd(llama_base, data, tmp_path / "full")[3:]) == 0  # the reference, in this process
     run = tmp_path / "killed"
     proc = subprocess.Popen(_finetune_cmd(llama_base, data, run), env=env, stderr=subprocess.PIPE, text=True)
     metrics = run / "metrics.jsonl"

@@ -200,13 +200,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-DROPOUT_FIELDS = ("dropout", "dropout_embed", "dropout_attn", "dropout_resid")  # the ModelConfig flags of finetune
 LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from lmlab.checkpoint import saved_settings
-    from lmlab.config import LoRAConfig, SFTConfig
+    from lmlab.config import DROPOUT_FIELDS, LoRAConfig, SFTConfig
     from lmlab.distributed import leave_worker
     from lmlab.finetune import finetune, finetune_config
 
@@ -418,6 +417,8 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
                     help="auto (the model's chat template, plain where it has none) or plain (User:/Assistant:)")
     ft.add_argument("--resume", action="store_true", help="continue the run in RUN exactly where it stopped")
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
+    from lmlab.config import DROPOUT_FIELDS
+
     _config_flags(ft, DROPOUT_FIELDS, "dropout (default: the base model's rates)", skip=("init",))  # weights given
     ft.set_defaults(func=cmd_finetune)
 

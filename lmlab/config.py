@@ -434,6 +434,7 @@ class LoRAConfig:
         return cls(**{**d, "targets": tuple(d.get("targets", ()))})
 
 
+DROPOUT_FIELDS = ("dropout", "dropout_embed", "dropout_attn", "dropout_resid")  # what a fine-tune may change
 TEMPLATES = ("auto", "plain")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lmlab.checkpoint import load_model
-from lmlab.config import LoRAConfig, ModelConfig, SFTConfig, TrainConfig
+from lmlab.config import DROPOUT_FIELDS, LoRAConfig, ModelConfig, SFTConfig, TrainConfig
 from lmlab.distributed import DistInfo
 from lmlab.errors import LmlabError
 from lmlab.lora import apply_lora, is_adapter_key, load_adapter_state
@@ -119,8 +119,14 @@ def finetune(source: str | Path, data_file: str | Path, run_dir: str | Path, tc:
              resume: bool = False, quiet: bool = False) -> TrainResult:
     """Fine-tune the model `source` on the instruction records of `data_file` into `run_dir`: every weight, or
     only LoRA adapters when `lora` is given. `dropout` sets ModelConfig's dropout fields for the run (the base's
-    own rates otherwise). tc None: fine-tuning's defaults (finetune_config)."""
-    tc = tc or finetune_config({}, lora is not None)
+    own rates otherwise; a resumed run's own unless given). tc None: fine-tuning's defaults, or a resumed run's own
+    settings (finetune_config)."""
+    from lmlab.checkpoint import saved_settings
+
+    saved = saved_settings(run_dir) if resume else None
+    tc = tc or finetune_config({}, lora is not None, saved)
+    if saved is not None:
+        dropout = {**{k: saved["config"][k] for k in DROPOUT_FIELDS}, **(dropout or {})}
     job = FineTune(source, data_file, sft or SFTConfig(), lora)
     mc = job.base.config.replace(**(dropout or {}))
     return train_job(job, mc, tc, run_dir, resume, quiet)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import lmlab
 from lmlab.cli import main
 from lmlab.config import LoRAConfig, SFTConfig
+from lmlab.errors import LmlabError
 from lmlab.finetune import FineTune, finetune, finetune_config
 from lmlab.metrics import read_events
 from lmlab.sft import IGNORE, SFTData, encode_example, to_messages
@@ -190,3 +191,18 @@ def test_epoch_sampling_visits_each_training_example_once_per_epoch(tmp_path, ch
     drawn = [i for step in range(9) for micro in range(2) for i in data.indices(step, micro)]
     assert sorted(drawn[:n]) == list(range(n)) and sorted(drawn[n:2 * n]) == list(range(n))
     assert drawn[:n] != drawn[n:2 * n]  # each epoch its own order
+
+
+def test_a_full_finetune_extended_on_resume_equals_one_run_and_other_data_is_refused(tmp_path, llama_base):  # noqa: F811
+    data = write_records(tmp_path / "d.jsonl", 20)
+    flags = ["--model", str(llama_base), "--data", str(data), "--eval-interval", "2", "--eval-batches", "1",
+             "--batch-size", "4", "--dropout", "0.1", "--device", "cpu", "--quiet"]
+    assert main(["finetune", *flags, "--out", str(tmp_path / "once"), "--max-steps", "4"]) == 0
+    assert main(["finetune", *flags, "--out", str(tmp_path / "twice"), "--max-steps", "2"]) == 0
+    resume = [a for a in flags if a not in ("--dropout", "0.1")]  # a resumed run keeps its own dropout
+    assert main(["finetune", *resume, "--out", str(tmp_path / "twice"), "--max-steps", "4", "--resume"]) == 0
+    want, got = (load_file(str(tmp_path / r / "last" / "model.safetensors")) for r in ("once", "twice"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    other = write_records(tmp_path / "other.jsonl", 21)
+    with pytest.raises(LmlabError, match="cannot resume: the data_file differ"):
+        finetune(llama_base, other, tmp_path / "twice", resume=True, quiet=True)

@@ -140,8 +140,8 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Tr
     path = current_dir(path)
     meta = read_meta(path)
     if "adapter" in meta:
-        raise LmlabError(f"{path} holds a LoRA adapter, not a whole model; load it with lmlab.load "
-                         f"({meta['adapter'].get('base')!r}, adapter={str(path)!r}) or lmlab.load({str(path)!r})")
+        raise LmlabError(f"{path} holds a LoRA adapter, not a whole model; lmlab.load({str(path)!r}) loads its base "
+                         f"({meta['adapter'].get('base')}) with the adapter applied")
     cfg = ModelConfig.from_dict(meta["config"])
     with torch.device("meta"):
         model = Transformer(cfg)

@@ -108,14 +108,16 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
 
 def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
          dtype: str | torch.dtype | None = None, quantize: str | None = None, group_size: int = 32,
-         compile: bool = False) -> LM:
+         compile: bool = False, adapter: str | os.PathLike | None = None) -> LM:
     """Load a model for inference (eval mode). dtype defaults to float32. Sources: see resolve_source.
 
     `quantize`: None keeps the weights as stored (a GGUF file's quantized tensors stay packed, lmlab.quant;
     float checkpoints stay float); "int8" or "int4" (with `group_size`) quantizes the matmul weights; "off"
     dequantizes everything to `dtype`. `compile=True` torch.compiles the decoding step
-    (lmlab.generate.compile_decoding: about a minute to compile, then faster steps)."""
-    from lmlab.checkpoint import load_model
+    (lmlab.generate.compile_decoding: about a minute to compile, then faster steps). `adapter`: a LoRA adapter
+    to apply, ours (a `lmlab finetune --lora` run) or PEFT's (adapter_config.json), folded into float weights (a
+    packed GGUF base keeps it beside them). A LoRA run given as `source` loads the base it names, with itself."""
+    from lmlab.checkpoint import load_model, read_meta
     from lmlab.quant import check_device, check_mode, quantize_model
     from lmlab.weights.gguf import load_gguf
     from lmlab.weights.hf import load_hf_dir
@@ -125,6 +127,11 @@ def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
         check_mode(quantize, group_size)
         check_device(dev)
     kind, path = resolve_source(source)
+    if kind == "lmlab" and "adapter" in read_meta(path):  # a LoRA fine-tune: its base, with it applied
+        if adapter is not None:
+            raise LmlabError(f"{source} is itself a LoRA adapter; give its base as the model with adapter=, or "
+                             "the run alone")
+        return load(read_meta(path)["adapter"]["base"], device, dtype, quantize, group_size, compile, adapter=path)
     name = str(source) if kind == "gguf" and not Path(source).exists() else str(path)  # a named model keeps its name
     meta = None
     if kind == "gguf":
@@ -133,6 +140,10 @@ def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
         model, tok, meta = load_model(path, dev, dt)
     else:
         model, tok = load_hf_dir(path, dev, dt)
+    if adapter is not None:
+        from lmlab.weights.adapter import apply_adapter
+
+        apply_adapter(model, adapter)
     if kind != "gguf" and quantize not in (None, "off"):
         quantize_model(model, quantize, group_size)
     if compile:

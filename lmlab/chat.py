@@ -79,11 +79,22 @@ def check_messages(messages) -> list[dict]:
 
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
     """Render with the tokenizer's template (or the plain one) and tokenize without adding BOS twice."""
-    template = tokenizer.chat_template or PLAIN_TEMPLATE
+    return encode_rendered(tokenizer, render_for(tokenizer, check_messages(messages)))
+
+
+def render_for(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+               plain: bool = False) -> str:
+    """The conversation rendered with the tokenizer's template (the plain one where it has none, or with `plain`);
+    fine-tuning (lmlab.sft) renders its examples through here too, so it trains on what chat will show."""
+    template = PLAIN_TEMPLATE if plain else tokenizer.chat_template or PLAIN_TEMPLATE
     special = {}
     if isinstance(tokenizer, BPETokenizer):
         special = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
-    text = render_chat(template, check_messages(messages), **special)
+    return render_chat(template, messages, add_generation_prompt, **special)
+
+
+def encode_rendered(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of rendered chat text: special tokens as the template wrote them, no BOS added on top."""
     if isinstance(tokenizer, BPETokenizer):
         return tokenizer.tok.encode(text, add_special_tokens=False).ids
     return tokenizer.encode(text)

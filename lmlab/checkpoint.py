@@ -53,8 +53,9 @@ def save_model(path: str | os.PathLike, model: Transformer, tokenizer: Tokenizer
 
 def save_checkpoint(path: str | os.PathLike, cfg: ModelConfig, state: dict[str, torch.Tensor],
                     tokenizer: Tokenizer | None, extra: dict[str, Any] | None = None,
-                    files: dict[str, bytes] | None = None) -> Path:
-    """Write weights `state` of a model with config `cfg` as a checkpoint directory, atomically."""
+                    files: dict[str, bytes] | None = None, weights_file: str = "model.safetensors") -> Path:
+    """Write weights `state` of a model with config `cfg` as a checkpoint directory, atomically (a LoRA run's
+    checkpoints hold only the adapter, as `adapter.safetensors`: lmlab.finetune)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -65,7 +66,7 @@ def save_checkpoint(path: str | os.PathLike, cfg: ModelConfig, state: dict[str, 
     meta = {"format": "lmlab", "version": FORMAT_VERSION, "config": cfg.to_dict(),
             "tokenizer": tokenizer_meta(tokenizer) if tokenizer is not None else None, **(extra or {})}
     with atomic_dir(path) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(tmp / weights_file), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
         for name, data in (files or {}).items():
@@ -138,6 +139,9 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Tr
 
     path = current_dir(path)
     meta = read_meta(path)
+    if "adapter" in meta:
+        raise LmlabError(f"{path} holds a LoRA adapter, not a whole model; lmlab.load({str(path)!r}) loads its base "
+                         f"({meta['adapter'].get('base')}) with the adapter applied")
     cfg = ModelConfig.from_dict(meta["config"])
     with torch.device("meta"):
         model = Transformer(cfg)

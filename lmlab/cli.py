@@ -176,14 +176,18 @@ FOREIGN_FLAGS = {
 }
 
 
-def _config_flags(p: argparse.ArgumentParser) -> None:
+def _config_flags(p: argparse.ArgumentParser, model_fields: tuple[str, ...] | None = None,
+                  model_title: str = "model config (override the preset)", skip: tuple[str, ...] = ()) -> None:
+    """Every ModelConfig (or only `model_fields` of it) and TrainConfig field but `skip` as a flag, dest cfg_NAME."""
     from dataclasses import fields
 
     from lmlab.config import ModelConfig, TrainConfig
 
-    for title, cls in (("model config (override the preset)", ModelConfig), ("train config", TrainConfig)):
+    for title, cls in ((model_title, ModelConfig), ("train config", TrainConfig)):
         g = p.add_argument_group(title)
         for f in fields(cls):
+            if (cls is ModelConfig and model_fields is not None and f.name not in model_fields) or f.name in skip:
+                continue
             kind = _field_parser(str(f.type))
             extra = dict(nargs="?", const=True) if "bool" in str(f.type) else {}
             default = f.default if f.default is not None else "lr / 10" if f.name == "min_lr" else "family default"
@@ -200,6 +204,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     mc, tc = train_configs(args.preset, args.config, flags, saved_settings(args.out) if args.resume else None)
     train(mc, tc, args.data, args.out, resume=args.resume, quiet=args.quiet)
+    leave_worker()
+    return 0
+
+
+LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from lmlab.checkpoint import saved_settings
+    from lmlab.config import DROPOUT_FIELDS, LoRAConfig, SFTConfig
+    from lmlab.distributed import leave_worker
+    from lmlab.finetune import finetune, finetune_config
+
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    dropout = {k: flags.pop(k) for k in DROPOUT_FIELDS if k in flags}
+    given = [f for f in LORA_FLAGS if getattr(args, f) is not None]
+    if given and not args.lora:
+        raise LmlabError(f"--{given[0].replace('_', '-')} sets up LoRA; add --lora (or drop it for full fine-tuning)")
+    lora = None
+    if args.lora:
+        targets = tuple(t.strip() for t in (args.lora_targets or "").split(",") if t.strip())
+        lora = LoRAConfig(**{k: v for k, v in (("r", args.lora_r), ("alpha", args.lora_alpha),
+                                                ("dropout", args.lora_dropout)) if v is not None}, targets=targets)
+    sft = SFTConfig(val_fraction=args.val_fraction, train_on_prompt=args.train_on_prompt,
+                    max_length=args.max_length, template=args.template)
+    tc = finetune_config(flags, lora is not None, saved_settings(args.out) if args.resume else None)
+    finetune(args.model, args.data, args.out, tc, sft, lora, dropout, resume=args.resume, quiet=args.quiet)
     leave_worker()
     return 0
 
@@ -243,10 +274,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     import lmlab
+    from lmlab.weights.adapter import export_gguf_lora, export_peft, is_adapter_dir
     from lmlab.weights.export import check_target, export
 
     check_target(args.out, args.format, args.dtype)  # before the model is loaded
-    lm = lmlab.load(args.source, device="cpu", dtype="float32", quantize="off")
+    if args.format in ("peft", "gguf-lora"):
+        print(f"wrote {(export_peft if args.format == 'peft' else export_gguf_lora)(args.source, args.out)}")
+        return 0
+    from pathlib import Path
+
+    lora_run = Path(args.source).is_dir() and is_adapter_dir(args.source)
+    if (lora_run or args.adapter is not None) and not args.merge:
+        raise LmlabError(f"{args.adapter or args.source} is a LoRA adapter: fold it into its base with --merge, or "
+                         "export a LoRA run's adapter alone with --format peft")
+    if args.merge and not (lora_run or args.adapter is not None):
+        raise LmlabError("--merge folds a LoRA adapter into its base: give a LoRA fine-tune run as SOURCE, or "
+                         "--adapter DIR")
+    lm = lmlab.load(args.source, device="cpu", dtype="float32", quantize="off", adapter=args.adapter)
     print(f"wrote {export(lm.model, lm.tokenizer, args.out, args.format, args.dtype)}")
     return 0
 
@@ -294,14 +338,13 @@ def build_parser() -> Parser:
                allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            parser_class=lambda **kw: Parser(allow_abbrev=False, **kw))
-    for add in (_info_parser, _generate_parser, _prepare_parser, _train_parser, _eval_parser, _plot_parser,
-                _chat_parser, _export_parser, _bench_parser, _demo_parser, _study_parser,
-                _serve_parser):
+    for add in (_info_parser, _generate_parser, _prepare_parser, _train_parser, _finetune_parser, _eval_parser,
+                _plot_parser, _chat_parser, _export_parser, _bench_parser, _demo_parser, _study_parser, _serve_parser):
         add(sub)
     return p
 
 
-def _add_load_flags(p: argparse.ArgumentParser, compile_flag: bool = True) -> None:
+def _add_load_flags(p: argparse.ArgumentParser, compile_flag: bool = True, adapter_flag: bool = True) -> None:
     """How a model is loaded for inference: device, dtype and weight quantization (the flags of lmlab.load)."""
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
@@ -309,6 +352,9 @@ def _add_load_flags(p: argparse.ArgumentParser, compile_flag: bool = True) -> No
                    help="int8 (per channel) or int4 (per group) weights, CPU only; off dequantizes a GGUF to float "
                         "(default: as stored: a GGUF's quantized tensors stay packed)")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default: 32)")
+    if adapter_flag:
+        p.add_argument("--adapter", default=None, metavar="DIR",
+                       help="a LoRA adapter to apply: a lmlab finetune --lora run, or a PEFT adapter directory")
     if compile_flag:
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the decoding step: about a minute to compile, then faster tokens")
@@ -318,7 +364,8 @@ def _load(args: argparse.Namespace):
     import lmlab
 
     return lmlab.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                      group_size=args.group_size, compile=getattr(args, "compile", False))
+                      group_size=args.group_size, compile=getattr(args, "compile", False),
+                      adapter=getattr(args, "adapter", None))
 
 
 def _info_parser(sub: argparse._SubParsersAction) -> None:
@@ -369,6 +416,39 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     _config_flags(tr)
     tr.set_defaults(func=cmd_train)
+
+
+def _finetune_parser(sub: argparse._SubParsersAction) -> None:
+    ft = sub.add_parser("finetune", help="fine-tune a model on instruction data, fully or with LoRA adapters",
+                        description="Supervised fine-tuning on a JSON/JSONL file of Alpaca-style {instruction, "
+                                    "input?, output} or chat-style {messages} records, rendered with the model's chat "
+                                    "template; the loss covers the replies only. Same loop, flags and resume as "
+                                    "train; its defaults: lr 1e-3 with --lora (1e-4 without), no weight decay, "
+                                    "warmup 10, 200 steps, batch 8, evaluation every 50 steps.")
+    ft.add_argument("--model", required=True, metavar="SOURCE",
+                    help="the base: an lmlab run or checkpoint, an HF directory, a GGUF file or a named model")
+    ft.add_argument("--data", required=True, metavar="FILE", help="instruction records, .json or .jsonl")
+    ft.add_argument("--out", required=True, metavar="RUN", help="the run directory (best/, last/, metrics.jsonl)")
+    ft.add_argument("--lora", action="store_true", help="train LoRA adapters only; the base stays frozen")
+    ft.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: 8)")
+    ft.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha; the update is scaled alpha/r "
+                                                                   "(default: 16)")
+    ft.add_argument("--lora-dropout", type=float, default=None, help="dropout on LoRA's input (default: 0)")
+    ft.add_argument("--lora-targets", default=None, metavar="NAMES",
+                    help="comma-separated: q,k,v,o,gate,up,down (Llama; HF's q_proj... too), qkv,o,up,down (GPT-2), "
+                         "or all-linear (default: q,v for Llama, qkv for GPT-2)")
+    ft.add_argument("--train-on-prompt", action="store_true", help="count the prompt's tokens in the loss too")
+    ft.add_argument("--val-fraction", type=float, default=0.1, help="records held out for validation (default: 0.1)")
+    ft.add_argument("--max-length", type=int, default=0,
+                    help="tokens per example at most (default: the model's context, at most 1024)")
+    ft.add_argument("--template", default="auto",
+                    help="auto (the model's chat template, plain where it has none) or plain (User:/Assistant:)")
+    ft.add_argument("--resume", action="store_true", help="continue the run in RUN exactly where it stopped")
+    ft.add_argument("--quiet", action="store_true", help="no progress bar")
+    from lmlab.config import DROPOUT_FIELDS
+
+    _config_flags(ft, DROPOUT_FIELDS, "dropout (default: the base model's rates)", skip=("init",))  # weights given
+    ft.set_defaults(func=cmd_finetune)
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -423,9 +503,14 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
                         description="hf: config.json, model.safetensors, tokenizer.json, tokenizer_config.json for "
                                     "transformers' AutoModelForCausalLM; gguf: one F32/F16 file for llama.cpp.")
     ex.add_argument("source", metavar="SOURCE", help="an lmlab run or checkpoint, HF dir, GGUF file or named model")
-    ex.add_argument("--format", required=True, help="hf or gguf")
-    ex.add_argument("--out", required=True, metavar="PATH", help="a directory (hf) or a .gguf file (gguf)")
+    ex.add_argument("--format", required=True, help="hf, gguf, or a LoRA run's adapter alone: peft (for HF PEFT) "
+                                                     "or gguf-lora (for llama.cpp's --lora)")
+    ex.add_argument("--out", required=True, metavar="PATH",
+                    help="a directory (hf, peft) or a .gguf file (gguf, gguf-lora)")
     ex.add_argument("--dtype", default=None, help="gguf only: float32 (default) or float16")
+    ex.add_argument("--merge", action="store_true", help="fold a LoRA adapter (SOURCE a LoRA run, or --adapter) "
+                                                         "into the base before exporting it as hf or gguf")
+    ex.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter (ours or PEFT's) to --merge")
     ex.set_defaults(func=cmd_export)
 
 
@@ -453,7 +538,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                                        "large tensor copy in the same process (read + write bytes/s).")
     gen.add_argument("--model", metavar="SOURCE", help="a named model, GGUF file, HF directory or lmlab run")
     gen.add_argument("--preset", help="instead of --model: random weights of a preset's shape")
-    _add_load_flags(gen, compile_flag=False)  # bench's own --compile MODE compiles prefill and decoding
+    _add_load_flags(gen, compile_flag=False, adapter_flag=False)  # bench's own --compile MODE compiles both
     gen.add_argument("--batch", type=int, default=8, help="the batch size measured besides 1 (default: 8)")
     gen.add_argument("--prompt-tokens", type=int, default=128, help="random prompt ids per row (default: 128)")
     gen.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per row (default: 32)")

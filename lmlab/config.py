@@ -393,3 +393,74 @@ def train_configs(preset: str | None = None, config_file: str | os.PathLike | No
     mc = base.replace(**{k: v for k, v in values.items() if k in model_keys})
     tc = TrainConfig.from_dict({**base_train, **{k: v for k, v in values.items() if k not in model_keys}})
     return mc, tc
+
+
+# LoRA targets by family, in our names: q/k/v are slices of the fused attn.qkv (HF q_proj/k_proj/v_proj), qkv the
+# whole of it (GPT-2's c_attn), o attn.proj, gate/up/down the MLP's. "all-linear" takes every one of a family's.
+LORA_TARGETS = {"llama": ("q", "k", "v", "o", "gate", "up", "down"), "gpt2": ("qkv", "o", "up", "down")}
+LORA_DEFAULT_TARGETS = {"llama": ("q", "v"), "gpt2": ("qkv",)}  # PEFT's defaults: q_proj/v_proj, c_attn
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021, "LoRA"): W x + (alpha / r) B A dropout(x) on each target layer, A (r, in)
+    and B (out, r), B = 0 at the start. `targets` empty means the family's default (LORA_DEFAULT_TARGETS); names are
+    checked against the model when the adapters are applied (lmlab.lora), where the family is known.
+    `rslora` scales by alpha / sqrt(r) instead (Kalajdzievski 2023), as PEFT's use_rslora does."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ()
+    rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise LmlabError(f"LoRA rank must be a positive integer, got {self.r!r}; try --lora-r 8")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
+            raise LmlabError(f"LoRA alpha must be a positive number, got {self.alpha!r}; try --lora-alpha 16")
+        object.__setattr__(self, "alpha", float(self.alpha))
+        check_rate("LoRA dropout", self.dropout)
+        if isinstance(self.targets, str) or not all(isinstance(t, str) and t for t in self.targets):
+            raise LmlabError(f"LoRA targets must be a list of module names, got {self.targets!r}")
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoRAConfig:
+        check_keys(d, cls)
+        return cls(**{**d, "targets": tuple(d.get("targets", ()))})
+
+
+DROPOUT_FIELDS = ("dropout", "dropout_embed", "dropout_attn", "dropout_resid")  # what a fine-tune may change
+TEMPLATES = ("auto", "plain")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """How instruction data becomes training examples (lmlab.sft): the held-out fraction, whether the prompt's
+    tokens count in the loss (off by default: the model learns to answer, not to ask), the longest example, and
+    the format: the model's own chat template ("auto", plain User:/Assistant: where it has none) or "plain"."""
+
+    val_fraction: float = 0.1
+    train_on_prompt: bool = False
+    max_length: int = 0  # tokens per example at most; 0 = the model's context, at most 1024
+    template: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if not 0 < self.val_fraction < 1:
+            raise LmlabError(f"--val-fraction must be in (0, 1), got {self.val_fraction!r}")
+        if self.max_length < 0:
+            raise LmlabError(f"--max-length must be a non-negative integer, got {self.max_length!r}")
+        if self.template not in TEMPLATES:
+            raise unknown("template", self.template, TEMPLATES)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

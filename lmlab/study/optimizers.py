@@ -259,8 +259,7 @@ def conclusion(results: dict) -> str:
                                              "more, noisier steps beat fewer, exact ones.",
                                              f"With the same tokens, smaller batches did not reach lower val loss at "
                                              f"every size ({bv})."),
-        "larger_batches_faster": ("Larger batches processed more tokens per second: the price of the small batches' "
-                                  "better loss per token is wall time.",
+        "larger_batches_faster": ("Larger batches processed more tokens per second.",
                                   "Larger batches did not process more tokens per second at every size."),
         "gpt2_init_best": (f"GPT-2's init reached the lowest val loss ({iv}).",
                            f"GPT-2's init did not reach the lowest val loss ({iv})."),
@@ -269,8 +268,12 @@ def conclusion(results: dict) -> str:
                                     "times).",
                                     f"An L-BFGS step cost {ps['lbfgs'] * 1000:.1f} ms, not more than AdamW's "
                                     f"{ps['adamw'] * 1000:.1f} ms."),
-        "lbfgs_overfits_its_batch": (f"Fitting its one batch, L-BFGS ended with a wider train-val gap than AdamW on "
-                                     f"fresh minibatches ({lb['lbfgs']['gap']:.4f} against {lb['adamw']['gap']:.4f}).",
+        "lbfgs_overfits_its_batch": (f"Stepping on its one batch, L-BFGS ended with a wider train-val gap than AdamW "
+                                     f"on fresh minibatches ({lb['lbfgs']['gap']:.4f} against "
+                                     f"{lb['adamw']['gap']:.4f}); "
+                                     f"its best val loss came at step {lb['lbfgs']['best_step']} "
+                                     f"({lb['lbfgs']['best_val']:.4f}) and it ended at a train loss of "
+                                     f"{lb['lbfgs']['final_train']:.4f} on the fixed train windows.",
                                      f"L-BFGS did not end with a wider train-val gap than AdamW "
                                      f"({lb['lbfgs']['gap']:.4f} against {lb['adamw']['gap']:.4f})."),
     }

@@ -289,7 +289,6 @@ def eval_windows(data: np.ndarray, T: int, batch_size: int, n_batches: int, seed
     return [rng.integers(0, len(data) - T, size=batch_size) for _ in range(n_batches)]
 
 
-
 def subset(src: str | Path, out: str | Path, train_tokens: int, val_tokens: int = 0) -> dict:
     """A data directory with the first `train_tokens` of `src`'s train split and the first `val_tokens` of its val
     split (0: all), under the same tokenizer: a training set small enough for a model to overfit (lmlab study).

@@ -35,6 +35,9 @@ COMPUTE_DTYPE = torch.bfloat16  # the activations' dtype inside the kernels: see
 # From this many rows of input on, unpacking the weight and running a float GEMM beats the int kernels, whose time
 # grows in step with the rows (~45 us a row for a 1536 x 576 int4 weight on one AVX2 core): unpacking costs
 # ~0.3 ms (int8) or ~1.3 ms (int4) for that weight, the GEMM ~0.5 ms at 16 rows (benchmarks/quant_kernels.py).
+# Only inputs of more than one token per sequence (prefill, eval) switch: a decoding step, one token per row, always
+# takes the kernel, which computes every row alike whatever the batch, so a row's logits do not depend on how many
+# others share its step (the server's seeded requests; a 16-row step once switched the int8 head to the GEMM).
 GEMM_ROWS = {"int8": 16, "int4": 64}
 
 
@@ -59,6 +62,9 @@ def int4_layout() -> tuple[int, torch.Tensor] | None:
     return None
 
 
+_HALVES = {BN: torch.arange(BN).view(-1, 2).t().reshape(-1) for BN in (16, 32, 64, 128)}
+
+
 def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor | None:
     """The (N, K) codes 0..15 of a kernel-packed int4 weight, or None where the layout is unknown."""
     layout = int4_layout()
@@ -66,7 +72,7 @@ def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor | None:
         return None
     BN, order = layout
     b = packed.reshape(N // BN, K, BN // 2)
-    if torch.equal(order, torch.arange(BN).view(-1, 2).t().reshape(-1)):  # low nibbles: rows 0.., high: BN/2..
+    if torch.equal(order, _HALVES[BN]):  # low nibbles: rows 0.., high: BN/2..
         nibbles = torch.cat((b & 15, b >> 4), dim=-1)  # (N/BN, K, BN) in row order, without a gather
     else:
         nibbles = torch.stack((b & 15, b >> 4), dim=-1).reshape(N // BN, K, BN)[..., order.to(packed.device)]
@@ -121,6 +127,11 @@ def check_shape(name: str, N: int, K: int, mode: str, group_size: int) -> None:
                          "another --group-size, or --quantize int8")
 
 
+def _blocked(t: torch.Tensor, BN: int) -> torch.Tensor:
+    """A (K/g, N) table of per-group values as (N/BN, K/g, 1, BN), to broadcast over the kernel's tiles."""
+    return t.view(t.shape[0], -1, 1, BN).transpose(0, 1).contiguous()
+
+
 class QuantLinear(nn.Module):
     """y = x W^T + b with W held as int8 or int4 codes (see the module docstring); a drop-in for nn.Linear."""
 
@@ -158,8 +169,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] >= GEMM_ROWS[self.mode]:  # a prefill or an eval batch: float GEMM on the weight unpacked for it
-            y = F.linear(x2, self.dequantize().to(x.dtype))
+        decoding = x.dim() > 2 and x.shape[-2] == 1
+        if not decoding and x2.shape[0] >= GEMM_ROWS[self.mode]:  # a prefill or an eval batch: a float GEMM
+            y = x2 @ self.dequantize_t().to(x.dtype)
         elif self.mode == "int8":
             y = torch._weight_int8pack_mm(x2.to(COMPUTE_DTYPE), self.weight, self.scale).to(x.dtype)
         else:
@@ -172,14 +184,31 @@ class QuantLinear(nn.Module):
         """The float32 (N, K) weight this layer computes with (its scales as the kernel holds them, in bf16)."""
         if self.mode == "int8":
             return self.weight.float() * self.scale.float()[:, None]
+        return self.dequantize_t().t().contiguous()
+
+    def dequantize_t(self) -> torch.Tensor:
+        """The float32 weight transposed, (K, N), as the GEMM of a prefill reads it. For int4 this is the order the
+        kernel's tiles already hold: [N/BN][K][BN] codes are W^T in column blocks, so the unpacking is one fused
+        multiply-add over the codes, written straight into (K, N) (1.5x faster than unpacking to (N, K) for a
+        1536 x 576 weight on this project's 2-core AVX2 box, medians of 60 alternating calls)."""
+        if self.mode == "int8":
+            return self.dequantize().t()
         N, K, g = self.out_features, self.in_features, self.group_size
-        codes = unpack_int4(self.weight, N, K)
-        if codes is None:  # a layout we do not know: read the weight through the kernel (exact, but K x K work)
-            eye = torch.eye(K, device=self.weight.device)
-            return torch._weight_int4pack_mm_for_cpu(eye, self.weight, g, self.scales_zeros.float()).t()
+        layout = int4_layout()
         s, z = self.scales_zeros.float().unbind(-1)  # (K/g, N) each
-        offset = (z - 8 * s).t()[..., None]  # codes * s + offset: the uint8 codes promote to float in the multiply
-        return (codes.view(N, K // g, g) * s.t()[..., None] + offset).view(N, K)
+        if layout is None or N % layout[0] or not torch.equal(layout[1], _HALVES[layout[0]]):
+            codes = unpack_int4(self.weight, N, K)
+            if codes is None:  # a layout we do not know: read the weight through the kernel (exact, but K x K work)
+                eye = torch.eye(K, device=self.weight.device)
+                return torch._weight_int4pack_mm_for_cpu(eye, self.weight, g, self.scales_zeros.float())
+            return (codes.view(N, K // g, g) * s.t()[..., None] + (z - 8 * s).t()[..., None]).view(N, K).t()
+        BN = layout[0]
+        b = self.weight.reshape(N // BN, K, BN // 2)
+        codes = torch.cat((b & 15, b >> 4), dim=-1).view(N // BN, K // g, g, BN)  # low nibbles rows 0.., high BN/2..
+        out = torch.empty(K, N, device=self.weight.device)
+        torch.addcmul(_blocked(z - 8 * s, BN), codes, _blocked(s, BN),
+                      out=out.view(K // g, g, N // BN, BN).permute(2, 0, 1, 3))
+        return out
 
     def weight_bytes(self) -> int:
         return sum(b.nbytes for b in self.buffers())

@@ -180,6 +180,23 @@ def test_n2_seed_and_usage(client, model_id):
     assert indices == {0, 1}
 
 
+def test_prompt_cache_reuses_a_shared_prefix(client, model_id, lm):
+    """A prompt that begins like the previous one is prefilled from where they part, and says so in usage
+    (OpenAI's prompt_tokens_details.cached_tokens); its reply is still the model's own greedy one."""
+    longer = PROMPT + " any further, hear me speak."
+    a, b = lm.tokenizer.encode(PROMPT), lm.tokenizer.encode(longer)
+    shared = next(i for i, (x, y) in enumerate(zip(a + [-1], b, strict=False)) if x != y)
+    assert shared > 3
+    first = client.completions.create(model=model_id, prompt=PROMPT, temperature=0, max_tokens=4)
+    second = client.completions.create(model=model_id, prompt=longer, temperature=0, max_tokens=12)
+    assert first.usage.prompt_tokens_details.cached_tokens <= len(a) - 1
+    assert second.usage.prompt_tokens_details.cached_tokens == shared
+    assert second.choices[0].text == lm.generate(longer, temperature=0, max_new_tokens=12)
+    again = client.completions.create(model=model_id, prompt=longer, temperature=0, max_tokens=12)
+    assert again.usage.prompt_tokens_details.cached_tokens == len(b) - 1  # the last token runs for its logits
+    assert again.choices[0].text == second.choices[0].text
+
+
 def _clean_window(text: str, size: int = 3) -> str | None:
     for i in range(3, len(text) - size):
         window = text[i:i + size]
@@ -375,14 +392,11 @@ def test_cache_view_writes_through():
     assert caches[0].k[1, :, :4].abs().sum() == 0 and caches[0].k[1, :, 10:].abs().sum() == 0
 
 
-def test_chat_page_in_a_real_browser(server, tmp_path):
-    """Headless system Chromium opens /, sends a message and sees a streamed reply; the screenshot is kept."""
+def _browser():
+    """Headless system Chromium under Selenium, or a skip where Debian's chromium and chromium-driver are not."""
     import shutil
 
     webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if browser is None or driver_path is None:
         pytest.skip("needs Debian's chromium and chromium-driver")
@@ -390,7 +404,15 @@ def test_chat_page_in_a_real_browser(server, tmp_path):
     options.binary_location = browser
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,700"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+
+
+def test_chat_page_in_a_real_browser(server, tmp_path):
+    """Headless system Chromium opens /, sends a message and sees a streamed reply; the screenshot is kept."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = _browser()
     try:
         driver.get(server + "/")
         driver.find_element(By.ID, "key").send_keys(KEY)
@@ -406,5 +428,40 @@ def test_chat_page_in_a_real_browser(server, tmp_path):
         assert driver.find_elements(By.CSS_SELECTOR, ".msg.user")[0].text == "Hello there"
         driver.save_screenshot(str(tmp_path / "chat_page.png"))
         assert (tmp_path / "chat_page.png").stat().st_size > 1000
+    finally:
+        driver.quit()
+
+
+def test_stop_button_cancels_generation_in_a_real_browser(slow_server):
+    """A 4000-token greedy reply streams into the page; Stop ends it at once: the page keeps what came, is ready
+    for the next message, and the server frees the row (the reply had far to go: greedy runs to the length cap)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    body = {"messages": [{"role": "user", "content": "Hello there"}], "temperature": 0, "max_tokens": 64}
+    assert httpx.post(slow_server + "/v1/chat/completions", json=body, timeout=30).json()["choices"][0][
+        "finish_reason"] == "length"  # no EOS early on: the long reply below cannot end by itself before Stop
+    driver = _browser()
+    try:
+        driver.get(slow_server + "/")
+        for field, value in (("temperature", "0"), ("max_tokens", "4000")):
+            driver.find_element(By.ID, field).clear()
+            driver.find_element(By.ID, field).send_keys(value)
+        driver.find_element(By.ID, "input").send_keys("Hello there")
+        driver.find_element(By.ID, "send").click()
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: "tokens/s" in d.find_element(By.ID, "status").text)  # streaming has begun
+        assert driver.find_element(By.ID, "stop").is_enabled() and not driver.find_element(By.ID, "send").is_enabled()
+        driver.find_element(By.ID, "stop").click()
+        wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
+        status = driver.find_element(By.ID, "status").text
+        chunks = int(status.split()[0])
+        assert "chunks in" in status and 0 < chunks < 4000, status
+        assert not driver.find_element(By.ID, "stop").is_enabled()
+        assert driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[0].text.strip()
+        deadline = time.perf_counter() + 5
+        while "lmlab_batch_rows_busy 0" not in httpx.get(slow_server + "/metrics").text:
+            assert time.perf_counter() < deadline, "the stopped request still holds its row"
+            time.sleep(0.1)
     finally:
         driver.quit()

@@ -98,7 +98,8 @@ class Call:
 
     def usage(self, completion_tokens: int) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}
+                "total_tokens": self.prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": sum(job.cached for job in self.jobs)}}
 
 
 def _error_response(e: P.APIError) -> JSONResponse:
@@ -285,6 +286,8 @@ def prometheus(scheduler: Scheduler) -> str:
     rows = [("lmlab_requests_total", "counter", "requests (prompts) accepted", m.requests),
             ("lmlab_request_failures_total", "counter", "requests ended by a failed step", m.failures),
             ("lmlab_generated_tokens_total", "counter", "tokens sampled", m.tokens),
+            ("lmlab_cached_prompt_tokens_total", "counter", "prompt tokens not prefilled again (prompt cache)",
+             m.cached_tokens),
             ("lmlab_queue_length", "gauge", "requests waiting for a row", scheduler.waiting),
             ("lmlab_batch_rows_busy", "gauge", "rows of the batch decoding now", scheduler.busy),
             ("lmlab_batch_rows", "gauge", "rows of the batch (--max-batch)", scheduler.cfg.max_batch)]

@@ -7,7 +7,9 @@ carry its own positions whatever slots it sits in. Between decoding steps the sc
 
 - prefills queued prompts, `prefill_chunk` tokens per step at most, into a one-row staging cache (Orca's
   iteration-level scheduling, Yu et al. OSDI 2022; Sarathi's chunked prefill, Agrawal et al. 2023), so a long
-  prompt delays the running rows by one chunk per step, never by its whole prefill;
+  prompt delays the running rows by one chunk per step, never by its whole prefill. The staging cache keeps the
+  last prompt's keys and values, and a prompt that begins like it is prefilled from where they part (llama.cpp
+  server's prompt cache): the chat template's system turn, or a conversation's earlier turns, are run once;
 - places a fully prefilled prompt into free rows, ending at slot p (the rows' content is moved right first
   when p is smaller than the prompt), one row per choice (`n`): the prompt is prefilled once;
 - retires finished or cancelled rows at once, moving the last busy row into the hole, so busy rows are always
@@ -110,6 +112,7 @@ class Job:
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     prefilled: int = 0  # prompt tokens in the staging cache
+    cached: int = 0  # of those, how many were there already (a prefix shared with the previous prompt)
     first_token_at: float | None = None
 
 
@@ -138,7 +141,7 @@ class Metrics:
     """Counters for /metrics (read without a lock: each is one Python int or float)."""
 
     def __init__(self) -> None:
-        self.requests = self.tokens = self.failures = 0
+        self.requests = self.tokens = self.failures = self.cached_tokens = 0
         self.ttft_sum = 0.0
         self.ttft_count = 0
 
@@ -156,6 +159,7 @@ class Scheduler:
         self.wake = threading.Condition()
         self.rows: list[Row] = []
         self.staged: Job | None = None
+        self.staged_ids: list[int] = []  # the tokens whose keys and values fill the staging cache's first slots
         self.p = 0  # the slot every busy row writes its next token to
         self.running = False
         self.thread: threading.Thread | None = None
@@ -226,6 +230,7 @@ class Scheduler:
                 self.staged = self._next_job()
                 if self.staged is None:
                     break
+                self._reuse_prefix(self.staged)
             budget -= self._prefill(self.staged, budget)
         if self.rows:
             self._decode()
@@ -247,13 +252,22 @@ class Scheduler:
         jobs = {id(r.job): r.job for r in self.rows}
         if self.staged is not None:
             jobs[id(self.staged)] = self.staged
-        self.rows, self.staged, self.p = [], None, 0
+        self.rows, self.staged, self.staged_ids, self.p = [], None, [], 0
         self.metrics.failures += len(jobs)
         for job in jobs.values():
             job.emit(Failure(message))
 
     def _views(self, caches: list[KVCache], rows: slice, slots: slice) -> None:
         self.model.use_cache([c.view(rows, slots) for c in caches])
+
+    def _reuse_prefix(self, job: Job) -> None:
+        """Start `job`'s prefill after the prompt tokens the staging cache already holds (causal attention: a
+        prefix's keys and values do not depend on what follows). The last prompt token always runs, for logits."""
+        m, limit = 0, min(len(self.staged_ids), len(job.prompt) - 1)
+        while m < limit and self.staged_ids[m] == job.prompt[m]:
+            m += 1
+        job.prefilled = job.cached = m
+        self.metrics.cached_tokens += m
 
     def _prefill(self, job: Job, budget: int) -> int:
         """Run the next chunk of `job`'s prompt into the staging cache; place it when done. Returns tokens run."""
@@ -262,7 +276,7 @@ class Scheduler:
         self._views(self.staging, slice(0, 1), slice(0, b))
         idx = torch.tensor([job.prompt[a:b]], device=self.device)
         logits = self.model(idx, torch.arange(a, b, device=self.device), last_only=True)[:, -1]  # (1, V)
-        job.prefilled = b
+        job.prefilled, self.staged_ids = b, job.prompt[:b]
         if b == len(job.prompt):
             self.staged = None
             self._place(job, logits)

@@ -5,7 +5,8 @@ weight-only kernels, with float32 and bfloat16 activations, at 1, 8 and 512 rows
 
 Why this exists: on an AVX2-only CPU the int kernels are fast only with bfloat16 activations (their float32
 path is scalar), and only for a few rows; this table is where lmlab.quant's two choices come from (cast the
-activations to bf16 for the kernel; from GEMM_ROWS rows on, unpack the weight and run a float GEMM). Each
+activations to bf16 for the kernel; from GEMM_ROWS rows on, unpack the weight and run a float GEMM: the last
+column, against the kernel's, gives the crossover). Each
 figure is the median of 30 calls after 3 warm-ups, in microseconds; the weight is the same tensor every call,
 so small shapes sit in cache and show kernel speed rather than memory bandwidth.
 """
@@ -48,6 +49,7 @@ def row(N: int, K: int, M: int) -> dict[str, float]:
         "int4 kernel, bf16 act": median_us(torch._weight_int4pack_mm_for_cpu, xb, q4.weight, 32, q4.scales_zeros),
         "QuantLinear int8": median_us(q8, x),
         "QuantLinear int4": median_us(q4, x),
+        "int4 unpack + fp32 GEMM": median_us(lambda: x @ q4.dequantize_t()),
     }
 
 

@@ -33,12 +33,14 @@ COMPUTE_DTYPE = torch.bfloat16  # the activations' dtype inside the kernels: see
 
 
 # From this many rows of input on, unpacking the weight and running a float GEMM beats the int kernels, whose time
-# grows in step with the rows (~45 us a row for a 1536 x 576 int4 weight on one AVX2 core): unpacking costs
-# ~0.3 ms (int8) or ~1.3 ms (int4) for that weight, the GEMM ~0.5 ms at 16 rows (benchmarks/quant_kernels.py).
+# grows in step with the rows (~20 us a row for a 1536 x 576 weight, int8 or int4, on the 2-core AVX2 box): the
+# crossovers measured with benchmarks/quant_kernels.py for SmolLM2's layers lie between 64 and 96 rows for int8
+# and near 64 for int4. (For a 49152 x 576 head they lie higher, ~160 rows for int8: its unpacked float copy no
+# longer fits in cache; only an eval runs a head over that many rows, and at 512 the GEMM wins again.)
 # Only inputs of more than one token per sequence (prefill, eval) switch: a decoding step, one token per row, always
 # takes the kernel, which computes every row alike whatever the batch, so a row's logits do not depend on how many
 # others share its step (the server's seeded requests; a 16-row step once switched the int8 head to the GEMM).
-GEMM_ROWS = {"int8": 16, "int4": 64}
+GEMM_ROWS = {"int8": 80, "int4": 64}
 
 
 @functools.cache

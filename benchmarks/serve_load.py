@@ -3,8 +3,9 @@
 Each client loops over a fixed set of requests with mixed prompt and output lengths, stop strings and seeds.
 Every request is first run alone to get its reference text; under load each streamed reply must equal its
 reference in its first PREFIX characters (a mixed-up row would not), and the table counts the replies identical to
-it: with packed quantized weights the kernels' rounding depends on how many rows a step has, so a sampled token
-near a tie can differ from its solo run later on. The server must still answer /health at the end. Prints
+it: a batched step's attention sums over the whole shared window (other rows' slots masked) and a prompt that
+reuses the prompt cache is prefilled in other chunks, so floats round differently from the solo run and a sampled
+token near a tie can differ later on. The server must still answer /health at the end. Prints
 aggregate completion tokens/s per concurrency.
 
     python benchmarks/serve_load.py --model smollm2-135m-instruct --seconds 60 --max-batch 16

@@ -3,12 +3,14 @@ lmlab (weights as stored: the Q4_1 layers as int4, lmlab.quant), HF transformers
 dequantized to float32, its only way to read a GGUF) and llama.cpp (llama-cpp-python, the `[bench]` extra).
 
     python benchmarks/decode_smollm2.py [--new-tokens 128] [--repeats 3] [--threads 2] [--batch 8]
+        [--engines lmlab,float,compiled,hf,llamacpp]
 
 Each engine decodes greedily exactly --new-tokens tokens (EOS ignored) after the same chat-templated prompt.
 Per-token timestamps (lmlab's generator, an HF streamer, llama.cpp's generator) split each run into prefill
 (prompt tokens / time to the first new token) and decode (later tokens / the time they took). Engines
 alternate run by run after one warm-up each; medians are reported. lmlab's batch row decodes --batch copies of
-the prompt at once and counts every row's tokens.
+the prompt at once and counts every row's tokens. The `float` engine is lmlab with the file dequantized to
+float32 (`quantize="off"`), the weights transformers computes with.
 """
 
 from __future__ import annotations
@@ -36,24 +38,21 @@ def engines(args, ids: list[int], gguf_path):
     lm = lmlab.load(gguf_path, device="cpu")
     s = SamplingConfig(max_new_tokens=n, temperature=0)
 
-    def run_lmlab(batch: int = 1):
-        start, stamps = time.perf_counter(), []
-        for _ in generate_ids(lm.model, [ids] * batch, s, eos_id=None):
-            stamps.append(time.perf_counter())
-        assert len(stamps) == n
-        return split(stamps, start, len(ids), batch)
-
-    out = {"lmlab": run_lmlab, f"lmlab batch {args.batch}": lambda: run_lmlab(args.batch)}
-    if "compiled" in args.engines:  # the same model with its decoding step compiled (the warm-up compiles)
-        lm_c = lmlab.load(gguf_path, device="cpu", compile=True)
-
-        def run_compiled():
+    def runner(model, batch: int = 1):
+        def run():
             start, stamps = time.perf_counter(), []
-            for _ in generate_ids(lm_c.model, [ids], s, eos_id=None):
+            for _ in generate_ids(model, [ids] * batch, s, eos_id=None):
                 stamps.append(time.perf_counter())
-            return split(stamps, start, len(ids))
+            assert len(stamps) == n
+            return split(stamps, start, len(ids), batch)
 
-        out["lmlab --compile"] = run_compiled
+        return run
+
+    out = {"lmlab": runner(lm.model), f"lmlab batch {args.batch}": runner(lm.model, args.batch)}
+    if "float" in args.engines:  # the file dequantized to float32, as transformers holds it: like for like
+        out["lmlab float32"] = runner(lmlab.load(gguf_path, device="cpu", quantize="off").model)
+    if "compiled" in args.engines:  # the same model with its decoding step compiled (the warm-up compiles)
+        out["lmlab --compile"] = runner(lmlab.load(gguf_path, device="cpu", compile=True).model)
     if "hf" in args.engines:
         out["transformers"] = hf_engine(gguf_path, ids, n)
     if "llamacpp" in args.engines:
@@ -147,7 +146,7 @@ def main() -> None:
         print(f"| {name} | {p:.0f} | {d:.1f} |")
     ours = med["lmlab"][1]
     for name in ("transformers", "llama.cpp"):
-        for mine in ("lmlab", "lmlab --compile"):
+        for mine in ("lmlab", "lmlab float32", "lmlab --compile"):
             if name in med and mine in med:
                 print(f"{mine} / {name}: decode {med[mine][1] / med[name][1]:.2f}x, "
                       f"prefill {med[mine][0] / med[name][0]:.2f}x")

@@ -78,6 +78,20 @@ def test_many_rows_take_the_float_gemm_path(mode):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_decoding_step_of_many_rows_gives_each_row_its_solo_result(mode):
+    """A decoding step, one token per sequence, takes the int kernel however many rows it has, so a row's output
+    is bit for bit what it is alone (a server's seeded request gives the same text beside others)."""
+    from lmlab.quant import GEMM_ROWS
+
+    g = torch.Generator().manual_seed(5)
+    layer = QuantLinear.from_float(torch.randn(64, 128, generator=g), None, mode)
+    x = torch.randn(GEMM_ROWS[mode] + 3, 1, 128, generator=g)  # (B, T=1, C): more rows than the GEMM switch
+    together = layer(x)
+    for i in (0, 1, x.shape[0] - 1):
+        assert torch.equal(together[i], layer(x[i:i + 1])[0])
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quant_embedding_rows(mode):
     g = torch.Generator().manual_seed(2)
     w = torch.randn(50, 64, generator=g)

@@ -64,7 +64,15 @@ def int4_layout() -> tuple[int, torch.Tensor] | None:
     return None
 
 
-_HALVES = {BN: torch.arange(BN).view(-1, 2).t().reshape(-1) for BN in (16, 32, 64, 128)}
+@functools.cache
+def halves_block() -> int | None:
+    """BN when the kernel packs each block's rows 0..BN/2-1 into the low nibbles and BN/2.. into the high ones
+    (the layout torch uses on x86), so unpacking is two masks and a concatenation; None otherwise."""
+    layout = int4_layout()
+    if layout is None:
+        return None
+    BN, order = layout
+    return BN if torch.equal(order, torch.arange(BN).view(-1, 2).t().reshape(-1)) else None
 
 
 def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor | None:
@@ -74,7 +82,7 @@ def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor | None:
         return None
     BN, order = layout
     b = packed.reshape(N // BN, K, BN // 2)
-    if torch.equal(order, _HALVES[BN]):  # low nibbles: rows 0.., high: BN/2..
+    if halves_block() == BN:  # low nibbles: rows 0.., high: BN/2..
         nibbles = torch.cat((b & 15, b >> 4), dim=-1)  # (N/BN, K, BN) in row order, without a gather
     else:
         nibbles = torch.stack((b & 15, b >> 4), dim=-1).reshape(N // BN, K, BN)[..., order.to(packed.device)]
@@ -197,15 +205,14 @@ class QuantLinear(nn.Module):
         if self.mode == "int8":
             return self.dequantize().t()
         N, K, g = self.out_features, self.in_features, self.group_size
-        layout = int4_layout()
+        BN = halves_block()
         s, z = self.scales_zeros.float().unbind(-1)  # (K/g, N) each
-        if layout is None or N % layout[0] or not torch.equal(layout[1], _HALVES[layout[0]]):
+        if BN is None or N % BN:
             codes = unpack_int4(self.weight, N, K)
             if codes is None:  # a layout we do not know: read the weight through the kernel (exact, but K x K work)
                 eye = torch.eye(K, device=self.weight.device)
                 return torch._weight_int4pack_mm_for_cpu(eye, self.weight, g, self.scales_zeros.float())
             return (codes.view(N, K // g, g) * s.t()[..., None] + (z - 8 * s).t()[..., None]).view(N, K).t()
-        BN = layout[0]
         b = self.weight.reshape(N // BN, K, BN // 2)
         codes = torch.cat((b & 15, b >> 4), dim=-1).view(N // BN, K // g, g, BN)  # low nibbles rows 0.., high BN/2..
         out = torch.empty(K, N, dtype=torch.float32, device=self.weight.device)

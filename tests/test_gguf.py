@@ -278,7 +278,7 @@ def test_packed_gguf_logits_close_to_dequantized(case, tmp_path, tiny_vocab):
     model, _ = load_gguf(tmp_path / "m.gguf", "cpu", torch.float32)  # as stored: packed
     kinds = {m.mode for m in model.blocks.modules() if isinstance(m, QuantLinear)}
     assert kinds == ({"int4"} if qtype.startswith("Q4") else {"int8"})  # the head: int8 (300 rows: not 16k)
-    assert isinstance(model.lm_head, QuantLinear)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.exact_top > 0  # top logits recomputed
     assert not any(p.dtype == torch.float32 and p.dim() == 2 for p in model.parameters())  # no float matrix
     idx = _ids(V)
     with torch.no_grad():

@@ -9,6 +9,7 @@ holds (`dequantize()`), only the bf16 activations remain.
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -77,18 +78,52 @@ def test_many_rows_take_the_float_gemm_path(mode):
     torch.testing.assert_close(gemm, F.linear(x, layer.dequantize(), layer.bias))
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_a_decoding_step_of_many_rows_gives_each_row_its_solo_result(mode):
+@pytest.mark.parametrize("mode,exact_top", [("int8", 0), ("int4", 0), ("int8", 32)])
+def test_a_decoding_step_of_many_rows_gives_each_row_its_solo_result(mode, exact_top):
     """A decoding step, one token per sequence, takes the int kernel however many rows it has, so a row's output
-    is bit for bit what it is alone (a server's seeded request gives the same text beside others)."""
+    is bit for bit what it is alone (a server's seeded request gives the same text beside others); a head's
+    recomputed top logits too."""
     from lmlab.quant import GEMM_ROWS
 
     g = torch.Generator().manual_seed(5)
     layer = QuantLinear.from_float(torch.randn(64, 128, generator=g), None, mode)
+    layer.exact_top = exact_top
     x = torch.randn(GEMM_ROWS[mode] + 3, 1, 128, generator=g)  # (B, T=1, C): more rows than the GEMM switch
     together = layer(x)
     for i in (0, 1, x.shape[0] - 1):
         assert torch.equal(together[i], layer(x[i:i + 1])[0])
+
+
+def test_int8_head_top_logits_are_those_of_its_weights():
+    """The kernel returns bf16 logits (0.125 apart near 20), so near-ties flip greedy choices; an output head
+    recomputes its top logits, and then every row's argmax and top-20 values are float32's on the same int8
+    weights (`F.linear` of the dequantized matrix). The kernel alone, on the same rows, must miss somewhere,
+    or this test would prove nothing."""
+    from lmlab.quant import EXACT_TOP
+
+    g = torch.Generator().manual_seed(6)
+    head = QuantLinear.from_float(torch.randn(4096, 64, generator=g), None, "int8")
+    x = torch.randn(256, 1, 64, generator=g) * 3  # logits of magnitude ~20-40, as a language model's
+    ref = F.linear(x, head.dequantize())[:, 0]
+    top_values, top_ids = ref.topk(20, dim=-1)
+    kernel_only = head(x)[:, 0]
+    head.exact_top = EXACT_TOP
+    ours = head(x)[:, 0]
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+    torch.testing.assert_close(ours.gather(1, top_ids), top_values, rtol=0, atol=1e-4)
+    assert (kernel_only.gather(1, top_ids) - top_values).abs().max() > 0.05
+
+
+def test_quantized_models_recompute_their_head_top():
+    """quantize_model and the packed GGUF loader both switch the int8 head's recomputation on."""
+    from lmlab.config import ModelConfig
+    from lmlab.model import Transformer
+    from lmlab.quant import EXACT_TOP
+
+    model = Transformer(ModelConfig(family="llama", vocab_size=96, context_length=32, d_model=64, n_layers=1,
+                                    n_heads=4, n_kv_heads=2, d_ff=128))
+    for mode in ("int8", "int4"):
+        assert quantize_model(copy.deepcopy(model), mode).lm_head.exact_top == EXACT_TOP
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.quant import QuantEmbedding, QuantLinear, check_shape, head_mode, quantize_int4, quantize_int8
+from lmlab.quant import QuantEmbedding, QuantLinear, check_shape, exact_head, head_mode, quantize_int4, quantize_int8
 from lmlab.utils import trim_heap
 
 
@@ -170,6 +170,7 @@ def load_packed(model, f, keymap, mode: str | None, group_size: int, dtype: torc
         raise AssertionError(f"packed GGUF load left {left[0]!r} unfilled")  # a bug here, not the user's
     if cfg.tie_embeddings and isinstance(model.lm_head, nn.Linear) and isinstance(model.wte, nn.Embedding):
         model.lm_head.weight = model.wte.weight
+    exact_head(model)
     model.init_rope()
     model.eval()
 

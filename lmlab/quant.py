@@ -7,13 +7,14 @@ own kernels, `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu`
 Measured on a 2-core AVX2 EPYC at batch 1 (benchmarks/quant_kernels.py), both are 2-4x faster than a float32
 F.linear when the activations are bfloat16, and 5-10x slower when they are float32. So each quantized layer casts
 its input to bfloat16 for the matmul and its output back; everything else (norms, attention, the KV cache, the
-residual stream) stays in the model's dtype.
+residual stream) stays in the model's dtype, and an output head recomputes its top logits in float32
+(`QuantLinear.exact_top`), since the kernel's bf16 outputs flip near-tied greedy choices.
 
 Formats, N output rows, K input columns, g the group size:
     int8: codes int8 (N, K) in [-127, 127], weight = codes * scale[n]              (scale (N,))
     int4: codes 0..15 (N, K),               weight = codes * scale[n, j] + offset[n, j]   for column group j
 The int4 kernel wants its codes packed in its own tiled layout and scale/offset as `(q - 8) * s + z` in a
-(K/g, N, 2) table, so an int4 layer keeps only that form; `dequantize()` reads the weight back through the kernel.
+(K/g, N, 2) table, so an int4 layer keeps only that form; `dequantize_t()` unpacks it from the kernel's tiles.
 GGUF files' Q4_0, Q4_1 and Q4_K blocks are exactly int4 groups of 32 (`from_int4`), so they load without a float
 copy (weights/gguf.py).
 """
@@ -226,9 +227,6 @@ class QuantLinear(nn.Module):
             return self.dequantize().t()
         N, K, g = self.out_features, self.in_features, self.group_size
         BN = halves_block()
-        table = self.scales_zeros.float()  # (K/g, N, 2): s, z with w = (q - 8) * s + z
-        s = table[..., 0].contiguous()
-        shift = torch.add(table[..., 1], s, alpha=-8)  # w = q * s + (z - 8 s)
         if BN is None or N % BN:
             codes = unpack_int4(self.weight, N, K)
             if codes is None:  # a layout we do not know: read the weight through the kernel (exact, but K x K work)
@@ -238,6 +236,9 @@ class QuantLinear(nn.Module):
         else:
             b = self.weight.reshape(N // BN, K, BN // 2)
             codes = torch.cat((b & 15, b >> 4), dim=-1).transpose(0, 1)  # (K, N/BN, BN): rows 0.. low, BN/2.. high
+        table = self.scales_zeros.float()  # (K/g, N, 2): s, z with w = (q - 8) * s + z
+        s = table[..., 0].contiguous()
+        shift = torch.add(table[..., 1], s, alpha=-8)  # w = q * s + (z - 8 s)
         out = torch.empty(K, N, dtype=torch.float32, device=self.weight.device)
         out.view_as(codes).copy_(codes)
         out.view(K // g, g, N).mul_(s[:, None]).add_(shift[:, None])

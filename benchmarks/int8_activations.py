@@ -41,33 +41,40 @@ def fbgemm_linear(x: torch.Tensor, packed) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic(torch.cat([x / a, pin]), packed, True)[:-1] * a
 
 
+def alternating_medians(fns: dict, rounds: int) -> dict[str, float]:
+    """Microseconds a call of each function, medians over `rounds` rounds that call them in turn (5 warm-up)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v[5:]) * 1e6 for k, v in times.items()}
+
+
 def kernel_times(rounds: int = 40) -> None:
     from lmlab.quant import QuantLinear
 
-    print("| N x K | rows | fp32 F.linear | int8 kernel | int4 kernel | fbgemm dynamic int8 |\n|---|---|---|---|---|---|")
+    print("| N x K | rows | fp32 F.linear | int8 kernel | int4 kernel | fbgemm dynamic int8 |")
+    print("|---|---|---|---|---|---|")
     for N, K in ((1536, 576), (576, 1536), (576, 576)):
         w = torch.randn(N, K) * 0.05
         q8, q4, packed = (QuantLinear.from_float(w, None, "int8"), QuantLinear.from_float(w, None, "int4"),
                           fbgemm_pack(w))
         for M in (1, 8, 37):
             x = torch.randn(M, K)
-            fns = {"fp32": lambda: x @ w.t(), "int8": lambda: q8(x), "int4": lambda: q4(x),
-                   "fbgemm": lambda: fbgemm_linear(x, packed)}
-            times: dict[str, list[float]] = {k: [] for k in fns}
-            for _ in range(rounds):
-                for k, f in fns.items():
-                    t = time.perf_counter()
-                    f()
-                    times[k].append(time.perf_counter() - t)
-            med = {k: statistics.median(v[5:]) * 1e6 for k, v in times.items()}
-            print(f"| {N} x {K} | {M} | " + " | ".join(f"{med[k]:.0f}" for k in fns) + " |", flush=True)
+            med = alternating_medians({"fp32": lambda x=x, w=w: x @ w.t(), "int8": lambda x=x, q=q8: q(x),
+                                       "int4": lambda x=x, q=q4: q(x),
+                                       "fbgemm": lambda x=x, p=packed: fbgemm_linear(x, p)}, rounds)
+            print(f"| {N} x {K} | {M} | " + " | ".join(f"{v:.0f}" for v in med.values()) + " |", flush=True)
 
 
 def perplexity(tokens: int) -> None:
+    from quant_perplexity import held_out_text
+
     import lmlab
     from lmlab import quant
     from lmlab.evaluate import evaluate
-    from quant_perplexity import held_out_text
 
     plain = quant.QuantLinear.forward
 

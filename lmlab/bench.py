@@ -34,7 +34,7 @@ from lmlab.config import ModelConfig, TrainConfig
 from lmlab.errors import LmlabError, unknown
 from lmlab.model import Transformer
 from lmlab.quant import check_device, check_mode, quantize_model, weight_bytes, weights_description
-from lmlab.utils import atomic_write_text, resolve_device, resolve_dtype
+from lmlab.utils import atomic_write_text, default_dtype, resolve_device, resolve_dtype
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 BANDWIDTH_CONVENTION = "tensor copy_: (bytes read + bytes written) / s, median of 5"  # 1 GiB: beyond any cache
@@ -142,15 +142,16 @@ def memory_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 5
 
 
 def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> Transformer:
-    """A randomly initialised model of cfg's shape, built directly on the device (no CPU copy on the way to a
-    GPU). Speed does not depend on the weights' values, only on their shapes and dtype."""
+    """A randomly initialised model of cfg's shape, built directly on the device and in `dtype`: no CPU copy on
+    the way to a GPU, and no float32 twin of a bf16 model (built in float32 and cast, the Llama-3.1-8B shape
+    peaked at 30.9 GiB for its 16 GB of bf16 weights). Speed does not depend on the weights' values, only on
+    their shapes and dtype."""
     from lmlab.train import check_fits
 
-    check_fits(cfg, device)
+    check_fits(cfg, device, dtype)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Transformer(cfg)
-    return model.to(dtype)
+    with torch.device(device), default_dtype(dtype):
+        return Transformer(cfg)
 
 
 def compiled(model: torch.nn.Module, mode: str | None) -> torch.nn.Module:
@@ -229,21 +230,31 @@ def model_shape(model: str | None, preset: str | None, config: ModelConfig | Non
 def bench_train(model: str | None = None, *, preset: str | None = None, config: ModelConfig | None = None,
                 batch_size: int = 12, context: int | None = None, steps: int = 20, warmup: int = 3,
                 data: str | os.PathLike | None = None, device: str = "auto", dtype: str = "float32",
-                compile: str | None = None, n_threads: int | None = None) -> dict[str, Any]:
+                compile: str | None = None, n_threads: int | None = None, shape: dict[str, Any] | None = None,
+                train: dict[str, Any] | None = None) -> dict[str, Any]:
     """Training speed of a randomly initialised model of the shape of `model` (a source), `preset` or `config`
-    (one of them): tokens/s and the median step time of `steps` optimizer steps after `warmup` untimed ones
-    (speed depends on shapes and dtype, not on the weights' values). Each step is what lmlab train does: forward, loss,
-    backward, gradient clipping and an AdamW step (TrainConfig's defaults), with bf16 autocast for
-    dtype="bfloat16". Compiling times its first step apart, as compile_s (compilation plus that one step)."""
+    (one of them), with the ModelConfig fields in `shape` changed (nanoGPT's bench model: bias False,
+    vocab_size 50304): tokens/s and the median step time of `steps` optimizer steps after `warmup` untimed ones
+    (speed depends on shapes and dtype, not on the weights' values). Each step is what lmlab train does: forward,
+    loss, backward, gradient clipping and an optimizer step (TrainConfig's defaults, or the settings in `train`:
+    optimizer, grad_clip, pad_vocab, fp8), with bf16 autocast for dtype="bfloat16". Compiling times its first
+    step apart, as compile_s (compilation plus that one step)."""
     for flag, value, least in (("batch_size", batch_size, 1), ("steps", steps, 1), ("warmup", warmup, 0)):
         check_count(flag, value, least)
     if context is not None:
         check_count("context", context)
-    tc = TrainConfig(dtype=dtype, compile=compile is not None)
+    tc = TrainConfig(**{**(train or {}), "dtype": dtype, "compile": compile is not None})
+    if tc.optimizer == "lbfgs":
+        raise LmlabError("bench train times single optimizer steps; lbfgs re-evaluates its batch inside each, so "
+                         "choose another --optimizer")
     check_compile(compile)
     dev = resolve_device(device)
+    if tc.fp8:
+        from lmlab.fastpath import check_fp8
+
+        check_fp8(dev, tc.dtype)
     cfg, name = model_shape(model, preset, config)
-    cfg = train_config(cfg, context, data)
+    cfg = train_config(cfg.replace(**(shape or {})), context, data)
     T = context or min(cfg.context_length, 1024)
     with threads(n_threads) as n:
         reset_peak_memory(dev)
@@ -256,33 +267,48 @@ def bench_train(model: str | None = None, *, preset: str | None = None, config: 
     return dict(command="train", model=f"{name} (random weights)",
                 **_setup(dev, n, dtype, None, compile), params=cfg.num_params(), config=cfg.to_dict(),
                 batch_size=batch_size, context=T, steps=steps, warmup=warmup,
-                data=None if data is None else str(data), optimizer="adamw", compile_s=compile_s,
+                data=None if data is None else str(data), optimizer=tc.optimizer, grad_clip=tc.grad_clip,
+                pad_vocab=tc.pad_vocab, fp8=tc.fp8, compile_s=compile_s,
                 step_s=statistics.median(step_s), tokens_per_s=tokens_per_s, flops_per_token=flops,
                 matmul_peak_flops=flops_peak, mfu=flops * tokens_per_s / flops_peak if flops_peak else None,
                 peak_memory_bytes=peak, peak_memory_kind=peak_kind)
 
 
-def _train_steps(cfg: ModelConfig, tc: TrainConfig, batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-                 dev: torch.device, compile: str | None, warmup: int, steps: int) -> tuple[list[float], float | None]:
-    """Run the steps; (timed step seconds, compile seconds or None)."""
+def train_stepper(cfg: ModelConfig, tc: TrainConfig, batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                  dev: torch.device, compile: str | None) -> Callable[[int], torch.Tensor]:
+    """step index -> that step's loss (a device tensor): a random model of cfg's shape trained as lmlab train
+    trains it (padded head on CUDA, float8 layers with tc.fp8, compiled with `compile`, the model's own loss,
+    clipping, the optimizer step). benchmarks/gpu_train_step.py times it beside nanoGPT's step."""
     from contextlib import nullcontext
 
-    from lmlab.fastpath import pad_vocab, vocab_multiple
+    from lmlab.fastpath import float8_training, pad_vocab, vocab_multiple
     from lmlab.optim import build_optimizer
     from lmlab.train import loss_of
 
     model = pad_vocab(random_model(cfg, dev), vocab_multiple(tc.pad_vocab, dev))  # as lmlab train: 64 on CUDA
+    if tc.fp8:
+        float8_training(model)
     net, opt = compiled(model, compile), build_optimizer(model, tc)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if tc.dtype == "bfloat16" else nullcontext()
     net.train()
 
-    def step(i: int) -> None:
+    def step(i: int) -> torch.Tensor:
         x, y = batch(i)
-        loss_of(net, x, y, autocast).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        loss = loss_of(net, x, y, autocast)
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         opt.zero_grad()
+        return loss.detach()
 
+    return step
+
+
+def _train_steps(cfg: ModelConfig, tc: TrainConfig, batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                 dev: torch.device, compile: str | None, warmup: int, steps: int) -> tuple[list[float], float | None]:
+    """Run the steps; (timed step seconds, compile seconds or None)."""
+    step = train_stepper(cfg, tc, batch, dev, compile)
     compile_s = timed(lambda: step(0), dev) if compile is not None else None
     times = [timed(lambda i=i: step(i), dev) for i in progress(range(1, 1 + warmup + steps), "training steps")]
     return times[warmup:], compile_s
@@ -455,8 +481,10 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def _train_rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
+    clip = f"clip {r['grad_clip']:g}" if r.get("grad_clip") else "no clipping"
     return [("params", f"{r['params']:,}"), ("batch x context", f"{r['batch_size']} x {r['context']}"),
             ("data", r["data"] or "random token ids"),
+            ("step", f"{r['optimizer']}, {clip}" + (", fp8 matmuls (torchao rowwise)" if r.get("fp8") else "")),
             ("step time", f"{r['step_s'] * 1e3:.1f} ms (median of {r['steps']}, after {r['warmup']} warm-up)"),
             ("train tokens/s", f"{r['tokens_per_s']:,.0f}")] + ([
             ("MFU", f"{r['mfu']:.1%} of {r['matmul_peak_flops'] / 1e12:,.0f} TFLOP/s (bf16 matmul peak measured "

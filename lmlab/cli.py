@@ -177,16 +177,18 @@ FOREIGN_FLAGS = {
 
 
 def _config_flags(p: argparse.ArgumentParser, model_fields: tuple[str, ...] | None = None,
-                  model_title: str = "model config (override the preset)", skip: tuple[str, ...] = ()) -> None:
-    """Every ModelConfig (or only `model_fields` of it) and TrainConfig field but `skip` as a flag, dest cfg_NAME."""
+                  model_title: str = "model config (override the preset)", skip: tuple[str, ...] = (),
+                  train_fields: tuple[str, ...] | None = None) -> None:
+    """Every ModelConfig (or only `model_fields` of it) and TrainConfig (or only `train_fields` of it) field but
+    `skip` as a flag, dest cfg_NAME."""
     from dataclasses import fields
 
     from lmlab.config import ModelConfig, TrainConfig
 
-    for title, cls in ((model_title, ModelConfig), ("train config", TrainConfig)):
+    for title, cls, only in ((model_title, ModelConfig, model_fields), ("train config", TrainConfig, train_fields)):
         g = p.add_argument_group(title)
         for f in fields(cls):
-            if (cls is ModelConfig and model_fields is not None and f.name not in model_fields) or f.name in skip:
+            if (only is not None and f.name not in only) or f.name in skip:
                 continue
             kind = _field_parser(str(f.type))
             extra = dict(nargs="?", const=True) if "bool" in str(f.type) else {}
@@ -300,8 +302,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     settings = dict(device=args.device, compile=args.compile, n_threads=args.threads)
     if args.bench_command == "train":
+        from lmlab.config import ModelConfig
+
+        flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+        shape = {k: v for k, v in flags.items() if k in ModelConfig.__dataclass_fields__}
+        train = {k: v for k, v in flags.items() if k not in shape}
         r = bench.bench_train(args.model, preset=args.preset, batch_size=args.batch_size, context=args.context,
-                              steps=args.steps, warmup=args.warmup, data=args.data, dtype=args.dtype, **settings)
+                              steps=args.steps, warmup=args.warmup, data=args.data, dtype=args.dtype,
+                              shape=shape, train=train, **settings)
     else:
         r = bench.bench_generate(args.model, preset=args.preset, batch=args.batch, prompt_tokens=args.prompt_tokens,
                                  new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup,
@@ -514,6 +522,9 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     ex.set_defaults(func=cmd_export)
 
 
+BENCH_TRAIN_FIELDS = ("optimizer", "grad_clip", "pad_vocab", "fp8")  # the train settings that change a step's speed
+
+
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
     from lmlab.bench import COMPILE_MODES
 
@@ -532,6 +543,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--steps", type=int, default=20, help="timed steps (default: 20)")
     tr.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     tr.add_argument("--dtype", default="float32", help="float32 or bfloat16 (autocast) (default: float32)")
+    _config_flags(tr, model_title="model shape (override the preset's or the model's)",
+                  skip=("context_length",), train_fields=BENCH_TRAIN_FIELDS)
     gen = kinds.add_parser("generate", help="prefill and decode tokens/s at batch 1 and N, bandwidth utilisation",
                            description="Greedy decoding of random prompt ids, EOS ignored. Bandwidth utilisation: "
                                        "weight bytes read per decode step x steps/s, over the bandwidth of a "

@@ -271,6 +271,12 @@ class TrainConfig:
     # evaluation, early stopping, logging
     eval_interval: int = 250
     eval_batches: int = 50  # fixed, deterministic subsets of val and train, in eval mode
+    # windows per evaluation forward pass; 0 = batch_size. The same eval_batches x batch_size windows, regrouped:
+    # fewer, larger no-grad passes (the mean is the same to float rounding)
+    eval_batch_size: int = 0
+    # false: an evaluation's train loss is the mean training loss since the previous evaluation (train mode,
+    # dropout on), which costs nothing, instead of eval_batches passes over fixed train windows
+    eval_train: bool = True
     patience: int = 0  # stop after this many evaluations without improvement; 0 = never
     min_delta: float = 0.0  # the improvement in val loss that counts
     log_interval: int = 10
@@ -286,6 +292,9 @@ class TrainConfig:
     # faster: a thread that loses its core stalls every parallel op of the step (benchmarks/char_cpu.md)
     threads: int = 0
     fsdp: bool = False  # under torchrun: shard with FSDP2 (fully_shard) instead of DDP
+    # the blocks' matmuls in FP8 (torchao float8 training, rowwise scales); CUDA compute capability 8.9+ and
+    # dtype bfloat16 only (lmlab/fastpath.py)
+    fp8: bool = False
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -313,7 +322,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise LmlabError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("warmup_steps", "step_every", "max_steps", "max_tokens", "patience", "seed", "threads",
-                     "pad_vocab"):
+                     "pad_vocab", "eval_batch_size"):
             if getattr(self, name) < 0:
                 raise LmlabError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         if self.seed >= 2**63:  # torch.manual_seed takes 64 bits, and each rank seeds with seed + rank

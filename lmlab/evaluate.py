@@ -56,6 +56,8 @@ def window_loss(net: torch.nn.Module, data: np.ndarray, starts: np.ndarray, T: i
     scoring its last scored[i] targets (all T when None). chunk 0: one call of `net`, which may be wrapped (DDP,
     FSDP, compiled); chunk N: the body once, then lm_head and the loss on N positions at a time."""
     x, y = windows_to_batch(data, starts, T, device)  # (B, T) each
+    if scored is None and not chunk:  # every target: the model's own loss, inside a compiled model's graph
+        return net(x, targets=y) * y.numel(), y.numel()
     keep = None
     if scored is not None:
         first = T - torch.as_tensor(np.asarray(scored), device=device)  # (B,) first scored position

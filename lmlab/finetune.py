@@ -67,7 +67,8 @@ class FineTune(Pretrain):
 
     def load_data(self, mc: ModelConfig, tc: TrainConfig, info: DistInfo) -> SFTData:
         return SFTData(self.data_file, self.base.tokenizer, self.sft, mc.vocab_size, mc.context_length,
-                       tc.batch_size, tc.grad_accum, tc.seed, tc.sampling, info.rank, info.world, tc.eval_batches)
+                       tc.batch_size, tc.grad_accum, tc.seed, tc.sampling, info.rank, info.world, tc.eval_batches,
+                       tc.eval_batch_size)
 
     def model_config(self, mc: ModelConfig, data: SFTData) -> ModelConfig:
         return mc  # the base's, with the dropout given for fine-tuning

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from lmlab.config import INITS, ModelConfig, check_rate
 
+IGNORE_INDEX = -100  # a target the loss skips (a prompt token in fine-tuning, padding): F.cross_entropy's default
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 as Llama does."""
@@ -281,7 +283,15 @@ class Transformer(nn.Module):
     `input_pos` (T,), the cache slots being written, and optionally `offset` (B,), the number of left-pad
     slots in each row: row b's real tokens start at slot offset[b], and its positions count from there.
     `last_only` returns logits for the last position alone, (B, 1, vocab); `head=False` the final normed
-    hidden states (B, T, C) instead of logits.
+    hidden states (B, T, C) instead of logits; `targets` (B, T) the mean next-token cross-entropy over the
+    targets that are not IGNORE_INDEX, in float32, instead of logits.
+
+    The loss is computed here, as nanoGPT's model does, so that a compiled model compiles its loss with it: the
+    head's float32 upcast, log-softmax and their backward fuse into the graph, where a loss taken outside the
+    compiled call would run eagerly over float32 copies of the (B, T, vocab) logits (3.3 GB for GPT-2 at
+    16 x 1024). A head may offer `masked(x)`, logits over a padded vocabulary whose extra columns are -inf
+    (lmlab.fastpath.PaddedHead): cross-entropy over those equals cross-entropy over the true vocabulary, and
+    needs no slice of the padded matmul's output nor a padded copy of its gradient.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -376,7 +386,8 @@ class Transformer(nn.Module):
         self.use_cache(None)
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
-                offset: torch.Tensor | None = None, last_only: bool = False, head: bool = True) -> torch.Tensor:
+                offset: torch.Tensor | None = None, last_only: bool = False, head: bool = True,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
         B, T = idx.shape
         device = idx.device
         mask = None
@@ -408,6 +419,9 @@ class Transformer(nn.Module):
         if last_only:  # a prefill needs only the next-token logits, not (B, T, vocab) of them
             x = x[:, -1:]
         x = self.norm_f(x)  # (B, T, C): head=False stops here, for a loss that applies lm_head in chunks
+        if targets is not None:
+            logits = getattr(self.lm_head, "masked", self.lm_head)(x)  # (B, T, vocab or padded vocab)
+            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         return self.lm_head(x) if head else x  # (B, T, vocab)
 
     def _slots_read(self, input_pos: torch.Tensor, T: int) -> int:

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from lmlab.chat import check_messages, encode_rendered, render_for
 from lmlab.config import SFTConfig
 from lmlab.errors import LmlabError
+from lmlab.model import IGNORE_INDEX as IGNORE  # F.cross_entropy's default ignore_index
 from lmlab.tokenizer import Tokenizer
 from lmlab.utils import read_text
 
-IGNORE = -100  # F.cross_entropy's default ignore_index
 DEFAULT_MAX_LENGTH = 1024
 
 
@@ -183,7 +183,7 @@ class SFTData:
 
     def __init__(self, path: str | Path, tokenizer: Tokenizer, sft: SFTConfig, vocab_size: int, context: int,
                  batch_size: int, grad_accum: int, seed: int, sampling: str, rank: int = 0, world: int = 1,
-                 eval_batches: int = 1) -> None:
+                 eval_batches: int = 1, eval_batch_size: int = 0) -> None:
         self.path, self.tokenizer, self.sft, self.vocab_size = Path(path), tokenizer, sft, vocab_size
         self.max_length = min(sft.max_length or min(context, DEFAULT_MAX_LENGTH), context)
         examples, self.dropped = load_examples(path, tokenizer, sft, self.max_length, vocab_size)
@@ -199,9 +199,10 @@ class SFTData:
         mean_len = float(np.mean([len(e.x) for e in self.train]))
         self.tokens_per_batch = max(1, round(batch_size * mean_len))  # real (unpadded) tokens, on average
         n_eval = eval_batches * batch_size
-        self.val_batches = _chunks(self.val[:n_eval], batch_size)
+        size = eval_batch_size or batch_size
+        self.val_batches = _chunks(self.val[:n_eval], size)
         train_eval = np.random.default_rng([seed, 104729]).permutation(len(self.train))[:n_eval]
-        self.train_batches = _chunks([self.train[i] for i in train_eval], batch_size)
+        self.train_batches = _chunks([self.train[i] for i in train_eval], size)
         self._order: tuple[int, np.ndarray] | None = None
 
     def indices(self, step: int, micro: int) -> np.ndarray:
@@ -223,9 +224,11 @@ class SFTData:
     def batch(self, step: int, micro: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return pad_batch([self.train[i] for i in self.indices(step, micro)], device)
 
-    def losses(self, net: torch.nn.Module, device: torch.device, bf16: bool) -> tuple[float, float]:
-        """(val loss, train loss) on the fixed evaluation examples."""
-        return masked_loss(net, self.val_batches, device, bf16), masked_loss(net, self.train_batches, device, bf16)
+    def losses(self, net: torch.nn.Module, device: torch.device, bf16: bool,
+               train: bool = True) -> tuple[float, float | None]:
+        """(val loss, train loss) on the fixed evaluation examples; the train loss None without `train`."""
+        return (masked_loss(net, self.val_batches, device, bf16),
+                masked_loss(net, self.train_batches, device, bf16) if train else None)
 
     def describe(self) -> dict[str, Any]:
         """What a checkpoint records about its data (lmlab.json)."""

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from lmlab.checkpoint import is_checkpoint, load_model, read_meta, rng_state, save_checkpoint, set_rng_state
@@ -57,7 +56,7 @@ from lmlab.distributed import (
 )
 from lmlab.errors import LmlabError, TrainingDiverged
 from lmlab.evaluate import mean_loss
-from lmlab.fastpath import pad_vocab, vocab_multiple
+from lmlab.fastpath import check_fp8, float8_training, pad_vocab, vocab_multiple
 from lmlab.metrics import Metrics
 from lmlab.model import Transformer
 from lmlab.optim import Optimizers, build_optimizer, dropout_factor, lr_factor
@@ -66,7 +65,7 @@ from lmlab.utils import current_dir
 TRAIN_STATE = "train_state.pt"
 # Train settings that may change on --resume; anything else must match the run being resumed.
 RESUMABLE_CHANGES = {"max_steps", "max_tokens", "eval_interval", "eval_batches", "patience", "min_delta",
-                     "log_interval", "device", "compile", "threads"}
+                     "log_interval", "device", "compile", "threads", "eval_batch_size", "eval_train"}
 RESUMABLE_CHANGES |= {"pad_vocab"}  # speed settings (lmlab/fastpath.py): how fast, not what is computed
 
 
@@ -152,10 +151,10 @@ def _train(run: Run, quiet: bool) -> TrainResult:
 
 
 def loss_of(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: AbstractContextManager) -> torch.Tensor:
-    """Mean next-token cross-entropy of a batch, logits in float32 whatever the autocast dtype."""
+    """Mean next-token cross-entropy of a batch, logits in float32 whatever the autocast dtype. The model computes
+    it (`targets=`), so a compiled model compiles its loss too (lmlab.model.Transformer)."""
     with autocast:
-        logits = net(x)  # (B, T, vocab)
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+        return net(x, targets=y)
 
 
 def total_steps(tc: TrainConfig, tokens_per_step: int) -> int:
@@ -192,11 +191,12 @@ class Data:
     def batch(self, step: int, micro: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return self.batches.get(step, micro, device)
 
-    def losses(self, net: torch.nn.Module, device: torch.device, bf16: bool) -> tuple[float, float]:
-        """(val loss, train loss) on the fixed evaluation windows."""
+    def losses(self, net: torch.nn.Module, device: torch.device, bf16: bool,
+               train: bool = True) -> tuple[float, float | None]:
+        """(val loss, train loss) on the fixed evaluation windows; the train loss None without `train`."""
         T = self.batches.T
         return (mean_loss(net, self.val, self.val_windows, T, device, bf16),
-                mean_loss(net, self.train, self.train_windows, T, device, bf16))
+                mean_loss(net, self.train, self.train_windows, T, device, bf16) if train else None)
 
     def describe(self) -> dict:
         """What a checkpoint records about its data (lmlab.json)."""
@@ -211,8 +211,16 @@ def load_data(mc: ModelConfig, tc: TrainConfig, data_dir: Path, info: DistInfo) 
     if B * info.world * T > len(train_split):
         raise LmlabError(f"a batch of {B * info.world} x {T} tokens does not fit in the training split "
                          f"({len(train_split)} tokens); lower --batch-size or --context-length")
-    return Data(data, train_split, val_split, batches, eval_windows(val_split, T, B, tc.eval_batches, tc.seed),
-                eval_windows(train_split, T, B, tc.eval_batches, tc.seed + 1))
+    size = tc.eval_batch_size or B
+    return Data(data, train_split, val_split, batches,
+                regroup(eval_windows(val_split, T, B, tc.eval_batches, tc.seed), size),
+                regroup(eval_windows(train_split, T, B, tc.eval_batches, tc.seed + 1), size))
+
+
+def regroup(windows: list[np.ndarray], size: int) -> list[np.ndarray]:
+    """The same window starts in batches of `size` (the last one shorter when they do not divide evenly)."""
+    flat = np.concatenate(windows)
+    return [flat[i:i + size] for i in range(0, len(flat), size)]
 
 
 def check_resume(meta: dict, mc: ModelConfig, tc: TrainConfig, data: Data, info: DistInfo) -> None:
@@ -241,20 +249,23 @@ def check_options(tc: TrainConfig, info: DistInfo) -> None:
         raise LmlabError("lbfgs is full-batch and single-process; run it without torchrun")
     if tc.optimizer == "muon" and tc.fsdp:
         raise LmlabError("muon needs whole weight matrices; use DDP (drop --fsdp) with muon")
+    if tc.fp8:
+        check_fp8(info.device, tc.dtype)
 
 
-def check_fits(mc: ModelConfig, device: torch.device) -> None:
-    """Refuse, before allocating, a model whose float32 weights alone exceed this machine's memory (training with
-    AdamW needs about four times that: weights, gradients and two moments)."""
+def check_fits(mc: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+    """Refuse, before allocating, a model whose weights in `dtype` (float32 for training) alone exceed this
+    machine's memory (training with AdamW needs about four times that: weights, gradients and two moments)."""
     if device.type != "cpu" or not hasattr(os, "sysconf"):
         return
     try:
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return
-    need = mc.num_params() * 4
+    need = mc.num_params() * dtype.itemsize
     if need > ram:
-        raise LmlabError(f"the model has {mc.num_params():,} parameters: {need / 2**30:.1f} GiB of float32 weights, "
+        raise LmlabError(f"the model has {mc.num_params():,} parameters: {need / 2**30:.1f} GiB of "
+                         f"{str(dtype).removeprefix('torch.')} weights, "
                          f"more than this machine's {ram / 2**30:.1f} GiB of memory (training needs about 4x the "
                          "weights); choose a smaller model (--d-model, --n-layers, --vocab-size via the data)")
 
@@ -319,6 +330,8 @@ def build_run(job: Pretrain, mc: ModelConfig, tc: TrainConfig, run_dir: Path, re
         raise LmlabError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
     model = job.build_model(mc, tc, info, last_dir if resume else None)
     pad_vocab(model, vocab_multiple(tc.pad_vocab, info.device))  # the same parameters: before wrap and optimizer
+    if tc.fp8:
+        float8_training(model)  # so are these
     net = wrap(model, info, tc.fsdp)  # FSDP2 swaps in sharded parameters: build the optimizer after it
     opt = build_optimizer(model, tc)
     state = RunState()
@@ -351,6 +364,8 @@ class Run:
         self.autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if tc.dtype == "bfloat16"
                          else nullcontext())
         self.base_rates = (mc.dropout_embed, mc.dropout_attn, mc.dropout_resid)
+        self.running, self.running_steps = torch.zeros((), device=info.device), 0  # losses since the last eval
+        self.train_loss_of = "eval"  # where the last evaluation's train loss came from ("eval" or "running")
 
     def set_schedules(self) -> tuple[float, list[float]]:
         """Set this step's learning rate and dropout rates; return them for the log."""
@@ -379,10 +394,13 @@ class Run:
         """One optimizer step; the loss it was taken on, a device tensor. A NaN loss steps too (checking would
         sync): `check_losses` stops the run before anything is saved from it."""
         if self.tc.optimizer == "lbfgs":
-            return self.lbfgs_step()
-        loss = self.micro_batches(self.state.step)
-        self.opt.step()
-        self.opt.zero_grad()
+            loss = self.lbfgs_step()
+        else:
+            loss = self.micro_batches(self.state.step)
+            self.opt.step()
+            self.opt.zero_grad()
+        self.running += loss.detach()  # on the device: read at the next evaluation only
+        self.running_steps += 1
         return loss
 
     def check_losses(self, pending: list[torch.Tensor]) -> float | None:
@@ -408,8 +426,17 @@ class Run:
         return torch.as_tensor(self.opt.step(closure), device=self.info.device)
 
     def evaluate(self) -> tuple[float, float]:
-        """(val loss, train loss) on the data's fixed evaluation sets."""
-        return self.data.losses(self.net, self.info.device, self.tc.dtype == "bfloat16")
+        """(val loss, train loss) on the data's fixed evaluation sets; with eval_train off, the train loss is the
+        mean training loss of the steps since the last evaluation (the fixed train windows where there were none:
+        the first evaluation)."""
+        running = not self.tc.eval_train and self.running_steps > 0
+        val, trn = self.data.losses(self.net, self.info.device, self.tc.dtype == "bfloat16", train=not running)
+        if running:
+            trn = mean_over_ranks(self.running / self.running_steps, self.info).item()
+        self.running.zero_()
+        self.running_steps = 0
+        self.train_loss_of = "running" if running else "eval"
+        return val, trn
 
     def evaluate_and_save(self, progress: Progress) -> bool:
         """Evaluate, log, save best/ on improvement and last/ always; True when early stopping says stop."""
@@ -423,7 +450,8 @@ class Run:
         lr = tc.lr * lr_factor(max(0, state.step - 1), tc, self.n_steps)
         self.metrics.log("eval", step=state.step, train_loss=trn, val_loss=val, lr=lr,
                          tokens_seen=state.step * self.tokens_per_step, elapsed_s=round(state.elapsed_s, 3),
-                         best_val=state.best_val)
+                         best_val=state.best_val, **({"train_loss_of": "running"}
+                                                     if self.train_loss_of == "running" else {}))
         progress.write(f"step {state.step}: train loss {trn:.4f}, val loss {val:.4f}" + (
             " (best)" if improved else f" (best {state.best_val:.4f} at step {state.best_step})"))
         if improved:

@@ -49,6 +49,18 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Floating-point tensors made inside are `dtype` (torch.set_default_dtype, restored after): a model built
+    so has its parameters in that dtype from the start, never a float32 twin to cast from."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def umask() -> int:
     """The process umask, read without changing it where /proc allows (os.umask can only set it)."""
     try:

@@ -154,6 +154,41 @@ def test_generate_model_source(capsys, tmp_path, char_run):
     assert r["batches"][0]["decode_tokens_per_s"] > 0
 
 
+BUILD_PEAK = """
+import sys, torch
+from lmlab.bench import random_model
+from lmlab.config import ModelConfig
+
+def hwm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+
+cfg = ModelConfig(family="llama", vocab_size=32000, context_length=256, d_model=1024, d_ff=2816, n_layers=8,
+                  n_heads=16, n_kv_heads=4)
+before = hwm()
+model = random_model(cfg, torch.device("cpu"), getattr(torch, sys.argv[1]))
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+print(hwm() - before, weights, {str(p.dtype) for p in model.parameters()})
+"""
+
+
+def test_a_bf16_random_model_never_allocates_its_float32_twin():
+    """The peak RSS a bf16 random model adds while it is built (a fresh process, so the high-water mark is its
+    own) stays near its bf16 bytes: building in float32 and casting would add twice them. float32 checks the
+    measure itself: its peak is its own float32 bytes."""
+    peaks = {}
+    for dtype in ("bfloat16", "float32"):
+        p = subprocess.run([sys.executable, "-c", BUILD_PEAK, dtype], capture_output=True, text=True,
+                           env=subprocess_env(), timeout=120)
+        assert p.returncode == 0, p.stderr
+        grown, weights, dtypes = p.stdout.split(maxsplit=2)
+        peaks[dtype] = int(grown), int(weights)
+        assert dtypes.strip() == f"{{'torch.{dtype}'}}"
+    (bf16_peak, bf16_bytes), (fp32_peak, fp32_bytes) = peaks["bfloat16"], peaks["float32"]
+    assert fp32_bytes == 2 * bf16_bytes > 400 * 2**20
+    assert 0.9 * fp32_bytes < fp32_peak < 1.25 * fp32_bytes  # the measure sees a model's weights
+    assert 0.9 * bf16_bytes < bf16_peak < 1.25 * bf16_bytes  # a float32 twin would make it >= 3x bf16_bytes
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--preset", "no-such"], "unknown preset 'no-such'"),
     (["train", "--preset", "char-cpu", "--steps", "0"], "--steps must be an integer >= 1, got 0"),

@@ -142,6 +142,38 @@ def test_padded_head_gives_the_plain_heads_logits_and_gradients(tie):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_training_loss_on_the_padded_head_is_cross_entropy_on_the_true_vocabulary(tie, bf16):
+    """The loss the model computes for training (`targets=`, on the padded logits with the padding at -inf) is
+    torch's F.cross_entropy of the plain model's 65 logits, value and every gradient, ignored targets (-100)
+    included; under bf16 autocast too (to bf16's precision)."""
+    import copy
+
+    from lmlab.fastpath import pad_vocab
+
+    torch.manual_seed(0)
+    plain = Transformer(TINY.replace(tie_embeddings=tie))
+    padded = pad_vocab(copy.deepcopy(plain), 64)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 65, (3, 17), generator=g), torch.randint(0, 65, (3, 17), generator=g)
+    y[0, :5] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        want = F.cross_entropy(plain(x).float().reshape(-1, 65), y.reshape(-1))
+        got = padded(x, targets=y)
+        hidden = padded(x, head=False)
+        masked = padded.lm_head.masked(hidden)
+    assert masked.shape == (3, 17, 128) and torch.isneginf(masked[..., 65:]).all()
+    tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want, **tol)
+    want.backward()
+    got.backward()
+    for (name, p), q in zip(plain.named_parameters(), padded.parameters(), strict=True):
+        assert torch.isfinite(q.grad).all(), name
+        torch.testing.assert_close(q.grad, p.grad, **(dict(rtol=5e-2, atol=2e-3) if bf16 else
+                                                       dict(rtol=1e-5, atol=1e-6)), msg=name)
+
+
 def test_padded_training_saves_and_exports_the_unpadded_shapes(tmp_path, char_data):
     """A run with the padded head writes a checkpoint with the keys and shapes of an unpadded run's, and nearly
     its weights; its model exports to an HF directory that transformers reads and runs to the same logits, and to
@@ -183,7 +215,6 @@ def test_compiled_logits_equal_eager():
     torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_fast_path_training_losses_follow_the_plain_path(tmp_path, char_data):
     """20 steps with every fast-path setting (compiled, bf16 autocast, padded vocabulary) log losses within 0.02
     of the plain float32 run's (bf16 keeps 8 bits of mantissa: about 3 significant digits per op), and end
@@ -201,6 +232,71 @@ def test_fast_path_training_losses_follow_the_plain_path(tmp_path, char_data):
     assert len(plain) == len(fast) == 20
     assert fast == pytest.approx(plain, abs=0.02)
     assert fast[-1] == pytest.approx(plain[-1], rel=0.01) and plain[-1] < plain[0] - 0.3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --fp8: torchao's float8 training, refused where it cannot pay; its arithmetic checked on CPU.
+
+@pytest.mark.parametrize("command", [["train", "--data", "no-data", "--out", "no-run", "--preset", "char-cpu"],
+                                     ["bench", "train", "--preset", "char-cpu"]])
+def test_fp8_on_a_cpu_is_one_line_and_exit_2(command):
+    """Refused before anything is read or built (the data directory here does not even exist)."""
+    import subprocess
+
+    from tests.conftest import lmlab_cmd, subprocess_env
+
+    p = subprocess.run(lmlab_cmd(*command, "--fp8", "--device", "cpu"), capture_output=True, text=True,
+                       env=subprocess_env(), timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("lmlab: error: --fp8 needs an NVIDIA GPU with FP8")
+    assert "compute capability 8.9 or newer" in p.stderr and "device is cpu" in p.stderr
+
+
+def test_fp8_names_the_gpu_it_needs_on_an_older_one():
+    """A100 (8.0) and V100 (7.0) have no FP8 tensor cores; Ada (8.9) and H100/H200 (9.0) do."""
+    from lmlab.fastpath import fp8_refusal
+
+    cuda = torch.device("cuda")
+    why = fp8_refusal(cuda, (8, 0), "NVIDIA A100-SXM4-80GB")
+    assert "NVIDIA A100-SXM4-80GB is compute capability 8.0" in why and "8.9 or newer" in why
+    assert "7.0" in fp8_refusal(cuda, (7, 0), "Tesla V100")
+    assert fp8_refusal(cuda, (8, 9), "NVIDIA L4") is None and fp8_refusal(cuda, (9, 0), "NVIDIA H200") is None
+
+
+def test_fp8_training_follows_bf16_for_20_steps(char_data):
+    """torchao's rowwise float8 layers (the arithmetic `--fp8` runs on a GPU, emulated by torch on CPU) swap in
+    for the blocks' linears alone, keep every state-dict key and tensor, and train: 20 AdamW steps under bf16
+    autocast stay within 4% of the bf16 run's losses (0.03 apart on average), and both learn."""
+    import copy
+
+    pytest.importorskip("torchao")
+    from lmlab.fastpath import float8_training
+
+    data = TokenData(char_data)
+    mc = TINY.replace(vocab_size=data.vocab_size)
+    torch.manual_seed(0)
+    bf16 = Transformer(mc)
+    fp8 = copy.deepcopy(bf16)
+    keys = {k: v.clone() for k, v in fp8.state_dict().items()}
+    assert float8_training(fp8) == 4 * mc.n_layers  # qkv, proj, up, down; never the head
+    assert type(fp8.lm_head) is torch.nn.Linear and type(fp8.blocks[0].attn.qkv).__name__ == "Float8Linear"
+    assert fp8.state_dict().keys() == keys.keys()
+    batches = Batches(data.split("train"), mc.context_length, 8, 1, 0, "random")
+    losses = {}
+    for name, model in (("bf16", bf16), ("fp8", fp8)):
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses[name] = []
+        for step in range(20):
+            x, y = batches.get(step, 0, torch.device("cpu"))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(x, targets=y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    assert losses["fp8"] == pytest.approx(losses["bf16"], rel=0.04)  # FP8 e4m3 keeps 3 bits of mantissa
+    assert sum(abs(a - b) for a, b in zip(losses["fp8"], losses["bf16"], strict=True)) / 20 < 0.03
+    assert losses["bf16"][-1] < losses["bf16"][0] - 0.5 and losses["fp8"][-1] < losses["fp8"][0] - 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ Ctrl-C, divergence, a full disk, bad input, and 2-process gloo DDP against a sin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import signal
@@ -62,6 +63,40 @@ def test_training_learns_and_writes_a_run(tmp_path, char_data):
         for _ in range(10):
             ids.append(int(lm.model(torch.tensor([ids]))[0, -1].argmax()))
     assert lm.generate("Fir", max_new_tokens=10, temperature=0) == lm.tokenizer.decode(ids[3:])
+
+
+def test_larger_evaluation_batches_score_the_same_windows(tmp_path, char_data):
+    """eval_batch_size regroups the eval_batches x batch_size fixed windows into fewer, larger passes: every
+    evaluation's val and train loss is the default grouping's, to float rounding, and training is unchanged."""
+    tc = TrainConfig(max_steps=6, eval_interval=3, eval_batches=6, batch_size=4, device="cpu", seed=3)
+    for name, size in (("small", 0), ("large", 12), ("ragged", 7)):
+        train(TINY, dataclasses.replace(tc, eval_batch_size=size), char_data, tmp_path / name, quiet=True)
+    want = events(tmp_path / "small", "eval")
+    assert [e["step"] for e in want] == [0, 3, 6]
+    for name in ("large", "ragged"):
+        got = events(tmp_path / name, "eval")
+        for key in ("val_loss", "train_loss"):
+            assert [e[key] for e in got] == pytest.approx([e[key] for e in want], rel=1e-6), (name, key)
+        assert [e["loss"] for e in events(tmp_path / name, "train")] == [e["loss"] for e in events(tmp_path / "small",
+                                                                                                    "train")]
+
+
+def test_the_running_train_loss_is_the_mean_of_the_steps_since_the_last_evaluation(tmp_path, char_data):
+    """eval_train off: an evaluation's train loss is the mean of the training losses logged since the previous
+    one (no pass over the fixed train windows), marked as such; the first evaluation, before any step, scores the
+    fixed windows as usual."""
+    run = tmp_path / "run"
+    tc = TrainConfig(max_steps=8, eval_interval=4, eval_batches=2, batch_size=4, log_interval=1, device="cpu",
+                     seed=3, eval_train=False)
+    train(TINY, tc, char_data, run, quiet=True)
+    evals, steps = events(run, "eval"), [e["loss"] for e in events(run, "train")]
+    assert [e["step"] for e in evals] == [0, 4, 8] and len(steps) == 8
+    assert "train_loss_of" not in evals[0]
+    train(TINY, dataclasses.replace(tc, eval_train=True), char_data, tmp_path / "eval", quiet=True)
+    assert evals[0]["train_loss"] == events(tmp_path / "eval", "eval")[0]["train_loss"]
+    for e, since in zip(evals[1:], (steps[:4], steps[4:]), strict=True):
+        assert e["train_loss_of"] == "running"
+        assert e["train_loss"] == pytest.approx(sum(since) / 4, rel=1e-6)
 
 
 def test_dropout_schedule_reaches_the_model(tmp_path, char_data):

@@ -32,7 +32,7 @@ def split(stamps: list[float], start: float, n_prompt: int, batch: int = 1) -> t
 def engines(args, ids: list[int], gguf_path):
     """name -> a function running one timed generation and returning (prefill tok/s, decode tok/s)."""
     import lmlab
-    from lmlab.generate import SamplingConfig, generate_ids
+    from lmlab.infer.generate import SamplingConfig, generate_ids
 
     n = args.new_tokens
     lm = lmlab.load(gguf_path, device="cpu")
@@ -120,8 +120,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import lmlab
-    from lmlab.chat import chat_prompt_ids
-    from lmlab.fetch import fetch_model
+    from lmlab.data.fetch import fetch_model
+    from lmlab.templates import chat_prompt_ids
 
     path = fetch_model("smollm2-135m-instruct")
     gguf_path = path if path.is_file() else next(path.glob("*.gguf"))

@@ -104,7 +104,7 @@ def seconds(fn, dev: torch.device) -> float:
 
 def build(variants: list[str], args, shape: ModelConfig, dev: torch.device) -> dict[str, dict]:
     """Each variant built in turn, its first step timed (compile included) and its peak memory read."""
-    from lmlab.fastpath import fp8_refusal
+    from lmlab.training.fastpath import fp8_refusal
 
     built = {}
     for name in variants:

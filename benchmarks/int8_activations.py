@@ -74,7 +74,7 @@ def perplexity(tokens: int) -> None:
 
     import lmlab
     from lmlab import quant
-    from lmlab.evaluate import evaluate
+    from lmlab.infer.evaluate import evaluate
 
     plain = quant.QuantLinear.forward
 

@@ -22,7 +22,7 @@ MEASURE = r"""
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[3]))
 import lmlab
-from lmlab.generate import SamplingConfig, generate_ids
+from lmlab.infer.generate import SamplingConfig, generate_ids
 from lmlab.quant import weight_bytes, weights_description
 
 def hwm():

@@ -4,7 +4,7 @@
 
 The text is the Python language reference's prose as every CPython ships it (`pydoc_data.topics`: the help
 topics, ~465 KB of English with some code): not Shakespeare, which the tests use, and in any Python install, so
-the figure is reproducible offline. Its first --tokens tokens are scored with `lmlab.evaluate` (strided sliding
+the figure is reproducible offline. Its first --tokens tokens are scored with `lmlab.infer.evaluate` (strided sliding
 windows of --context, stride half a window), once per weight format, all from the same Q4_1 GGUF:
     float32  the file dequantized (quantize="off"): the reference
     stored   as stored: Q4_1 layers as int4 groups of 32 (the same numbers), the Q8_0 embedding as int8 rows
@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import lmlab
-    from lmlab.evaluate import evaluate
+    from lmlab.infer.evaluate import evaluate
     from lmlab.quant import weights_description
 
     rows = []

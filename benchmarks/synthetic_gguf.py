@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = preset(args.preset).replace(**changes)
         tokenizer = args.tokenizer
         if tokenizer is None:
-            from lmlab.fetch import fetch_model
+            from lmlab.data.fetch import fetch_model
 
             tokenizer = fetch_model("smollm2-135m-instruct")
         t = time.perf_counter()

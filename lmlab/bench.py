@@ -146,7 +146,7 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = to
     the way to a GPU, and no float32 twin of a bf16 model (built in float32 and cast, the Llama-3.1-8B shape
     peaked at 30.9 GiB for its 16 GB of bf16 weights). Speed does not depend on the weights' values, only on
     their shapes and dtype."""
-    from lmlab.train import check_fits
+    from lmlab.training.loop import check_fits
 
     check_fits(cfg, device, dtype)
     torch.manual_seed(0)
@@ -196,7 +196,7 @@ def train_batches(cfg: ModelConfig, batch_size: int, context: int, data: str | o
             ids = torch.randint(0, cfg.vocab_size, (batch_size, context + 1), generator=g).to(device)
             return ids[:, :-1], ids[:, 1:]
         return random_batch
-    from lmlab.data import Batches, TokenData
+    from lmlab.data.tokens import Batches, TokenData
 
     batches = Batches(TokenData(data).split("train"), context, batch_size, 1, seed=0, sampling="random")
     return lambda step: batches.get(step, 0, device)
@@ -206,7 +206,7 @@ def train_config(cfg: ModelConfig, context: int | None, data: str | os.PathLike 
     """cfg as the benchmark trains it: the data's vocabulary (as lmlab train sets it), and a context table long
     enough for the windows asked for."""
     if data is not None:
-        from lmlab.data import TokenData
+        from lmlab.data.tokens import TokenData
 
         cfg = cfg.replace(vocab_size=TokenData(data).vocab_size)
     if context is not None and context > cfg.context_length:
@@ -250,7 +250,7 @@ def bench_train(model: str | None = None, *, preset: str | None = None, config: 
     check_compile(compile)
     dev = resolve_device(device)
     if tc.fp8:
-        from lmlab.fastpath import check_fp8
+        from lmlab.training.fastpath import check_fp8
 
         check_fp8(dev, tc.dtype)
     cfg, name = model_shape(model, preset, config)
@@ -281,9 +281,9 @@ def train_stepper(cfg: ModelConfig, tc: TrainConfig, batch: Callable[[int], tupl
     clipping, the optimizer step). benchmarks/gpu_train_step.py times it beside nanoGPT's step."""
     from contextlib import nullcontext
 
-    from lmlab.fastpath import float8_training, pad_vocab, vocab_multiple
-    from lmlab.optim import build_optimizer
-    from lmlab.train import loss_of
+    from lmlab.training.fastpath import float8_training, pad_vocab, vocab_multiple
+    from lmlab.training.loop import loss_of
+    from lmlab.training.optim import build_optimizer
 
     model = pad_vocab(random_model(cfg, dev), vocab_multiple(tc.pad_vocab, dev))  # as lmlab train: 64 on CUDA
     if tc.fp8:
@@ -321,14 +321,14 @@ def _setup(dev: torch.device, n_threads: int, dtype: str, quantize: str | None, 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Decoding: prefill a random prompt, then greedy steps with the static KV cache (lmlab.generate's engine).
+# Decoding: prefill a random prompt, then greedy steps with the static KV cache (lmlab.infer.generate's engine).
 
 def decode_run(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[float]]:
     """One greedy generation with EOS ignored, so every row decodes exactly new_tokens tokens: (prefill seconds,
     [seconds of each decode step]). The engine yields once per token: its first yield follows the prefill,
     each later one follows one decode step. Each yield has copied the step's ids to the host (a sync), and on
     CUDA the clock is read after an explicit one too."""
-    from lmlab.generate import SamplingConfig, generate_ids
+    from lmlab.infer.generate import SamplingConfig, generate_ids
 
     dev = next(model.parameters()).device
     s = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
@@ -433,12 +433,12 @@ def _compiled_run(net: torch.nn.Module, compile: str | None, sizes: list[int],
                   prompt_tokens: int) -> tuple[torch.nn.Module, float | None]:
     """The module to generate with, and compile_s: the seconds of a first short generation at each batch size,
     with the prompt length the benchmark uses, which compiles the prefill and decode graphs for those shapes
-    (None uncompiled). On CUDA only the decoding step is compiled, as lmlab.generate.compile_decoding does it
+    (None uncompiled). On CUDA only the decoding step is compiled, as lmlab.infer.generate.compile_decoding does it
     (mode "default" there means its CUDA-graph step), so the figure is the engine's own fast path."""
     if compile is None:
         return net, None
     if next(net.parameters()).device.type == "cuda":  # the engine's own step: a CUDA graph unless a mode says not
-        from lmlab.generate import compile_decoding
+        from lmlab.infer.generate import compile_decoding
 
         compile_decoding(net, None if compile == "default" else compile)
         run = net

@@ -9,6 +9,9 @@ renames (lmlab.utils.atomic_dir); files get the umask's modes (0644 / 0755 under
 disk at any instant leaves one complete checkpoint: the new one, the old one, or, between the two renames, the
 old one set aside as `.NAME.old`, which every reader here finds (current_dir) and the next save puts back.
 A run directory holds `best/` and `last/`.
+
+Also here, since every loader ends with it: `finish_load` and `load_converted`, how a model built on the meta
+device receives its weights (ours, and the HF and GGUF readers' in lmlab/weights/).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,7 @@ from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.model import Transformer
 from lmlab.tokenizer import Tokenizer, load_tokenizer, tokenizer_meta
-from lmlab.utils import atomic_dir, current_dir, read_json
+from lmlab.utils import atomic_dir, current_dir, read_json, trim_heap
 
 META = "lmlab.json"
 FORMAT_VERSION = 1
@@ -55,7 +59,7 @@ def save_checkpoint(path: str | os.PathLike, cfg: ModelConfig, state: dict[str, 
                     tokenizer: Tokenizer | None, extra: dict[str, Any] | None = None,
                     files: dict[str, bytes] | None = None, weights_file: str = "model.safetensors") -> Path:
     """Write weights `state` of a model with config `cfg` as a checkpoint directory, atomically (a LoRA run's
-    checkpoints hold only the adapter, as `adapter.safetensors`: lmlab.finetune)."""
+    checkpoints hold only the adapter, as `adapter.safetensors`: lmlab.training.finetune)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -135,8 +139,6 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Tr
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from lmlab.weights.load import finish_load
-
     path = current_dir(path)
     meta = read_meta(path)
     if "adapter" in meta:
@@ -167,3 +169,37 @@ def saved_settings(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     what `lmlab.config.train_configs(saved=...)` builds on when a run is resumed with its own settings."""
     last = Path(run_dir) / "last"
     return read_meta(last) if is_checkpoint(last) else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The last step every loader shares (our checkpoints, HF directories, GGUF files): a model built on the meta
+# device receives its complete state dict, and what is derived from the weights is rebuilt. Loaders convert each
+# tensor to its final dtype and device before reading the next (gpt-fast's habit: build on meta, load with
+# assign=True), so the state handed here is already the model: assigning it copies nothing.
+
+def finish_load(model, state: dict[str, torch.Tensor]) -> None:
+    """Assign a complete state dict to a model built on the meta device, re-tie a tied head, rebuild rope."""
+    if model.cfg.tie_embeddings:
+        state = dict(state, **{"lm_head.weight": state["wte.weight"]})
+    model.load_state_dict(state, strict=True, assign=True)
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    model.init_rope()
+
+
+def load_converted(model, pairs: Iterable[tuple[str, torch.Tensor]], device: torch.device, dtype: torch.dtype,
+                   source: str, origin: str) -> None:
+    """Fill a meta-device model from (our key, tensor) pairs, converting each to `dtype` on `device` before the
+    next is read: peak memory is the finished model plus one source tensor, never two copies of the model.
+    `origin` names what set the expected shapes (config.json, the GGUF metadata) for the mismatch error."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = {}
+    for key, t in pairs:
+        if tuple(t.shape) != expected[key]:
+            raise LmlabError(f"{source}: tensor for {key} has shape {tuple(t.shape)} but {origin} implies "
+                             f"{expected[key]}; {origin} and the weights do not match")
+        state[key] = t.to(device=device, dtype=dtype)
+        del t  # the source tensor goes before the next is read
+        trim_heap()  # and the temporaries freed in the heap with it (q, k, v before fusing)
+    finish_load(model, state)
+    model.eval()

@@ -86,7 +86,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from lmlab.api import model_config
-        from lmlab.fetch import NAMED_MODELS
+        from lmlab.data.fetch import NAMED_MODELS
 
         if not Path(args.name).exists() and args.name not in NAMED_MODELS:
             preset(args.name)  # raises: unknown preset, with the nearest name
@@ -103,7 +103,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lmlab.generate import SamplingConfig
+    from lmlab.infer.generate import SamplingConfig
 
     s = _sampling(args, SamplingConfig())
     lm = _load(args)
@@ -131,7 +131,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from lmlab.data import prepare
+    from lmlab.data.tokens import prepare
 
     meta = prepare(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, quiet=args.quiet)
@@ -200,8 +200,8 @@ def _config_flags(p: argparse.ArgumentParser, model_fields: tuple[str, ...] | No
 def cmd_train(args: argparse.Namespace) -> int:
     from lmlab.checkpoint import saved_settings
     from lmlab.config import train_configs
-    from lmlab.distributed import leave_worker
-    from lmlab.train import train
+    from lmlab.training.distributed import leave_worker
+    from lmlab.training.loop import train
 
     flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     mc, tc = train_configs(args.preset, args.config, flags, saved_settings(args.out) if args.resume else None)
@@ -216,8 +216,8 @@ LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 def cmd_finetune(args: argparse.Namespace) -> int:
     from lmlab.checkpoint import saved_settings
     from lmlab.config import DROPOUT_FIELDS, LoRAConfig, SFTConfig
-    from lmlab.distributed import leave_worker
-    from lmlab.finetune import finetune, finetune_config
+    from lmlab.training.distributed import leave_worker
+    from lmlab.training.finetune import finetune, finetune_config
 
     flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     dropout = {k: flags.pop(k) for k in DROPOUT_FIELDS if k in flags}
@@ -238,7 +238,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lmlab.evaluate import evaluate, tokens_for
+    from lmlab.infer.evaluate import evaluate, tokens_for
     from lmlab.quant import weights_description
 
     lm = _load(args)
@@ -250,14 +250,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from lmlab.plot import plot_runs
+    from lmlab.training.plot import plot_runs
 
     print(f"wrote {plot_runs(args.runs, args.out, args.title)}")
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from lmlab.chat import CHAT_SAMPLING, ChatSession, read_messages, repl, reply
+    from lmlab.infer.chat import CHAT_SAMPLING, ChatSession, read_messages, repl, reply
 
     s = _sampling(args, CHAT_SAMPLING)
     if args.prompt is not None and args.messages is not None:
@@ -391,7 +391,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--prompt", required=True, help="the text to continue")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     _add_load_flags(gen)
-    from lmlab.generate import SamplingConfig
+    from lmlab.infer.generate import SamplingConfig
 
     _add_sampling(gen, SamplingConfig())
     gen.set_defaults(func=cmd_generate)
@@ -490,7 +490,7 @@ def _plot_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _chat_parser(sub: argparse._SubParsersAction) -> None:
-    from lmlab.chat import CHAT_SAMPLING, HELP
+    from lmlab.infer.chat import CHAT_SAMPLING, HELP
 
     ch = sub.add_parser("chat", help="chat with a model, using its own chat template",
                         description="Interactive multi-turn chat with streaming (" + HELP + "). With --prompt "

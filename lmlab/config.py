@@ -286,14 +286,14 @@ class TrainConfig:
     dtype: str = "float32"  # or bfloat16: autocast (weights and optimizer state stay float32)
     compile: bool = False
     # pad the output head's matmul to a multiple of this many vocabulary rows (logits sliced back; checkpoints keep
-    # the true vocabulary); 0 = automatic: 64 on CUDA, none elsewhere; 1 = never (lmlab/fastpath.py)
+    # the true vocabulary); 0 = automatic: 64 on CUDA, none elsewhere; 1 = never (lmlab/training/fastpath.py)
     pad_vocab: int = 0
     # CPU intra-op threads; 0 = torch's default (one per core). On a machine other jobs share, 1 can be many times
     # faster: a thread that loses its core stalls every parallel op of the step (benchmarks/char_cpu.md)
     threads: int = 0
     fsdp: bool = False  # under torchrun: shard with FSDP2 (fully_shard) instead of DDP
     # the blocks' matmuls in FP8 (torchao float8 training, rowwise scales); CUDA compute capability 8.9+ and
-    # dtype bfloat16 only (lmlab/fastpath.py)
+    # dtype bfloat16 only (lmlab/training/fastpath.py)
     fp8: bool = False
 
     def __post_init__(self) -> None:
@@ -453,7 +453,7 @@ TEMPLATES = ("auto", "plain")
 
 @dataclass(frozen=True)
 class SFTConfig:
-    """How instruction data becomes training examples (lmlab.sft): the held-out fraction, whether the prompt's
+    """How instruction data becomes training examples (lmlab.training.sft): the held-out fraction, whether the prompt's
     tokens count in the loss (off by default: the model learns to answer, not to ask), the longest example, and
     the format: the model's own chat template ("auto", plain User:/Assistant: where it has none) or "plain"."""
 

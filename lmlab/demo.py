@@ -19,9 +19,9 @@ from pathlib import Path
 def run_demo(out: str | Path, steps: int = 2500) -> None:
     import lmlab
     from lmlab.config import TrainConfig, preset
-    from lmlab.data import TokenData, prepare
-    from lmlab.plot import plot_runs
-    from lmlab.train import train
+    from lmlab.data.tokens import TokenData, prepare
+    from lmlab.training.loop import train
+    from lmlab.training.plot import plot_runs
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         from lmlab.errors import LmlabError
@@ -62,8 +62,8 @@ def run_demo(out: str | Path, steps: int = 2500) -> None:
     png = plot_runs([str(run_dir)], out / "loss.png", title="char-cpu on Shakespeare's complete works")
     print(f"[4/5] lmlab plot {run_dir} --out {png}")
 
-    from lmlab.chat import reply
-    from lmlab.generate import SamplingConfig
+    from lmlab.infer.chat import reply
+    from lmlab.infer.generate import SamplingConfig
 
     question = "What is dropout in neural networks?"
     print(f"[5/5] lmlab chat --model smollm2-135m-instruct --prompt '{question}' --temperature 0 "

@@ -290,7 +290,7 @@ class Transformer(nn.Module):
     head's float32 upcast, log-softmax and their backward fuse into the graph, where a loss taken outside the
     compiled call would run eagerly over float32 copies of the (B, T, vocab) logits (3.3 GB for GPT-2 at
     16 x 1024). A head may offer `masked(x)`, logits over a padded vocabulary whose extra columns are -inf
-    (lmlab.fastpath.PaddedHead): cross-entropy over those equals cross-entropy over the true vocabulary, and
+    (lmlab.training.fastpath.PaddedHead): cross-entropy over those equals cross-entropy over the true vocabulary, and
     needs no slice of the padded matmul's output nor a padded copy of its gradient.
     """
 

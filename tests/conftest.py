@@ -51,7 +51,7 @@ def corpus_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory, corpus_file) -> Path:
-    from lmlab.data import prepare
+    from lmlab.data.tokens import prepare
 
     out = tmp_path_factory.mktemp("data")
     prepare([str(corpus_file)], out, tokenizer="char", quiet=True)

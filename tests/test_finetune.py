@@ -1,7 +1,7 @@
-"""Fine-tuning (lmlab.sft, lmlab.finetune): the reply mask against transformers' own chat-template tokenization, the
-loss over reply tokens only, the plain format, full and LoRA fine-tunes through the pretraining loop (the frozen
-base bit-identical), a SIGKILL mid-fine-tune resumed to the uninterrupted run's adapter bit for bit, and bad input
-as one line with exit code 2."""
+"""Fine-tuning (lmlab.training.sft, lmlab.training.finetune): the reply mask against transformers' own
+chat-template tokenization, the loss over reply tokens only, the plain format, full and LoRA fine-tunes through the
+pretraining loop (the frozen base bit-identical), a SIGKILL mid-fine-tune resumed to the uninterrupted run's
+adapter bit for bit, and bad input as one line with exit code 2."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import lmlab
 from lmlab.cli import main
 from lmlab.config import LoRAConfig, SFTConfig
 from lmlab.errors import LmlabError
-from lmlab.finetune import FineTune, finetune, finetune_config
-from lmlab.metrics import read_events
-from lmlab.sft import IGNORE, SFTData, encode_example, to_messages
-from lmlab.train import loss_of, train_job
+from lmlab.training.finetune import FineTune, finetune, finetune_config
+from lmlab.training.loop import loss_of, train_job
+from lmlab.training.metrics import read_events
+from lmlab.training.sft import IGNORE, SFTData, encode_example, to_messages
 from tests.conftest import lmlab_cmd, subprocess_env
 from tests.test_lora import CHATML, chat_tok, llama_base, one_thread  # noqa: F401 (fixtures)
 

@@ -77,8 +77,8 @@ def _fingerprint(paths: list[Path]) -> dict[str, str]:
 def world(tmp_path_factory) -> World:
     """Tiny prepared data, a tiny finished run (2 steps, with metrics), odd files, and a scratch area."""
     from lmlab.config import ModelConfig, TrainConfig
-    from lmlab.data import prepare
-    from lmlab.train import train
+    from lmlab.data.tokens import prepare
+    from lmlab.training.loop import train
 
     root = tmp_path_factory.mktemp("fuzz")
     (root / "corpus.txt").write_text(TEXT, encoding="utf-8")

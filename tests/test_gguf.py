@@ -25,7 +25,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 import lmlab  # noqa: E402
-from lmlab import fetch as fetch_mod  # noqa: E402
+from lmlab.data import fetch as fetch_mod  # noqa: E402
 from lmlab.errors import LmlabError  # noqa: E402
 from lmlab.weights.gguf import load_gguf  # noqa: E402
 from tests.conftest import corpus_text, index_reachable  # noqa: E402
@@ -552,8 +552,8 @@ def test_named_model_greedy_matches_transformers(smollm2, smollm2_hf):
 
 def test_chat_answer_token_identical_to_transformers(smollm2, smollm2_hf):
     """The acceptance check: a greedy 64-token chat answer to the same chat-templated prompt, token for token."""
-    from lmlab.chat import chat_prompt_ids
-    from lmlab.generate import SamplingConfig, generate_ids
+    from lmlab.infer.generate import SamplingConfig, generate_ids
+    from lmlab.templates import chat_prompt_ids
 
     hf, hf_tok = smollm2_hf
     messages = [{"role": "user", "content": "What is dropout in neural networks?"}]

@@ -124,7 +124,7 @@ def _synthetic():
 
 
 def _smollm2_or_skip() -> Path:
-    from lmlab.fetch import fetch_model
+    from lmlab.data.fetch import fetch_model
     from tests.conftest import index_reachable
 
     try:

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import lmlab  # noqa: E402
 from lmlab.errors import LmlabError  # noqa: E402
-from lmlab.generate import SamplingConfig, generate_ids  # noqa: E402
+from lmlab.infer.generate import SamplingConfig, generate_ids  # noqa: E402
 
 V = 97
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lmlab.checkpoint import is_checkpoint, load_model, read_meta
-from lmlab.metrics import read_events
+from lmlab.training.metrics import read_events
 from tests.conftest import lmlab_cmd, subprocess_env
 from tests.test_train import FLAGS, weights
 

@@ -1,5 +1,10 @@
-"""The import layering of STYLE.md, kept true by parsing every module's imports: each module imports lmlab
-modules from its own layer or below, never above, and model.py needs nothing but torch and config."""
+"""The import layering of STYLE.md, kept true by parsing every module's imports.
+
+`ls lmlab/` is the architecture: every file and folder there has a layer below, and a module imports only from
+its own layer or below, between folders too. Inside a folder the modules have an order of their own (the foreign
+formats' readers below their exporters, the training loop below the fine-tune job that runs it). model.py needs
+nothing but torch and config.
+"""
 
 from __future__ import annotations
 
@@ -7,55 +12,81 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "lmlab"
+# What `ls lmlab/` shows, bottom to top. A folder's name stands for every module in it.
 LAYERS = [
-    {"errors"},
-    {"config", "utils"},
-    {"model", "tokenizer", "optim", "distributed", "quant", "fastpath", "lora"},
-    {"data", "sources", "checkpoint", "metrics", "fetch", "weights.keymap", "weights.load", "weights.gguf_tokenizer",
-     "weights.safetensors_dir", "weights.gguf_quant", "weights.gguf_packed"},
-    {"weights.hf", "weights.gguf"},  # foreign formats: readers and key tables
-    # exporters, then the dispatch by format name; LoRA adapters in and out
-    {"weights.gguf_export", "weights.export", "weights.adapter", "weights"},
-    {"train", "evaluate", "generate"},
-    # "lmlab": the package itself, whose __init__ re-exports api; sft renders through chat, finetune loads through api
-    {"chat", "plot", "demo", "api", "lmlab", "bench", "sft", "finetune"},
-    {"study.core", "study.text", "study.plots", "study.dropout_topk", "study.dropout", "study.optimizers",
-     "study.sampling", "study.__init__", "study"},  # lmlab study: experiments over train/generate/evaluate
-    {"serve.scheduler", "serve.protocol", "serve.app", "serve", "serve.__init__"},
-    {"cli", "__main__"},
+    {"errors.py"},
+    {"config.py", "utils.py"},  # every knob, once; small helpers
+    {"model.py", "tokenizer.py", "templates.py", "quant.py", "lora.py"},  # the model, and what wraps it from outside
+    {"data", "checkpoint.py"},  # text -> token files; our checkpoint format and the last step of every loader
+    {"weights"},  # foreign formats in and out: HF, GGUF, PEFT
+    {"infer"},  # sampling, the one engine, text, chat sessions, evaluation
+    {"api.py", "generate.py", "__init__.py"},  # the front door (lmlab.load, LM); lmlab.generate as users import it
+    {"training"},  # the loop, its jobs (pretrain, fine-tune), optimizers, torchrun, metrics, fast paths
+    {"serve", "study", "bench.py", "demo.py"},  # what runs over the library: the server, studies, benchmarks, demo
+    {"cli.py", "__main__.py"},  # parsing and dispatch
 ]
-LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+# Inside a folder, bottom to top (a name missing here is a module the test below reports).
+INSIDE = {
+    "data": [{"fetch"}, {"sources"}, {"tokens"}, {"__init__"}],
+    "weights": [{"keymap", "gguf_tokenizer", "safetensors_dir", "gguf_quant", "gguf_packed"}, {"hf", "gguf"},
+                {"gguf_export", "export", "adapter"}, {"__init__"}],
+    "infer": [{"generate"}, {"chat", "evaluate"}, {"__init__"}],
+    "training": [{"optim", "distributed", "metrics", "fastpath"}, {"loop", "plot"}, {"sft"}, {"finetune"},
+                 {"__init__"}],
+    "serve": [{"scheduler"}, {"protocol"}, {"app"}, {"__init__"}],
+    "study": [{"plots", "text", "core"}, {"dropout_topk"}, {"dropout", "optimizers", "sampling"}, {"__init__"}],
+}
+TOP = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 
 def _module(path: Path) -> str:
     return ".".join(path.relative_to(PKG).with_suffix("").parts)
 
 
+def _entry(module: str) -> str:
+    """The name `ls lmlab/` shows for a module: its folder, or its file."""
+    return module.split(".")[0] if "." in module else f"{module}.py"
+
+
+def _inner(module: str) -> int:
+    folder, _, name = module.partition(".")
+    return next(i for i, names in enumerate(INSIDE[folder]) if (name or "__init__") in names)
+
+
 def _imports(path: Path) -> set[str]:
+    """The lmlab modules `path` imports (`from lmlab.study import plots` is the module study.plots)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lmlab"):
-            found.add(node.module.removeprefix("lmlab.") if node.module != "lmlab" else "lmlab")
+            base = node.module.removeprefix("lmlab").removeprefix(".")
+            for alias in node.names:
+                sub = f"{base}.{alias.name}" if base else alias.name
+                found.add(sub if (PKG / (sub.replace(".", "/") + ".py")).exists() else base or "__init__")
         elif isinstance(node, ast.Import):
-            found |= {a.name.removeprefix("lmlab.") if a.name != "lmlab" else "lmlab" for a in node.names
-                      if a.name.startswith("lmlab")}
-    return found
+            found |= {a.name.removeprefix("lmlab.") for a in node.names if a.name.startswith("lmlab.")}
+    return {m if (PKG / (m.replace(".", "/") + ".py")).exists() else f"{m}.__init__" for m in found}
 
 
-def test_every_module_has_a_layer():
-    modules = {_module(p) for p in PKG.rglob("*.py")} - {"__init__", "weights.__init__"}
-    assert modules <= set(LAYER), sorted(modules - set(LAYER))
+def test_ls_lmlab_is_the_layering():
+    """Every file and folder of lmlab/ (the static page folder of serve aside) has its layer, every module in a
+    folder its place inside it, and no layer names something that is not there."""
+    shown = {p.name for p in PKG.iterdir() if p.name != "__pycache__" and (p.is_dir() or p.suffix == ".py")}
+    assert shown == set(TOP), (sorted(shown - set(TOP)), sorted(set(TOP) - shown))
+    for folder, order in INSIDE.items():
+        modules = {p.stem for p in (PKG / folder).glob("*.py")}
+        assert modules == set().union(*order), (folder, sorted(modules ^ set().union(*order)))
 
 
 def test_imports_go_downward_only():
     bad = []
     for path in PKG.rglob("*.py"):
         me = _module(path)
-        if me in ("__init__", "weights.__init__"):
-            continue
         for dep in _imports(path):
-            if LAYER[dep] > LAYER[me]:
-                bad.append(f"{me} (layer {LAYER[me]}) imports {dep} (layer {LAYER[dep]})")
+            a, b = _entry(me), _entry(dep)
+            if TOP[b] > TOP[a]:
+                bad.append(f"{me} ({a}, layer {TOP[a]}) imports {dep} ({b}, layer {TOP[b]})")
+            elif a == b and a in INSIDE and _inner(dep) > _inner(me):
+                bad.append(f"{me} imports {dep}, above it inside {a}/")
     assert not bad, bad
 
 

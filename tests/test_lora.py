@@ -146,7 +146,7 @@ peft = pytest.importorskip("peft")
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, llama_base):
-    from lmlab.finetune import finetune, finetune_config
+    from lmlab.training.finetune import finetune, finetune_config
     from tests.test_finetune import write_records
 
     data = write_records(tmp_path_factory.mktemp("data") / "train.jsonl", 24)
@@ -252,7 +252,7 @@ def test_gguf_lora_applied_to_the_base_gguf_equals_the_merged_gguf(tmp_path, lla
 def test_peft_loads_a_gpt2_adapter_on_the_fused_c_attn(tmp_path, char_run):
     """GPT-2 fuses q, k and v in HF too (Conv1D c_attn): the default target is the whole of it, as PEFT's is."""
     from lmlab.cli import main
-    from lmlab.finetune import finetune, finetune_config
+    from lmlab.training.finetune import finetune, finetune_config
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Say {w}", "output": f"{w} {w}"}) + "\n"

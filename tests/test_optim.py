@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lmlab.config import OPTIMIZERS, ModelConfig, TrainConfig
 from lmlab.errors import LmlabError
 from lmlab.model import Transformer
-from lmlab.optim import build_optimizer, dropout_factor, lr_factor, param_groups
+from lmlab.training.optim import build_optimizer, dropout_factor, lr_factor, param_groups
 
 LRS = {"sgd": 0.5, "momentum": 0.1, "nesterov": 0.1, "adagrad": 0.05, "rmsprop": 3e-3, "adam": 3e-3,
        "adamw": 3e-3, "muon": 3e-3, "lbfgs": 0.5}
@@ -148,7 +148,7 @@ def test_muon_matches_torch_muon():
     bit, and three steps land where torch.optim.Muon's do, within bfloat16's rounding of the update."""
     from torch.optim._muon import _zeropower_via_newtonschulz
 
-    from lmlab.optim import Muon, orthogonalize
+    from lmlab.training.optim import Muon, orthogonalize
 
     g = torch.randn(96, 32, generator=torch.Generator().manual_seed(0))
     coeffs = (3.4445, -4.7750, 2.0315)

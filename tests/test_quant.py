@@ -208,8 +208,8 @@ def test_int8_greedy_equals_float32(smollm2_path):
     """16 greedy tokens of int8 SmolLM2 equal float32's (the file dequantized). The prompt is fixed; on another
     prompt a near-tie (a top-2 margin of 0.05 logits, against int8's ~0.7 max logit error) can flip a token."""
     import lmlab
-    from lmlab.chat import chat_prompt_ids
-    from lmlab.generate import SamplingConfig, generate_ids
+    from lmlab.infer.generate import SamplingConfig, generate_ids
+    from lmlab.templates import chat_prompt_ids
 
     s = SamplingConfig(max_new_tokens=16, temperature=0)
     out = {}
@@ -250,7 +250,7 @@ def test_compiled_decoding_gives_the_same_tokens():
     """compile_decoding swaps in a torch.compile'd step after the prefill: the same greedy tokens as eager, on a
     quantized model (the int kernels inside the compiled graph)."""
     from lmlab.config import ModelConfig
-    from lmlab.generate import SamplingConfig, compile_decoding, generate_ids
+    from lmlab.infer.generate import SamplingConfig, compile_decoding, generate_ids
     from lmlab.model import Transformer
 
     torch.manual_seed(0)

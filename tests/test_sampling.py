@@ -10,7 +10,7 @@ import lmlab
 from lmlab.checkpoint import save_model
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.generate import (
+from lmlab.infer.generate import (
     SamplingConfig,
     apply_min_p,
     apply_repetition_penalty,
@@ -385,7 +385,7 @@ def bpe():
 
 
 def _stream(tok, ids: list[int], stop=()) -> tuple[list[str], bool]:
-    from lmlab.generate import TextStream
+    from lmlab.infer.generate import TextStream
 
     ts, deltas, fed = TextStream(tok, tuple(stop)), [], []
     for i in ids:
@@ -426,7 +426,7 @@ def test_text_layer_work_per_token_is_constant(bpe):
     every id each step and rescanned all text for stops). Thread CPU time, best of three: robust to load."""
     import time
 
-    from lmlab.generate import TextStream
+    from lmlab.infer.generate import TextStream
     from tests.conftest import corpus_text
 
     ids = bpe.encode(corpus_text(60_000) + UNICODE * 200)[:8192]

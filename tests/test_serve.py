@@ -1,8 +1,8 @@
 """`lmlab serve` end to end: a real server process on 127.0.0.1, spoken to by the official `openai` client and httpx.
 
 References nobody here wrote: the openai client parses every response; greedy text is compared with
-`LM.generate` and `lmlab.chat.reply` (the batch engine of lmlab.generate, not the server's scheduler); logprobs
-with log_softmax of a plain full forward pass in this file. The model is a tiny random Llama (grouped-query
+`LM.generate` and `lmlab.infer.chat.reply` (the batch engine of lmlab.infer.generate, not the server's scheduler);
+logprobs with log_softmax of a plain full forward pass in this file. The model is a tiny random Llama (grouped-query
 attention) with a byte-level BPE tokenizer and a sharpened head, so its greedy choices are clear-cut; its context
 of 64 makes the scheduler move rows within the cache often, and --prefill-chunk 8 splits every prompt.
 """
@@ -116,7 +116,7 @@ def test_greedy_completion_equals_generate(client, model_id, lm):
 
 
 def test_greedy_chat_equals_lmlab_chat(client, model_id, lm):
-    from lmlab.chat import CHAT_SAMPLING, reply
+    from lmlab.infer.chat import CHAT_SAMPLING, reply
 
     messages = [{"role": "system", "content": "Speak."}, {"role": "user", "content": "Hello there"}]
     expected = reply(lm, messages, CHAT_SAMPLING.replace(temperature=0, max_new_tokens=16))
@@ -147,7 +147,7 @@ def test_logprobs_equal_log_softmax(client, model_id, lm):
 
 
 def test_chat_logprobs_equal_log_softmax(client, model_id, lm):
-    from lmlab.chat import chat_prompt_ids
+    from lmlab.templates import chat_prompt_ids
 
     messages = [{"role": "user", "content": "hi"}]
     chat = client.chat.completions.create(model=model_id, messages=messages, max_tokens=6, logprobs=True,

@@ -134,10 +134,10 @@ def test_rerun_redoes_nothing(dvt, capsys):
 def test_interrupted_run_resumes_exactly(dvt, char_data, tmp_path, capsys, monkeypatch):
     """A Ctrl-C at step 12 of the first run (the loop's own stop path), then the same command: the study picks the
     run up from its last/ checkpoint and ends with the curves of the uninterrupted study."""
-    import lmlab.train
+    import lmlab.training.loop
 
     calls = {"n": 0}
-    real = lmlab.train.broadcast_flag
+    real = lmlab.training.loop.broadcast_flag
 
     def stop_at_12(flag, info):
         calls["n"] += 1
@@ -145,7 +145,7 @@ def test_interrupted_run_resumes_exactly(dvt, char_data, tmp_path, capsys, monke
 
     out = tmp_path / "study"
     args = ("dropout-vs-topk", "--scale", "tiny", "--data", str(char_data), "--out", str(out))
-    monkeypatch.setattr(lmlab.train, "broadcast_flag", stop_at_12)
+    monkeypatch.setattr(lmlab.training.loop, "broadcast_flag", stop_at_12)
     assert main(["study", *args, "--device", "cpu", "--quiet"]) == 130  # as after a Ctrl-C
     monkeypatch.undo()
     assert "run the same command again to resume" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import lmlab
 from lmlab.config import ModelConfig, TrainConfig
 from lmlab.errors import LmlabError
-from lmlab.train import train
+from lmlab.training.loop import train
 from tests.conftest import lmlab_cmd, subprocess_env
 
 TINY = ModelConfig(family="gpt2", vocab_size=65, context_length=32, d_model=32, n_layers=2, n_heads=2, bias=False)
@@ -286,7 +286,7 @@ def test_eval_and_plot_commands(tmp_path, corpus_file):
     """`lmlab eval` against plain torch cross-entropy on the model's logits, and against the run's own logged val
     loss: with a val split of exactly context + 1 tokens, the training loop's eval windows (random starts in
     [0, len - context)) are all the one window eval scores, so the two losses are of the same 32 targets."""
-    from lmlab.data import TokenData, prepare
+    from lmlab.data.tokens import TokenData, prepare
 
     data, run = tmp_path / "data", tmp_path / "run"
     n = len(corpus_file.read_text())
@@ -376,7 +376,7 @@ def test_lbfgs_optimizes_every_micro_batch_of_its_fixed_batch_and_clips(tmp_path
     (their mean loss, gradients clipped to norm 0.05 in every closure call). The reference sums the two halves'
     losses as the loop does: L-BFGS's line search turns a last-bit difference in how the mean is summed into
     0.06 of a weight after two steps on some corpora (seen on tinyshakespeare on an AVX-512 CPU)."""
-    from lmlab.data import Batches, TokenData
+    from lmlab.data.tokens import Batches, TokenData
     from lmlab.model import Transformer
 
     tc = TrainConfig(optimizer="lbfgs", lr=0.5, batch_size=4, grad_accum=2, grad_clip=0.05, max_steps=2,
@@ -438,7 +438,7 @@ def test_rng_state_holds_the_processs_own_device_and_reads_the_old_format():
 def test_a_torn_last_metrics_line_is_dropped_on_resume_and_by_plot(tmp_path, char_data):
     """A kill mid-append leaves half a JSON line at the end of metrics.jsonl: --resume and plot drop it; a damaged
     line elsewhere is still an error."""
-    from lmlab.plot import read_evals
+    from lmlab.training.plot import read_evals
 
     run = tmp_path / "run"
     args = [*FLAGS, "--data", str(char_data), "--out", str(run), "--eval-interval", "2"]
@@ -525,7 +525,7 @@ def test_the_fused_adamw_steps_like_torchs_reference_loop():
     """build_optimizer takes torch's fused AdamW on CPU (one kernel per group, for speed); five steps of it must
     land where torch's plain for-loop AdamW (foreach=False, fused=False) does, from the same start and gradients."""
     from lmlab.model import Transformer
-    from lmlab.optim import build_optimizer
+    from lmlab.training.optim import build_optimizer
 
     tc = TrainConfig(lr=3e-3, weight_decay=0.1, beta2=0.99)
     models = []
@@ -551,7 +551,7 @@ def test_the_fused_adamw_steps_like_torchs_reference_loop():
 
 def test_threads_sets_torchs_cpu_thread_count(tmp_path, char_data):
     """--threads reaches torch: a process started with one thread (OMP_NUM_THREADS=1) trains with two."""
-    code = (f"import torch; from lmlab.config import TrainConfig; from lmlab.train import train; "
+    code = (f"import torch; from lmlab.config import TrainConfig; from lmlab.training.loop import train; "
             f"from tests.test_train import TINY; "
             f"train(TINY, TrainConfig(max_steps=2, eval_batches=1, batch_size=2, threads=2, device='cpu'), "
             f"{str(char_data)!r}, {str(tmp_path / 'run')!r}, quiet=True); print(torch.get_num_threads())")

@@ -2,7 +2,7 @@
 
 scheduler.py  the thread that owns the model: a batched KV cache whose rows requests join and leave between
               decoding steps (continuous batching), chunked prefill, per-request sampling and seeds
-protocol.py   OpenAI's request and response shapes, validated into lmlab.generate's SamplingConfig
+protocol.py   OpenAI's request and response shapes, validated into lmlab.infer.generate's SamplingConfig
 app.py        the FastAPI routes, server-sent events, API key, CORS, /metrics
 static/       the chat page served at /
 

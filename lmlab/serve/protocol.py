@@ -4,7 +4,7 @@ Request fields follow the OpenAI API reference (https://platform.openai.com/docs
 /completions/create): their types are checked strictly ("0.5" is not a number), their ranges as OpenAI states
 them, and a bad one is an `APIError` naming the field as `param`. lmlab's own sampling knobs come as extra
 fields (`top_k`, `min_p`, `repetition_penalty`), as vLLM and llama.cpp's server take them; `top_k` -1 means off,
-as there. Every setting ends in lmlab.generate's SamplingConfig, where its meaning lives.
+as there. Every setting ends in lmlab.infer.generate's SamplingConfig, where its meaning lives.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from lmlab.chat import ROLES, chat_prompt_ids, chat_stop
 from lmlab.errors import LmlabError
-from lmlab.generate import SamplingConfig
+from lmlab.infer.generate import SamplingConfig
 from lmlab.serve.scheduler import Extras, Job
+from lmlab.templates import ROLES, chat_prompt_ids, chat_stop
 from lmlab.tokenizer import BPETokenizer, Tokenizer
 
 
@@ -165,7 +165,7 @@ def extras(body: Sampling) -> Extras:
 
 
 def chat_messages(body: ChatRequest) -> list[dict]:
-    """The messages as lmlab.chat renders them: text parts joined, OpenAI's "developer" role as "system"."""
+    """The messages as lmlab.infer.chat renders them: text parts joined, OpenAI's "developer" role as "system"."""
     if not body.messages:
         raise APIError("messages must hold at least one message", "messages")
     out = []

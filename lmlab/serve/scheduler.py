@@ -16,7 +16,7 @@ carry its own positions whatever slots it sits in. Between decoding steps the sc
   rows [0, n) and a step runs over them alone (`KVCache.view`), over slots [min offset, p] alone;
 - moves every row left when p reaches the end of the cache (a row never holds more than the context).
 
-Sampling is lmlab.generate's (`select`, `TextStream` for stop strings and whole UTF-8 characters), per row with
+Sampling is lmlab.infer.generate's (`select`, `TextStream` for stop strings and whole UTF-8 characters), per row with
 the row's own settings and its own torch.Generator, so a seeded request draws the same tokens alone or beside
 others. OpenAI's presence/frequency penalties and logit_bias are applied to the logits before `select`.
 """
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.generate import SamplingConfig, TextStream, select
+from lmlab.infer.generate import SamplingConfig, TextStream, select
 from lmlab.model import KVCache, Transformer
 from lmlab.tokenizer import Tokenizer
 

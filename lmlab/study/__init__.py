@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmlab.data import TokenData
+from lmlab.data.tokens import TokenData
 from lmlab.errors import LmlabError, unknown
 from lmlab.study import dropout, dropout_topk, optimizers, sampling
 from lmlab.study.core import Context, check_args, claim_out

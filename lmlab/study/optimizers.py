@@ -1,7 +1,8 @@
 """`lmlab study optimizers`: the optimizers of Deep Learning ch. 8 (plus AdamW and Muon) on one model, data and
 step budget, each at its best learning rate.
 
-Four comparisons, every run through lmlab.train (optimizers from lmlab/optim.py, chosen by TrainConfig.optimizer):
+Four comparisons, every run through lmlab.training.loop (optimizers from lmlab/training/optim.py, chosen by
+TrainConfig.optimizer):
   lr grid     SGD, momentum, Nesterov (8.3), AdaGrad, RMSProp, Adam (8.5), AdamW (Loshchilov & Hutter 2019) and
               Muon (Jordan et al. 2024), each at 3 learning rates (SGD's family needs ~100x Adam's), so that each is
               compared at its best: best val loss, wall time to a target loss, tokens/s. A run whose loss becomes

@@ -1,5 +1,5 @@
 """The studies' small PNGs (matplotlib's Agg backend, 100 dpi, a few inches: each well under 100 KB).
-Loss curves of whole runs are lmlab.plot's; these are the study-specific views: curves from summaries (by step
+Loss curves of whole runs are lmlab.training.plot's; these are the study-specific views: curves from summaries (by step
 or by wall time), grouped bars, and a labelled scatter."""
 
 from __future__ import annotations

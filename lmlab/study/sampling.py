@@ -1,15 +1,15 @@
 """`lmlab study sampling [--model SOURCE]`: what each decoding strategy does to the text of one model.
 
 For fixed prompts and N samples per strategy (greedy; temperature 0.7/1.0/1.3; top-k 1/10/50/full; top-p
-0.9/0.95; min-p 0.05; repetition penalty 1.2), all through lmlab.generate's engine: distinct-1/2, the repeated
+0.9/0.95; min-p 0.05; repetition penalty 1.2), all through lmlab.infer.generate's engine: distinct-1/2, the repeated
 4-gram rate and the distinct continuations (diversity), and the mean per-token log-probability of the samples
 under the model's own unfiltered distribution (a quality proxy). The filters act on the logits at inference
-only (lmlab/generate.py, in HF's order); the model's weights are the same in every cell.
+only (lmlab/infer/generate.py, in HF's order); the model's weights are the same in every cell.
 """
 
 from __future__ import annotations
 
-from lmlab.generate import SamplingConfig
+from lmlab.infer.generate import SamplingConfig
 from lmlab.study import plots
 from lmlab.study.core import Context, findings_text, once, table, write_outputs
 from lmlab.study.text import diversity, mean_logprob, sample_ids

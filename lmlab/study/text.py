@@ -1,4 +1,4 @@
-"""What a study measures about generated text: samples through lmlab.generate's engine, their diversity, and
+"""What a study measures about generated text: samples through lmlab.infer.generate's engine, their diversity, and
 their log-probability under the model.
 
 Diversity is counted over whitespace-separated words, for char and BPE models alike (a char model's characters
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmlab.generate import SamplingConfig, generate_ids
+from lmlab.infer.generate import SamplingConfig, generate_ids
 
 
 def ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
@@ -52,7 +52,7 @@ def diversity(texts: list[str]) -> dict[str, float]:
 
 
 def sample_ids(lm, prompt: str, s: SamplingConfig, n: int) -> tuple[list[int], list[list[int]]]:
-    """(prompt ids, n continuations as ids, EOS dropped), generated as one batch by lmlab.generate's engine: one
+    """(prompt ids, n continuations as ids, EOS dropped), generated as one batch by lmlab.infer.generate's engine: one
     seeded generator draws every row, so the rows differ where sampling is random and agree where it is greedy."""
     tok = lm.tokenizer
     ids = tok.encode(prompt)

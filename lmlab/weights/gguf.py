@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmlab.checkpoint import load_converted
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.weights.gguf_tokenizer import gguf_tokenizer
 from lmlab.weights.keymap import KeyMap, Row
-from lmlab.weights.load import load_converted
 
 SUPPORTED_ARCHITECTURES = ("llama", "gpt2")
 SUPPORTED_TOKENIZERS = ("gpt2",)

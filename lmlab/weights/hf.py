@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
+from lmlab.checkpoint import load_converted
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.utils import read_json
 from lmlab.weights.keymap import KeyMap, Row
-from lmlab.weights.load import load_converted
 from lmlab.weights.safetensors_dir import SafetensorsReader
 
 

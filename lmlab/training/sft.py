@@ -1,14 +1,14 @@
 """Instruction data for supervised fine-tuning: JSON or JSONL records -> token ids and loss labels -> batches.
 
 Records are Alpaca-style `{"instruction", "input"?, "output", "system"?}` (Taori et al. 2023) or chat-style
-`{"messages": [{"role", "content"}, ...]}`. Each becomes a conversation, rendered by lmlab.chat with the model's
+`{"messages": [{"role", "content"}, ...]}`. Each becomes a conversation, rendered by lmlab.infer.chat with the model's
 own chat template (so the model trains on exactly what `lmlab chat` will show it) or the plain User:/Assistant:
 format. The loss covers the assistant's replies only, unless `train_on_prompt`: each reply's text is found by
 rendering the conversation up to it (with the generation prompt) and through it, and the pieces are tokenized
 one by one, so a label is the prompt's or the reply's by construction. Masked labels are -100, the ignore index
 of torch's cross_entropy; padding is masked too, so neither reaches the loss.
 
-Batches are a pure function of (step, micro), as in lmlab.data, so a killed fine-tune resumes exactly. A batch
+Batches are a pure function of (step, micro), as in lmlab.data.tokens, so a killed fine-tune resumes exactly. A batch
 is padded on the right to its longest example: causal attention never lets a real token see the padding.
 """
 
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmlab.chat import check_messages, encode_rendered, render_for
 from lmlab.config import SFTConfig
 from lmlab.errors import LmlabError
 from lmlab.model import IGNORE_INDEX as IGNORE  # F.cross_entropy's default ignore_index
+from lmlab.templates import check_messages, encode_rendered, render_for
 from lmlab.tokenizer import Tokenizer
 from lmlab.utils import read_text
 
@@ -178,8 +178,9 @@ def masked_loss(net: torch.nn.Module, batches: list[list[Example]], device: torc
 
 
 class SFTData:
-    """Instruction examples split into train and val, served as the training loop's data (lmlab.train.Data's
-    methods): batches by (step, micro) drawn as lmlab.data.Batches draws windows, and the fixed evaluation sets."""
+    """Instruction examples split into train and val, served as the training loop's data (lmlab.training.loop.Data's
+    methods): batches by (step, micro) drawn as lmlab.data.tokens.Batches draws windows, and the fixed evaluation
+    sets."""
 
     def __init__(self, path: str | Path, tokenizer: Tokenizer, sft: SFTConfig, vocab_size: int, context: int,
                  batch_size: int, grad_accum: int, seed: int, sampling: str, rank: int = 0, world: int = 1,

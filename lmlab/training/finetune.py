@@ -1,7 +1,7 @@
-"""Supervised fine-tuning, full or through LoRA adapters, by the pretraining loop (lmlab.train) itself.
+"""Supervised fine-tuning, full or through LoRA adapters, by the pretraining loop (lmlab.training.loop) itself.
 
-`FineTune` is a `lmlab.train.Pretrain` job with three differences: its data are instruction examples
-(lmlab.sft.SFTData: chat-template rendering, the prompt masked out of the loss, a held-out fraction); its model
+`FineTune` is a `lmlab.training.loop.Pretrain` job with three differences: its data are instruction examples
+(lmlab.training.sft.SFTData: chat-template rendering, the prompt masked out of the loss, a held-out fraction); its model
 starts from any source `lmlab.load` reads (dequantized to float32), with LoRA layers applied (lmlab.lora) when
 asked; and a LoRA run's checkpoints hold only the adapter (`adapter.safetensors`, with the base named in
 lmlab.json), so `lmlab.load(RUN)` rebuilds the base and applies it. Everything else is the pretraining loop's:
@@ -18,12 +18,12 @@ import torch
 
 from lmlab.checkpoint import load_model
 from lmlab.config import DROPOUT_FIELDS, LoRAConfig, ModelConfig, SFTConfig, TrainConfig
-from lmlab.distributed import DistInfo
 from lmlab.errors import LmlabError
 from lmlab.lora import apply_lora, is_adapter_key, load_adapter_state
 from lmlab.model import Transformer
-from lmlab.sft import SFTData, read_conversations
-from lmlab.train import Pretrain, TrainResult, train_job
+from lmlab.training.distributed import DistInfo
+from lmlab.training.loop import Pretrain, TrainResult, train_job
+from lmlab.training.sft import SFTData, read_conversations
 from lmlab.utils import current_dir
 
 ADAPTER_FILE = "adapter.safetensors"

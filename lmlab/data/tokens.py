@@ -1,6 +1,6 @@
 """Text -> token files, and batches from them.
 
-`prepare` streams text files, folders of them, or the built-in `shakespeare` corpus (lmlab/sources.py),
+`prepare` streams text files, folders of them, or the built-in `shakespeare` corpus (lmlab/data/sources.py),
 trains a tokenizer (char or byte-level BPE), and writes:
 
     train.bin, val.bin   raw little-endian token arrays (uint16 when the vocabulary fits, else uint32),
@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmlab.data.sources import Source, list_sources
 from lmlab.errors import LmlabError
-from lmlab.sources import Source, list_sources
 from lmlab.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer, tokenizer_meta, tokenizer_sha256
 from lmlab.utils import atomic_dir, read_json, recover_dir, trim_heap
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmlab.errors import LmlabError
-from lmlab.metrics import read_events
+from lmlab.training.metrics import read_events
 
 
 def read_evals(run: str | Path) -> list[dict]:

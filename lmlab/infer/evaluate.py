@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmlab.data import TokenData, windows_to_batch
+from lmlab.data.tokens import TokenData, windows_to_batch
 from lmlab.errors import LmlabError
 from lmlab.tokenizer import tokenizer_sha256
 from lmlab.utils import read_text

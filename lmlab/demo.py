@@ -62,8 +62,8 @@ def run_demo(out: str | Path, steps: int = 2500) -> None:
     png = plot_runs([str(run_dir)], out / "loss.png", title="char-cpu on Shakespeare's complete works")
     print(f"[4/5] lmlab plot {run_dir} --out {png}")
 
+    from lmlab.config import SamplingConfig
     from lmlab.infer.chat import reply
-    from lmlab.infer.generate import SamplingConfig
 
     question = "What is dropout in neural networks?"
     print(f"[5/5] lmlab chat --model smollm2-135m-instruct --prompt '{question}' --temperature 0 "

@@ -12,14 +12,12 @@ import json
 import sys
 from collections.abc import Callable
 
+from lmlab.config import CHAT_SAMPLING, SamplingConfig
 from lmlab.errors import LmlabError
-from lmlab.infer.generate import SamplingConfig, generate_text
+from lmlab.infer.generate import generate_text
 from lmlab.templates import chat_prompt_ids, chat_stop, check_messages
 from lmlab.tokenizer import Tokenizer
 
-# Chat's own sampling defaults, over SamplingConfig's: instruct models answer better colder (SmolLM2's model card
-# suggests temperature 0.2 and top_p 0.9), and an answer often runs past generate's 256 tokens.
-CHAT_SAMPLING = SamplingConfig(temperature=0.3, top_p=0.9, max_new_tokens=512)
 HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D), /help; Ctrl-C stops a reply"
 
 
@@ -64,7 +62,7 @@ def answer(lm, messages: list[dict], s: SamplingConfig = CHAT_SAMPLING,
     C = lm.config.context_length
     kept, ids = fit_conversation(tok, check_messages(messages), C - min(s.max_new_tokens, C // 2))
     callback = (lambda row, delta: on_text(delta)) if on_text is not None else None
-    return generate_text(lm.model, tok, [ids], s, callback)[0], kept
+    return generate_text(lm.model, tok, [ids], s, callback, trim_start=True)[0], kept
 
 
 def forgotten_notice(lm) -> str:

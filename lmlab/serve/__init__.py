@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import socket
 
+from lmlab.config import ServeConfig
 from lmlab.errors import LmlabError
-from lmlab.serve.scheduler import ServeConfig
 
 __all__ = ["ServeConfig", "check_address", "create_app", "serve"]
 

@@ -1,11 +1,11 @@
 """The HTTP side: a FastAPI app speaking OpenAI's API over a `Scheduler`, plus /health, /metrics and the page.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics
-(Prometheus text format), GET / (the chat page, lmlab/serve/static/index.html). Every error, FastAPI's own
-validation errors and unknown routes included, is OpenAI's error object with a 4xx status; a full queue is a
-503 with Retry-After. Streaming is server-sent events, `data: {chunk}` lines ending in `data: [DONE]`, as the
-OpenAI API streams. A client that goes away (the stream's task is cancelled, or a plain request's connection
-closes) cancels its rows before the next decoding step.
+(Prometheus, through prometheus_client), GET / (the chat page, lmlab/serve/static/index.html). Every error,
+FastAPI's own validation errors and unknown routes included, is OpenAI's error object with a 4xx status; a full
+queue is a 503 with Retry-After, a request past --request-timeout a 408. Streaming is server-sent events,
+`data: {chunk}` lines ending in `data: [DONE]`, as the OpenAI API streams. A client that goes away (the stream's
+task is cancelled, or a plain request's connection closes) cancels its rows before the next decoding step.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmlab.config import ServeConfig
+from lmlab.infer.engine import Piece
 from lmlab.serve import protocol as P
-from lmlab.serve.scheduler import Failure, Piece, QueueFull, Scheduler, ServeConfig
+from lmlab.serve.scheduler import Failure, QueueFull, Scheduler
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 OPEN_PATHS = ("/health", "/")  # no key needed: liveness, and a page that holds no data (its requests send the key)
@@ -56,7 +58,8 @@ class Call:
         self.scheduler, self.n = scheduler, body.n
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.jobs = P.make_jobs(body, pairs, logprobs, lambda i: (lambda event: self._put(i, event)))
+        self.jobs = P.make_jobs(body, pairs, logprobs, lambda i: (lambda event: self._put(i, event)),
+                                scheduler.engine.tokenizer)
         self.remaining = len(self.jobs) * body.n
         self.prompt_tokens = sum(len(job.prompt) for job in self.jobs)
 
@@ -91,7 +94,7 @@ class Call:
                 continue
             if isinstance(event, Failure):
                 self.cancel()
-                raise P.APIError(event.message, status=500, type="server_error")
+                raise P.APIError(event.message, status=event.status, type="server_error", code=event.code)
             if event.finish_reason is not None:
                 self.remaining -= 1
             yield i * self.n + event.index, event
@@ -180,7 +183,9 @@ def _add_routes(app: FastAPI, lm, scheduler: Scheduler) -> None:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        return PlainTextResponse(prometheus(scheduler), media_type="text/plain; version=0.0.4")
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(scheduler.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -278,24 +283,3 @@ async def _stream(call: Call, body: P.Sampling, tok, chat: bool, model_id: str) 
     finally:
         call.cancel()  # a no-op for finished jobs; frees the rows of a client that went away
     yield _sse("[DONE]")
-
-
-def prometheus(scheduler: Scheduler) -> str:
-    """The counters in Prometheus' text exposition format (version 0.0.4)."""
-    m = scheduler.metrics
-    rows = [("lmlab_requests_total", "counter", "requests (prompts) accepted", m.requests),
-            ("lmlab_request_failures_total", "counter", "requests ended by a failed step", m.failures),
-            ("lmlab_generated_tokens_total", "counter", "tokens sampled", m.tokens),
-            ("lmlab_cached_prompt_tokens_total", "counter", "prompt tokens not prefilled again (prompt cache)",
-             m.cached_tokens),
-            ("lmlab_queue_length", "gauge", "requests waiting for a row", scheduler.waiting),
-            ("lmlab_batch_rows_busy", "gauge", "rows of the batch decoding now", scheduler.busy),
-            ("lmlab_batch_rows", "gauge", "rows of the batch (--max-batch)", scheduler.cfg.max_batch)]
-    lines = []
-    for name, kind, text, value in rows:
-        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-    lines += ["# HELP lmlab_time_to_first_token_seconds time from a request's arrival to its first token",
-              "# TYPE lmlab_time_to_first_token_seconds summary",
-              f"lmlab_time_to_first_token_seconds_sum {m.ttft_sum}",
-              f"lmlab_time_to_first_token_seconds_count {m.ttft_count}"]
-    return "\n".join(lines) + "\n"

@@ -15,9 +15,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from lmlab.config import SamplingConfig
 from lmlab.errors import LmlabError
-from lmlab.infer.generate import SamplingConfig
-from lmlab.serve.scheduler import Extras, Job
+from lmlab.infer.engine import Extras, Request
 from lmlab.templates import ROLES, chat_prompt_ids, chat_stop
 from lmlab.tokenizer import BPETokenizer, Tokenizer
 
@@ -141,7 +141,9 @@ def check_sampling(body: Sampling, max_batch: int, vocab_size: int) -> None:
 
 
 def sampling_config(body: Sampling, max_tokens: int | None, prompt_len: int, context: int) -> SamplingConfig:
-    """The request's SamplingConfig; max_tokens defaults to, and is cut at, the room the context leaves."""
+    """The request's SamplingConfig. max_tokens defaults to the room the context leaves; a larger one is honoured
+    as everywhere in lmlab (the engine slides the row's window at the context's end), so finish_reason "length"
+    always means max_tokens was reached."""
     room = context - prompt_len
     if room < 1:
         raise APIError(f"the prompt has {prompt_len} tokens, but this server's context is {context} tokens "
@@ -151,7 +153,7 @@ def sampling_config(body: Sampling, max_tokens: int | None, prompt_len: int, con
         name = "max_completion_tokens" if isinstance(body, ChatRequest) and body.max_tokens is None else "max_tokens"
         raise APIError(f"{name} must be >= 1, got {max_tokens}", name)
     try:
-        return SamplingConfig(max_new_tokens=min(max_tokens or room, room), temperature=float(body.temperature),
+        return SamplingConfig(max_new_tokens=max_tokens or room, temperature=float(body.temperature),
                               top_k=max(body.top_k, 0), top_p=float(body.top_p), min_p=float(body.min_p),
                               repetition_penalty=float(body.repetition_penalty), seed=body.seed,
                               stop=body.stop or ())
@@ -212,10 +214,11 @@ def completion_jobs(body: CompletionRequest, tok: Tokenizer, context: int,
 
 
 def make_jobs(body: Sampling, pairs: list[tuple[list[int], SamplingConfig]], logprobs: int | None,
-              emit_for) -> list[Job]:
-    """One Job per prompt; `emit_for(i)` is the callback of the i-th."""
-    return [Job(ids, s, emit_for(i), n=body.n, extras=extras(body), logprobs=logprobs)
-            for i, (ids, s) in enumerate(pairs)]
+              emit_for, tok: Tokenizer) -> list[Request]:
+    """One engine Request per prompt; `emit_for(i)` is the callback of the i-th. A chat reply's leading
+    whitespace is not part of its text, as `lmlab chat` shows it (lmlab.infer.chat)."""
+    return [Request(ids, s, emit_for(i), n=body.n, eos=frozenset(tok.eos_ids), extras=extras(body),
+                    logprobs=logprobs, trim_start=isinstance(body, ChatRequest)) for i, (ids, s) in enumerate(pairs)]
 
 
 def new_id(prefix: str) -> str:

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lmlab.config import ModelConfig, preset
-from lmlab.infer.generate import SamplingConfig
+from lmlab.config import ModelConfig, SamplingConfig, preset
 from lmlab.study import plots
 from lmlab.study.core import Context, RunSpec, findings_text, run_all, table, write_outputs
 from lmlab.study.text import diversity, sample_ids

@@ -9,7 +9,7 @@ only (lmlab/infer/generate.py, in HF's order); the model's weights are the same 
 
 from __future__ import annotations
 
-from lmlab.infer.generate import SamplingConfig
+from lmlab.config import SamplingConfig
 from lmlab.study import plots
 from lmlab.study.core import Context, findings_text, once, table, write_outputs
 from lmlab.study.text import diversity, mean_logprob, sample_ids

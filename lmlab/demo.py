@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 
-def run_demo(out: str | Path, steps: int = 2500) -> None:
+def run_demo(out: str | Path = "runs/demo", steps: int = 2500) -> None:
     import lmlab
     from lmlab.config import TrainConfig, preset
     from lmlab.data.tokens import TokenData, prepare

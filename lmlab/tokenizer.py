@@ -77,6 +77,24 @@ class CharTokenizer:
         Path(path).write_text(json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False), encoding="utf-8")
 
 
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (bytes_to_unicode in openai/gpt-2 encoder.py): how byte-level BPE
+    vocabularies (ours, HF's, GGUF's) spell raw bytes. The one copy: GGUF import and export and the server's
+    logprob bytes read it."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+BYTE_DECODER = {ch: b for b, ch in byte_alphabet().items()}  # a byte-level token's characters back to its bytes
+
+
 class BPETokenizer:
     """Byte-level BPE through HF `tokenizers`: any `tokenizer.json`, or one trained with `train`.
 

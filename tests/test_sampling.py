@@ -454,16 +454,18 @@ def test_text_layer_work_per_token_is_constant(bpe):
 
 
 def test_cli_and_api_share_samplingconfigs_defaults(lm):
+    import dataclasses
     import subprocess
 
-    from lmlab.cli import build_parser
+    from lmlab.cli import build_parser, config_from
     from tests.conftest import lmlab_cmd, subprocess_env
 
     d = SamplingConfig()
     args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p"])
-    assert (args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
-            args.seed, tuple(args.stop), args.truncate) == (d.max_new_tokens, d.temperature, d.top_k, d.top_p,
-                                                             d.min_p, d.repetition_penalty, d.seed, d.stop, d.truncate)
+    flags = {k[2:]: v for k, v in vars(args).items() if k.startswith("s_")}
+    assert sorted(flags) == sorted(f.name for f in dataclasses.fields(SamplingConfig))  # a flag for every field
+    assert all(v is None for v in flags.values())  # and no default of the CLI's own: SamplingConfig's
+    assert config_from(args, SamplingConfig, "s", SamplingConfig()) == d
     r = subprocess.run(lmlab_cmd("generate", "--model", lm.source, "--prompt", "the", "--seed", "5", "--device",
                                  "cpu"), capture_output=True, text=True, env=subprocess_env())
     assert r.returncode == 0, r.stderr

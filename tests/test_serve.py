@@ -9,6 +9,7 @@ of 64 makes the scheduler move rows within the cache often, and --prefill-chunk 
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import threading
@@ -472,3 +473,42 @@ def test_stop_button_cancels_generation_in_a_real_browser(slow_server):
         assert 0 < generated < clear_run, generated
     finally:
         driver.quit()
+
+
+def test_request_timeout_api_key_file_and_latency_histograms(tmp_path):
+    """--request-timeout ends a request that runs past it with OpenAI's error (HTTP 408, or the stream's last
+    event), frees its row at once and counts the failure; --api-key-file guards the routes as --api-key does;
+    /metrics parses with prometheus_client's own parser and holds the two latency histograms."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    key_file = tmp_path / "key"
+    key_file.write_text("file-key\n")
+    model = _tiny_model(tmp_path / "ckpt", context=4096)
+    proc, url = _start(model, "--max-batch", "2", "--context", "4096", "--request-timeout", "1",
+                       "--api-key-file", str(key_file))
+    auth = {"Authorization": "Bearer file-key"}
+    try:
+        assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/v1/models", headers=auth).status_code == 200
+        long = {"prompt": "Hello", "max_tokens": 4000, "logit_bias": {"0": -100}}
+        start = time.perf_counter()
+        r = httpx.post(url + "/v1/completions", json=long, headers=auth, timeout=30)
+        assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout", r.text
+        assert 1 <= time.perf_counter() - start < 5 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+        with httpx.stream("POST", url + "/v1/completions", json={**long, "stream": True}, headers=auth,
+                          timeout=30) as s:
+            events = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["code"] == "request_timeout"
+        ok = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 5}, headers=auth, timeout=30)
+        assert ok.status_code == 200
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics", headers=auth).text)}
+        value = {s.name: s.value for f in families.values() for s in f.samples if not s.labels}
+        assert value["lmlab_request_failures_total"] == 2 and value["lmlab_batch_rows_busy"] == 0
+        for name in ("lmlab_time_to_first_token_seconds", "lmlab_time_per_output_token_seconds"):
+            assert families[name].type == "histogram" and value[name + "_count"] >= 1
+    finally:
+        _stop(proc)
+    key_file.write_text("\n")
+    p = subprocess.run(lmlab_cmd("serve", "--model", str(model), "--api-key-file", str(key_file)),
+                       capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "is empty" in p.stderr

@@ -99,6 +99,28 @@ def test_the_running_train_loss_is_the_mean_of_the_steps_since_the_last_evaluati
         assert e["train_loss"] == pytest.approx(sum(since) / 4, rel=1e-6)
 
 
+def test_resume_builds_one_model_and_draws_no_random_weights(tmp_path, char_data, monkeypatch):
+    """--resume builds the model once, on the meta device, and gives it RUN/last's weights: no random init to
+    overwrite, no second model to copy from."""
+    from lmlab.model import Transformer
+
+    run = tmp_path / "run"
+    tc = TrainConfig(max_steps=4, eval_interval=2, eval_batches=1, batch_size=4, device="cpu", seed=3)
+    train(TINY, tc, char_data, run, quiet=True)
+    built, inits = [], []
+    real_init, real_weights = Transformer.__init__, Transformer.init_weights
+
+    def counting_init(self, cfg):
+        real_init(self, cfg)
+        built.append(self.wte.weight.device.type)
+
+    monkeypatch.setattr(Transformer, "__init__", counting_init)
+    monkeypatch.setattr(Transformer, "init_weights", lambda self, *a: inits.append(1) or real_weights(self, *a))
+    train(TINY, dataclasses.replace(tc, max_steps=6), char_data, run, resume=True, quiet=True)
+    assert built == ["meta"] and inits == []
+    assert events(run, "stop")[-1]["reason"] == "finished 6 steps"
+
+
 def test_dropout_schedule_reaches_the_model(tmp_path, char_data):
     run = tmp_path / "run"
     train(TINY.replace(dropout=0.2), TrainConfig(max_steps=40, eval_interval=40, log_interval=5, eval_batches=1,

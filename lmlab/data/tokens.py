@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmlab.config import PrepareConfig
 from lmlab.data.sources import Source, list_sources
 from lmlab.errors import LmlabError
 from lmlab.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer, tokenizer_meta, tokenizer_sha256
@@ -148,15 +149,14 @@ def _check_out(out: Path) -> None:
                              f"{', ...' if len(others) > 3 else ''}); give a new or empty directory")
 
 
-def prepare(sources: list[str], out: str | Path, tokenizer: str = "char", vocab_size: int = 4096,
-            val_fraction: float = 0.1, quiet: bool = False) -> dict:
-    """Tokenize the sources into `out` (train.bin, val.bin, tokenizer.json, meta.json). Returns the meta."""
-    if tokenizer not in ("char", "bpe"):
-        from lmlab.errors import unknown
+def prepare(sources: list[str], out: str | Path, cfg: PrepareConfig | None = None, quiet: bool = False,
+            **settings) -> dict:
+    """Tokenize the sources into `out` (train.bin, val.bin, tokenizer.json, meta.json) as `cfg` says
+    (PrepareConfig's defaults, or its fields as keywords: tokenizer, vocab_size, val_fraction). Returns the meta."""
+    import dataclasses
 
-        raise unknown("tokenizer", tokenizer, ("char", "bpe"))
-    if not 0 < val_fraction < 1:
-        raise LmlabError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    cfg = dataclasses.replace(cfg or PrepareConfig(), **settings)
+    tokenizer, vocab_size, val_fraction = cfg.tokenizer, cfg.vocab_size, cfg.val_fraction
     out = Path(out)
     _check_out(out)
     files = list_sources(sources, quiet=quiet)
@@ -274,10 +274,6 @@ class Batches:
 
     def get(self, step: int, micro: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return windows_to_batch(self.data, self.starts(step, micro), self.T, device)
-
-    def epoch_of(self, step: int) -> float:
-        """How many passes over the split the batches up to `step` amount to."""
-        return step * self.accum * self.B * self.world * self.T / max(1, len(self.data))
 
 
 def eval_windows(data: np.ndarray, T: int, batch_size: int, n_batches: int, seed: int) -> list[np.ndarray]:

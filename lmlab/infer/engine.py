@@ -189,7 +189,7 @@ class Engine:
         self.p = 0  # the slot every busy row writes its next token to
         self.tokens = self.cached_tokens = 0  # counters: tokens sampled, prompt tokens not prefilled again
         self.events: list[Event] = []
-        self._views: tuple[int, list[KVCache]] | None = None  # (rows, views of the main cache's first rows)
+        self._views: tuple[tuple[int, int], list[KVCache]] | None = None  # ((rows, first slot), their views)
 
     # -- requests in and out ----------------------------------------------------------------------------------
 
@@ -359,30 +359,32 @@ class Engine:
         return Row(req, index, offset, gen, stream, seen, counts, list(req.prompt))
 
     def _decode(self) -> None:
-        """One token for every busy row: rows [0, n) in eager code, all max_batch rows (one static shape) when
-        compiled; the model reads slots up to p (eager CPU code trims the rest, lmlab.model)."""
+        """One token for every busy row. Eager code steps rows [0, n) over slots [lo, p], lo the lowest offset
+        (the slots below are no busy row's); compiled code all max_batch rows and all slots, one static shape."""
         if self.p >= self.S:
             self._make_room()
         n = len(self.rows)
-        b = self.max_batch if self.compiled is not None else n
-        caches = self._first_rows(b)
+        b, lo = (self.max_batch, 0) if self.compiled is not None else (n, min(r.offset for r in self.rows))
+        caches = self._views_of(b, lo)
         if self.model.blocks[0].attn.cache is not caches[0]:  # a prefill (or another caller) set other caches
             self.model.use_cache(caches)
         ids = torch.tensor([[r.history[-1]] for r in self.rows] + [[0]] * (b - n), device=self.device)  # (b, 1)
-        offset = torch.tensor([r.offset for r in self.rows] + [self.p] * (b - n), device=self.device)  # idle: own slot
+        offset = torch.tensor([r.offset - lo for r in self.rows] + [self.p - lo] * (b - n),
+                              device=self.device)  # an idle row reads its own slot only
         if self.graphed:
             torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs have been read
         step = self.compiled if self.compiled is not None else self.model
-        logits = step(ids, torch.tensor([self.p], device=self.device), offset)[:n, -1]
+        logits = step(ids, torch.tensor([self.p - lo], device=self.device), offset)[:n, -1]
         self.p += 1
         self._advance_all(self.rows, logits)
 
-    def _first_rows(self, b: int) -> list[KVCache]:
-        """The main cache's rows [0, b), as views kept until the row count changes (the whole cache for all)."""
-        if b == self.max_batch:
+    def _views_of(self, b: int, lo: int) -> list[KVCache]:
+        """The main cache's rows [0, b) from slot lo on, as views kept until either changes (the rows' count and
+        lowest offset change only when rows join, leave or move); the model reads up to the query's slot."""
+        if b == self.max_batch and lo == 0:
             return self.main
-        if self._views is None or self._views[0] != b:
-            self._views = (b, [c.view(slice(0, b), slice(0, self.S)) for c in self.main])
+        if self._views is None or self._views[0] != (b, lo):
+            self._views = ((b, lo), [c.view(slice(0, b), slice(lo, self.S)) for c in self.main])
         return self._views[1]
 
     def _make_room(self) -> None:

@@ -11,6 +11,7 @@ positions, so memory is bounded by `chunk` x vocab fp32 logits, not by (batch, c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -21,13 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmlab.config import MAX_DEFAULT_CONTEXT, EvalConfig
 from lmlab.data.tokens import TokenData, windows_to_batch
 from lmlab.errors import LmlabError
 from lmlab.tokenizer import tokenizer_sha256
 from lmlab.utils import read_text
-
-DEFAULT_CONTEXT = 1024  # window length when the model's own is longer: SmolLM2's 8K windows cost 8x the attention
-DEFAULT_CHUNK = 1024  # positions per head call: 1024 x 49,152 fp32 logits are 200 MB (SmolLM2)
 
 
 @dataclass(frozen=True)
@@ -134,39 +133,33 @@ def _describe(tok) -> str:
     return f"{tok.vocab_size:,}-token {getattr(tok, 'kind', 'bpe')} tokenizer"
 
 
-def evaluate(lm, tokens: np.ndarray, batch_size: int = 8, max_batches: int = 0, context: int = 0, stride: int = 0,
-             chunk: int | None = None, quiet: bool = False) -> EvalResult:
-    """Mean loss per token by the strided sliding window (module docstring). context 0: the model's context, at
-    most DEFAULT_CONTEXT; stride 0: context // 2, as in HF's guide; max_batches 0: all; chunk None: DEFAULT_CHUNK,
-    0: no chunking."""
+def evaluate(lm, tokens: np.ndarray, cfg: EvalConfig | None = None, quiet: bool = False, **settings) -> EvalResult:
+    """Mean loss per token by the strided sliding window (module docstring), as `cfg` (EvalConfig's defaults, or
+    its fields given as keywords) says: context 0 is the model's context, at most MAX_DEFAULT_CONTEXT; stride 0
+    is context // 2, as in HF's guide; max_batches 0 all of them; chunk 0 no chunking."""
     from tqdm.auto import tqdm
 
-    chunk = DEFAULT_CHUNK if chunk is None else chunk
-    T, stride = _check_eval_args(lm, len(tokens), batch_size, max_batches, context, stride, chunk)
+    cfg = dataclasses.replace(cfg or EvalConfig(), **settings)
+    T, stride = _check_eval_args(lm, len(tokens), cfg.context, cfg.stride)
+    B = cfg.batch_size
     starts, scored = sliding_windows(len(tokens), T, stride)
-    n_batches = -(-len(starts) // batch_size)
-    if max_batches:
-        n_batches = min(n_batches, max_batches)
-    batches = ((starts[i:i + batch_size], scored[i:i + batch_size]) for i in range(0, n_batches * batch_size,
-                                                                                   batch_size))
+    n_batches = -(-len(starts) // B)
+    if cfg.max_batches:
+        n_batches = min(n_batches, cfg.max_batches)
+    batches = ((starts[i:i + B], scored[i:i + B]) for i in range(0, n_batches * B, B))
     bar = tqdm(batches, total=n_batches, desc="evaluating", unit="batch", disable=quiet, leave=False)
-    total, count = loss_over(lm.model, tokens, bar, T, lm.device, chunk=chunk)
+    total, count = loss_over(lm.model, tokens, bar, T, lm.device, chunk=cfg.chunk)
     loss = total / count
     return EvalResult(loss, math.exp(min(loss, 700)), count, T, stride)
 
 
-def _check_eval_args(lm, n_tokens: int, batch_size: int, max_batches: int, context: int, stride: int,
-                     chunk: int) -> tuple[int, int]:
+def _check_eval_args(lm, n_tokens: int, context: int, stride: int) -> tuple[int, int]:
     """The window length and stride to use, or an LmlabError naming the flag."""
-    for name, value, least in (("batch-size", batch_size, 1), ("max-batches", max_batches, 0),
-                               ("context", context, 0), ("stride", stride, 0), ("chunk", chunk, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise LmlabError(f"--{name} must be an integer of at least {least}, got {value!r}")
     if context > lm.config.context_length:
         raise LmlabError(f"--context {context} exceeds the model's context length {lm.config.context_length}")
     if n_tokens < 2:
         raise LmlabError("the evaluation data holds fewer than 2 tokens; give more text")
-    window = context or min(lm.config.context_length, DEFAULT_CONTEXT)
+    window = context or min(lm.config.context_length, MAX_DEFAULT_CONTEXT)
     stride = stride or max(1, window // 2)
     if stride > window:
         raise LmlabError(f"--stride {stride} is longer than the window ({window} tokens): tokens between windows "

@@ -16,7 +16,7 @@ import socket
 from lmlab.config import ServeConfig
 from lmlab.errors import LmlabError
 
-__all__ = ["ServeConfig", "check_address", "create_app", "serve"]
+__all__ = ["ServeConfig", "check_address", "create_app", "read_key_file", "serve"]
 
 
 def create_app(lm, cfg: ServeConfig):
@@ -36,6 +36,17 @@ def check_address(cfg: ServeConfig) -> None:
     except (OSError, UnicodeError, ValueError) as e:
         raise LmlabError(f"cannot listen on {cfg.host}:{cfg.port} ({getattr(e, 'strerror', None) or e}); "
                          "pick another --port, or a --host of this machine") from None
+
+
+def read_key_file(path: str) -> str:
+    """The API key in a file's first line (--api-key-file), so it stays out of the process list and the shell's
+    history."""
+    from lmlab.utils import read_text
+
+    lines = read_text(path, "API key file").strip().splitlines()
+    if not lines or not lines[0].strip():
+        raise LmlabError(f"--api-key-file {path} is empty; write the key on its first line")
+    return lines[0].strip()
 
 
 def serve(lm, cfg: ServeConfig) -> None:

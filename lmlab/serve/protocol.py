@@ -19,7 +19,7 @@ from lmlab.config import SamplingConfig
 from lmlab.errors import LmlabError
 from lmlab.infer.engine import Extras, Request
 from lmlab.templates import ROLES, chat_prompt_ids, chat_stop
-from lmlab.tokenizer import BPETokenizer, Tokenizer
+from lmlab.tokenizer import BYTE_DECODER, BPETokenizer, Tokenizer
 
 
 class APIError(Exception):
@@ -230,21 +230,6 @@ def now() -> int:
 
 
 # -- logprobs ------------------------------------------------------------------------------------------------
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-to-unicode table inverted: a byte-level BPE token's characters back to its bytes."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs, n = list(bs), 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
-
-
-BYTE_DECODER = _byte_decoder()
-
 
 def token_text(tok: Tokenizer, token: int) -> tuple[str, list[int]]:
     """A token's text and its bytes (a byte-level token may hold part of a UTF-8 character: its text then shows

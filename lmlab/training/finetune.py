@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from lmlab.checkpoint import load_model
-from lmlab.config import DROPOUT_FIELDS, LoRAConfig, ModelConfig, SFTConfig, TrainConfig
+from lmlab.config import DROPOUT_FIELDS, FINETUNE_DEFAULTS, LORA_LR, LoRAConfig, ModelConfig, SFTConfig, TrainConfig
 from lmlab.errors import LmlabError
 from lmlab.lora import apply_lora, is_adapter_key, load_adapter_state
 from lmlab.model import Transformer
@@ -27,17 +26,28 @@ from lmlab.training.sft import SFTData, read_conversations
 from lmlab.utils import current_dir
 
 ADAPTER_FILE = "adapter.safetensors"
-# Fine-tuning's own defaults over TrainConfig's pretraining ones: a short run from good weights, no decay of the
-# weights being adapted, evaluation often enough to see it. Full fine-tuning moves every weight, so a 10x lower lr.
-DEFAULTS = dict(lr=1e-4, weight_decay=0.0, warmup_steps=10, max_steps=200, eval_interval=50, eval_batches=8,
-                batch_size=8, log_interval=5)
-LORA_LR = 1e-3
 
 
 def finetune_config(flags: dict[str, Any], lora: bool, saved: dict[str, Any] | None = None) -> TrainConfig:
-    """The TrainConfig of a fine-tune: DEFAULTS, then a resumed run's own settings, then the flags given."""
-    base = {**DEFAULTS, "lr": LORA_LR if lora else DEFAULTS["lr"]}
+    """The TrainConfig of a fine-tune: FINETUNE_DEFAULTS (lr LORA_LR with LoRA), then a resumed run's own
+    settings, then the flags given."""
+    base = {**FINETUNE_DEFAULTS, "lr": LORA_LR if lora else FINETUNE_DEFAULTS["lr"]}
     return TrainConfig.from_dict({**base, **((saved or {}).get("train_config") or {}), **flags})
+
+
+def lora_config(enabled: bool, **given: Any) -> LoRAConfig | None:
+    """The LoRA settings of a fine-tune: None without LoRA (where a LoRA setting is an error naming its flag),
+    else LoRAConfig's defaults with the settings given (None: not given; `targets` may be a comma-separated
+    string)."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if not enabled:
+        if given:
+            raise LmlabError(f"--lora-{next(iter(given)).replace('_', '-')} sets up LoRA; add --lora (or drop it for "
+                             "full fine-tuning)")
+        return None
+    if isinstance(given.get("targets"), str):
+        given["targets"] = tuple(t.strip() for t in given["targets"].split(",") if t.strip())
+    return LoRAConfig(**given)
 
 
 def base_name(source: str | Path) -> str:
@@ -98,13 +108,17 @@ class FineTune(Pretrain):
         return model
 
     def restore(self, model: Transformer, last_dir: Path, device: torch.device) -> None:
-        if self.lora is None:
-            saved, _, _ = load_model(last_dir, device, torch.float32)
-            with torch.no_grad():
-                model.load_state_dict(saved.state_dict())
-            return
+        """RUN/last's weights into the model built from the base: every weight (full fine-tuning; the file's
+        tensors copied in, no second model built) or the adapters."""
         from safetensors.torch import load_file
 
+        if self.lora is None:
+            state = load_file(str(last_dir / "model.safetensors"), device=str(device))
+            if model.cfg.tie_embeddings:  # stored once
+                state["lm_head.weight"] = state["wte.weight"]
+            with torch.no_grad():
+                model.load_state_dict(state)
+            return
         load_adapter_state(model, load_file(str(last_dir / ADAPTER_FILE), device=str(device)), str(last_dir))
 
     def checkpoint(self, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict, str]:

@@ -25,11 +25,13 @@ The loop sees only the job's Data (batch, losses) and model, so fine-tuning is t
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
 import signal
 import time
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from lmlab.checkpoint import is_checkpoint, load_model, read_meta, rng_state, save_checkpoint, set_rng_state
+from lmlab.checkpoint import finish_load, is_checkpoint, read_meta, rng_state, save_checkpoint, set_rng_state
 from lmlab.config import ModelConfig, TrainConfig
 from lmlab.data.tokens import Batches, TokenData, eval_windows
 from lmlab.errors import LmlabError, TrainingDiverged
@@ -158,6 +161,30 @@ def loss_of(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: Ab
         return net(x, targets=y)
 
 
+def backward(net: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], tc: TrainConfig,
+             autocast: AbstractContextManager, defer_sync: bool = False) -> torch.Tensor:
+    """Forward and backward over tc.grad_accum micro-batches, gradients averaged, then clipped to tc.grad_clip:
+    the training step's work before its optimizer step (`lmlab bench train` times this very function).
+    `defer_sync` (DDP): gradients are all-reduced on the last micro-batch only. Returns this rank's mean loss as
+    a 0-dim device tensor (no sync)."""
+    total = None
+    for micro, (x, y) in enumerate(batches):
+        last = micro == tc.grad_accum - 1
+        with nullcontext() if last or not defer_sync else net.no_sync():
+            loss = loss_of(net, x, y, autocast) / tc.grad_accum
+            loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    if tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
+    return total
+
+
+def step_optimizer(opt: Optimizers) -> None:
+    """The optimizer step after `backward`, gradients cleared for the next one."""
+    opt.step()
+    opt.zero_grad()
+
+
 def total_steps(tc: TrainConfig, tokens_per_step: int) -> int:
     limits = [tc.max_steps] if tc.max_steps else []
     if tc.max_tokens:
@@ -231,7 +258,8 @@ def check_resume(meta: dict, mc: ModelConfig, tc: TrainConfig, data: Data, info:
         diff = [k for k, v in mc.to_dict().items() if saved_mc.to_dict()[k] != v]
         raise LmlabError(f"cannot resume: the model config differs from the saved run in {', '.join(diff)}; "
                          "pass the same settings as the original run, or train into a new --out")
-    saved_tc = meta.get("train_config", {})
+    # a key a run saved before it existed holds its default (the run trained as the default does)
+    saved_tc = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | meta.get("train_config", {})
     diff = [k for k, v in tc.to_dict().items() if k not in RESUMABLE_CHANGES and saved_tc.get(k) != v]
     if diff:
         raise LmlabError(f"cannot resume: {', '.join(diff)} differ from the saved run "
@@ -272,21 +300,26 @@ def check_fits(mc: ModelConfig, device: torch.device, dtype: torch.dtype = torch
 
 
 def build_model(mc: ModelConfig, tc: TrainConfig, info: DistInfo, last_dir: Path | None) -> Transformer:
-    """The initial model (seeded, so every rank starts equal), or the weights saved in `last_dir`."""
+    """The initial model (seeded, so every rank starts equal), or one model holding the weights saved in
+    `last_dir` (built on the meta device and given them: no random model is made on the way)."""
     torch.manual_seed(tc.seed)
     check_fits(mc, info.device)
-    try:
-        model = Transformer(mc)
-    except (MemoryError, RuntimeError) as e:  # torch's CPU allocator raises RuntimeError("... can't allocate ...")
-        if isinstance(e, RuntimeError) and "allocate" not in str(e):
-            raise
-        raise LmlabError(f"could not allocate the model ({mc.num_params():,} parameters, "
-                         f"{mc.num_params() * 4 / 2**30:.1f} GiB of float32 weights); choose a smaller model") from None
-    model.init_weights(tc.init)
-    model.to(info.device)
     if last_dir is not None:
-        saved, _, _ = load_model(last_dir, info.device, torch.float32)
-        model.load_state_dict(saved.state_dict())
+        with torch.device("meta"):
+            model = Transformer(mc)
+        finish_load(model, load_file(str(current_dir(last_dir) / "model.safetensors")))
+        model.to(info.device)
+    else:
+        try:
+            model = Transformer(mc)
+        except (MemoryError, RuntimeError) as e:  # torch's CPU allocator raises RuntimeError("... can't allocate")
+            if isinstance(e, RuntimeError) and "allocate" not in str(e):
+                raise
+            raise LmlabError(f"could not allocate the model ({mc.num_params():,} parameters, "
+                             f"{mc.num_params() * 4 / 2**30:.1f} GiB of float32 weights); choose a smaller model"
+                             ) from None
+        model.init_weights(tc.init)
+        model.to(info.device)
     torch.manual_seed(tc.seed + info.rank)  # a dropout stream per rank (a resume restores it below)
     return model
 
@@ -377,19 +410,10 @@ class Run:
         return self.tc.lr * factor, rates
 
     def micro_batches(self, step: int) -> torch.Tensor:
-        """Forward and backward over grad_accum micro-batches, gradients averaged (and, under DDP, all-reduced
-        on the last one only), then clipped. Returns this rank's mean loss as a 0-dim device tensor (no sync)."""
-        tc, info, total = self.tc, self.info, torch.zeros((), device=self.info.device)
-        for micro in range(tc.grad_accum):
-            x, y = self.data.batch(step, micro, info.device)
-            sync = micro == tc.grad_accum - 1 or not info.enabled or tc.fsdp
-            with nullcontext() if sync else self.net.no_sync():
-                loss = loss_of(self.net, x, y, self.autocast) / tc.grad_accum
-                loss.backward()
-            total += loss.detach()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), tc.grad_clip)
-        return total
+        """This step's grad_accum micro-batches through `backward` (DDP all-reduces on the last one only)."""
+        info, tc = self.info, self.tc
+        batches = (self.data.batch(step, micro, info.device) for micro in range(tc.grad_accum))
+        return backward(self.net, batches, tc, self.autocast, defer_sync=info.enabled and not tc.fsdp)
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step; the loss it was taken on, a device tensor. A NaN loss steps too (checking would
@@ -398,8 +422,7 @@ class Run:
             loss = self.lbfgs_step()
         else:
             loss = self.micro_batches(self.state.step)
-            self.opt.step()
-            self.opt.zero_grad()
+            step_optimizer(self.opt)
         self.running += loss.detach()  # on the device: read at the next evaluation only
         self.running_steps += 1
         return loss

@@ -154,14 +154,15 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> Optimizers:
         return Optimizers([opt.AdamW(groups, lr=lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, fused=use_fused(model))])
     if name == "lbfgs":  # one fixed batch (train.py's lbfgs_step), small models: one parameter group, no decay
         params = [p for p in model.parameters() if p.requires_grad]
-        return Optimizers([opt.LBFGS(params, lr=lr, max_iter=5, history_size=20, line_search_fn="strong_wolfe")])
+        return Optimizers([opt.LBFGS(params, lr=lr, max_iter=tc.lbfgs_max_iter, history_size=tc.lbfgs_history,
+                                     line_search_fn="strong_wolfe")])
     if name == "muon":
         hidden = [p for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("blocks.")]
         hidden_ids = {id(p) for p in hidden}
         rest = [{"params": [p for p in g["params"] if id(p) not in hidden_ids], "weight_decay": g["weight_decay"]}
                 for g in groups]
         return Optimizers([
-            Muon(hidden, lr=lr, weight_decay=tc.weight_decay, momentum=0.95, nesterov=True,
+            Muon(hidden, lr=lr, weight_decay=tc.weight_decay, momentum=tc.muon_momentum, nesterov=True,
                      adjust_lr_fn="match_rms_adamw"),  # Moonshot's scaling: AdamW's lr and decay carry over
             opt.AdamW(rest, lr=lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, fused=use_fused(model)),
         ])

@@ -23,14 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmlab.config import SFTConfig
+from lmlab.config import MAX_DEFAULT_CONTEXT, SFTConfig
 from lmlab.errors import LmlabError
 from lmlab.model import IGNORE_INDEX as IGNORE  # F.cross_entropy's default ignore_index
 from lmlab.templates import check_messages, encode_rendered, render_for
 from lmlab.tokenizer import Tokenizer
 from lmlab.utils import read_text
-
-DEFAULT_MAX_LENGTH = 1024
 
 
 def read_records(path: str | Path) -> list[tuple[str, Any]]:
@@ -186,7 +184,7 @@ class SFTData:
                  batch_size: int, grad_accum: int, seed: int, sampling: str, rank: int = 0, world: int = 1,
                  eval_batches: int = 1, eval_batch_size: int = 0) -> None:
         self.path, self.tokenizer, self.sft, self.vocab_size = Path(path), tokenizer, sft, vocab_size
-        self.max_length = min(sft.max_length or min(context, DEFAULT_MAX_LENGTH), context)
+        self.max_length = min(sft.max_length or min(context, MAX_DEFAULT_CONTEXT), context)
         examples, self.dropped = load_examples(path, tokenizer, sft, self.max_length, vocab_size)
         if len(examples) < 2:
             raise LmlabError(f"{path} holds {len(examples)} usable example; fine-tuning needs at least 2 (one held "

@@ -41,3 +41,4 @@ def check_target(out: str | os.PathLike, format: str, dtype: str | None = None) 
     if format == "gguf" and dtype not in (None, "float32", "float16"):
         raise LmlabError(f"--dtype {dtype}: GGUF export writes float32 or float16")
     return out
+

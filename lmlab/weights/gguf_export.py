@@ -15,8 +15,9 @@ import torch
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
+from lmlab.tokenizer import byte_alphabet
 from lmlab.weights.gguf import GGUF_GPT2_KEYS, keymaps
-from lmlab.weights.gguf_tokenizer import byte_alphabet, pre_tokenizer_name
+from lmlab.weights.gguf_tokenizer import pre_tokenizer_name
 
 
 def gguf_tensors(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from lmlab.errors import LmlabError
+from lmlab.tokenizer import byte_alphabet
 
 SUPPORTED_TOKENIZERS = ("gpt2",)
 
@@ -57,19 +58,6 @@ PRE_TOKENIZER_SPLITS = {
 
 KNOWN_PRE_TOKENIZERS = (*GPT2_SPLIT_NAMES, *DIGITS_GPT2_NAMES, *PRE_TOKENIZER_SPLITS)
 _CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
-
-
-def byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (bytes_to_unicode in openai/gpt-2 encoder.py)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 def pre_tokenizer(name: str | None, source: str):

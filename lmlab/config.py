@@ -559,7 +559,7 @@ class SamplingConfig:
     The one home of the sampling defaults: `LM.generate`, `LM.stream` and the `lmlab generate` flags all start
     from these. temperature 0.8 is nanoGPT's sample.py default (the model's distribution, slightly sharpened, so
     small models garble fewer words); the truncation filters are off, as in HF's GenerationConfig. Chat starts
-    from its own documented variant, `lmlab.infer.chat.CHAT_SAMPLING`."""
+    from its own documented variant, `CHAT_SAMPLING` below."""
 
     max_new_tokens: int = knob(256, "tokens to generate at most")
     temperature: float = knob(0.8, "0 = greedy; <1 sharper, >1 flatter")

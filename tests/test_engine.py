@@ -34,7 +34,7 @@ CASES = {"greedy": dict(temperature=0.0, top_p=1.0, top_k=0), "seeded": dict(tem
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, char_data):
     out = tmp_path_factory.mktemp("engine") / "run"
-    train(TINY, TrainConfig(max_steps=150, batch_size=16, lr=3e-3, warmup_steps=10, eval_interval=150,
+    train(TINY, TrainConfig(max_steps=400, batch_size=16, lr=3e-3, warmup_steps=20, eval_interval=400,
                             eval_batches=2, device="cpu", seed=1), char_data, out, quiet=True)
     return out
 

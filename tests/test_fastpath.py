@@ -333,6 +333,36 @@ def _check_graph_decoding(device: str, dtype: torch.dtype) -> None:
         assert _greedy(graphed, prompts) == _greedy(plain, prompts)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_gate_up_gives_the_unfused_models_logits_and_state_dict(bias):
+    """A SwiGLU model with gate and up fused into one matmul (what compile_decoding does first): the unfused
+    model's logits (float32, 1e-5) and greedy tokens, and the same state-dict keys and tensors, which load back
+    into an unfused model."""
+    import copy
+
+    from lmlab.infer.fuse import FusedSwiGLU, fuse_gate_up
+
+    plain, _ = _decode_models("cpu", torch.float32)
+    if bias:
+        cfg = plain.cfg.replace(bias=True)
+        torch.manual_seed(1)
+        plain = Transformer(cfg).eval()
+    fused = copy.deepcopy(plain)
+    assert fuse_gate_up(fused) == plain.cfg.n_layers and isinstance(fused.blocks[0].mlp, FusedSwiGLU)
+    x = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+    prompts = [[5, 9, 2, 7], [3, 1]]
+    assert _greedy(fused, prompts) == _greedy(plain, prompts)
+    a, b = plain.state_dict(), fused.state_dict()
+    assert list(sorted(a)) == list(sorted(b)) and all(torch.equal(a[k], b[k]) for k in a)
+    back = copy.deepcopy(plain)
+    back.load_state_dict(b)
+    fused.load_state_dict(a)  # and an unfused state dict loads into the fused model
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), back(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_one_graph_decoding_step_on_cpu_matches_the_plain_engine():
     """The CUDA-graph settings (reduce-overhead, fullgraph) on CPU, where torch skips the graph capture but

@@ -30,7 +30,7 @@ INSIDE = {
     "data": [{"fetch"}, {"sources"}, {"tokens"}, {"__init__"}],
     "weights": [{"keymap", "gguf_tokenizer", "safetensors_dir", "gguf_quant", "gguf_packed"}, {"hf", "gguf"},
                 {"gguf_export", "export", "adapter"}, {"__init__"}],
-    "infer": [{"sampling", "text", "evaluate"}, {"engine"}, {"generate"}, {"chat"}, {"__init__"}],
+    "infer": [{"sampling", "text", "evaluate", "fuse"}, {"engine"}, {"generate"}, {"chat"}, {"__init__"}],
     "training": [{"optim", "distributed", "metrics", "fastpath"}, {"loop", "plot"}, {"sft"}, {"finetune"},
                  {"__init__"}],
     "serve": [{"scheduler"}, {"protocol"}, {"app"}, {"__init__"}],

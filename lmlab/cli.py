@@ -171,8 +171,9 @@ def _load_flags(p: argparse.ArgumentParser, compile_flag: bool = True, adapter_f
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--quantize", default=None, metavar="MODE",
-                   help="int8 (per channel) or int4 (per group) weights, CPU only; off dequantizes a GGUF to float "
-                        "(default: as stored: a GGUF's quantized tensors stay packed)")
+                   help="int8 (per channel) or int4 (per group) weights (CPU: lmlab's packed kernels; CUDA: "
+                        "torchao's); off dequantizes a GGUF to float (default: as stored: a GGUF's quantized tensors "
+                        "stay packed on a CPU)")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default: 32)")
     if adapter_flag:
         p.add_argument("--adapter", default=None, metavar="DIR",

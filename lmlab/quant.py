@@ -106,10 +106,33 @@ def check_mode(mode: str, group_size: int = 32) -> None:
 
 
 def check_device(device: torch.device) -> None:
-    """The int4 and int8 kernels used here exist for CPU tensors; say so before anything is converted."""
-    if torch.device(device).type != "cpu":
-        raise LmlabError(f"quantized inference runs on the CPU in this version, not on {torch.device(device).type}; "
-                         "use --device cpu, or --quantize off to run in float on this device")
+    """The int4 and int8 kernels used here exist for CPU tensors, and torchao's for CUDA (`quantize_torchao`);
+    say so before anything is converted."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        try:
+            import torchao.quantization  # noqa: F401
+        except ImportError:
+            raise LmlabError("--quantize on CUDA runs through torchao's weight-only layers, which are not installed: "
+                             "pip install torchao (or --quantize off)") from None
+    elif kind != "cpu":
+        raise LmlabError(f"quantized inference runs on the CPU and on CUDA GPUs, not on {kind}; use --device cpu, "
+                         "or --quantize off to run in float on this device")
+
+
+def quantize_torchao(model, mode: str, group_size: int = 32):
+    """torchao's weight-only quantization of every linear layer, the head included (the CUDA path of
+    `quantize_model`): int8 with one scale per output channel (Int8WeightOnlyConfig), or int4 in groups of
+    `group_size` (Int4WeightOnlyConfig, bf16 activations). The float weights are replaced in place; torchao's
+    tensor subclasses pick their CUDA kernels (and run on CPU too, as the tests use them there)."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    if mode == "int4" and model.norm_f.weight.dtype != torch.bfloat16:
+        raise LmlabError("--quantize int4 on CUDA runs torchao's int4 kernels on bfloat16 activations: add --dtype "
+                         "bfloat16")
+    config = Int8WeightOnlyConfig() if mode == "int8" else Int4WeightOnlyConfig(group_size=group_size)
+    quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    return model.eval()
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,6 +318,8 @@ def quantize_model(model, mode: str, group_size: int = 32):
     `head_mode(mode)` and the token embedding with int8 rows. Returns the model (eval mode)."""
     check_mode(mode, group_size)
     check_device(model.wte.weight.device)
+    if model.wte.weight.device.type == "cuda":
+        return quantize_torchao(model, mode, group_size)
     todo = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"]
     for name, m in todo:
         check_shape(name, m.out_features, m.in_features, mode, group_size)

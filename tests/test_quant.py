@@ -164,8 +164,8 @@ def test_bad_mode_group_and_device():
         check_mode("int3")
     with pytest.raises(LmlabError, match="group size must be 32, 64, 128 or 256"):
         check_mode("int4", 48)
-    with pytest.raises(LmlabError, match="runs on the CPU"):
-        check_device(torch.device("cuda"))
+    with pytest.raises(LmlabError, match="runs on the CPU and on CUDA GPUs, not on mps"):
+        check_device(torch.device("mps"))
     model = Transformer(ModelConfig(family="llama", vocab_size=96, context_length=32, d_model=48, n_layers=1,
                                     n_heads=4, n_kv_heads=2, d_ff=96))
     with pytest.raises(LmlabError, match="multiple of the group size"):
@@ -260,3 +260,47 @@ def test_compiled_decoding_gives_the_same_tokens():
     eager = list(generate_ids(model, [[1, 2, 3]], s))
     compile_decoding(model)
     assert list(generate_ids(model, [[1, 2, 3]], s)) == eager
+
+
+def test_torchao_weight_only_int8_the_cuda_path_within_bounds_on_cpu():
+    """`--quantize int8` on CUDA goes through torchao's weight-only int8 (quantize_torchao); its arithmetic runs on
+    CPU too, so here: every linear replaced, logits within the per-channel int8 bound of this file's other tests
+    (0.05 of the logits' spread), the same greedy tokens on a peaked model."""
+    pytest.importorskip("torchao")
+    import copy
+
+    from lmlab.config import ModelConfig
+    from lmlab.model import Transformer
+    from lmlab.quant import quantize_torchao
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(family="llama", vocab_size=96, context_length=32, d_model=64, n_layers=2,
+                                    n_heads=4, n_kv_heads=2, d_ff=128)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+    q = quantize_torchao(copy.deepcopy(model), "int8")
+    kinds = {type(m.weight).__name__ for m in q.modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds == {"Int8Tensor"}, kinds  # every linear, the head included, holds torchao's int8 weights
+    x = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = model(x), q(x)
+    assert (b - a).abs().max() < 0.05 * (a.max() - a.min())
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torchao's int4 kernels need a CUDA GPU")
+def test_torchao_int4_on_cuda_within_bounds():
+    import copy
+
+    from lmlab.config import ModelConfig
+    from lmlab.model import Transformer
+    from lmlab.quant import quantize_model
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(family="llama", vocab_size=256, context_length=32, d_model=256, n_layers=2,
+                                    n_heads=4, n_kv_heads=2, d_ff=512)).to("cuda", torch.bfloat16).eval()
+    q = quantize_model(copy.deepcopy(model), "int4", 64)
+    x = torch.randint(0, 256, (2, 16), device="cuda")
+    with torch.no_grad():
+        a, b = model(x).float(), q(x).float()
+    assert (b - a).abs().max() < 0.1 * (a.max() - a.min())

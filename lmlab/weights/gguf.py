@@ -354,9 +354,13 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch
         raise LmlabError(f"{f.path}: tensor {unused[0]!r} ({len(unused)} such in all) has no place in our "
                          f"{cfg.family} model (biases, experts or another variant); this file is not supported")
     as_float = quantize is None and (device.type != "cpu" or not any(f.is_quantized(n) for n in f.tensors))
-    if quantize == "off" or as_float:  # the packed kernels are CPU ones (lmlab.quant): elsewhere, stored is float
+    if quantize == "off" or as_float or device.type == "cuda":  # the packed kernels are CPU ones (lmlab.quant)
         pairs = ((k, _tensor(a)) for k, a in map_gguf_weights(cfg, list(expected), f.array, str(f.path)))
         load_converted(model, pairs, device, dtype, str(f.path), "the metadata")
+        if quantize in ("int8", "int4"):  # on CUDA: torchao's layers over the float weights
+            from lmlab.quant import quantize_model
+
+            quantize_model(model, quantize, group_size)
         return model, gguf_tokenizer(f)
     check_device(device)
     load_packed(model, f, keymaps()[cfg.family], quantize, group_size, dtype)

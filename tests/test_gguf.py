@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -599,4 +601,112 @@ def test_damaged_cache_entry_is_fetched_again(smollm2_file, tmp_path, monkeypatc
         raise
     assert copy.stat().st_size == size and lm.config.n_layers == 30
     assert "damaged; fetching it again" in capfd.readouterr().err
-    assert sorted(p.name for p in cache.iterdir() if p.suffix != ".lock") == [smollm2_file.parent.name]  # no tmp
+    left = sorted(p.name for p in cache.iterdir() if p.suffix != ".lock")
+    assert left == sorted([smollm2_file.parent.name, "packed"])  # no tmp; the packed form beside the model
+    assert not [p for p in (cache / "packed").iterdir() if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The packed form kept in lmlab's cache (lmlab/weights/packed_cache.py).
+
+def _logits(model, V: int) -> torch.Tensor:
+    with torch.no_grad():
+        return model(_ids(V))
+
+
+@pytest.mark.parametrize("qtype, tied", [("Q4_0", False), ("Q8_0", True)])
+def test_the_cached_packed_form_loads_bit_identical_and_is_rebuilt_when_stale_or_truncated(qtype, tied, tmp_path,
+                                                                                           tiny_vocab, monkeypatch):
+    """A packed load writes its form to the cache; the next load reads it back without opening the GGUF (the
+    reader is made to fail) and gives the fresh repack's tensors and logits bit for bit; a truncated entry, and
+    an entry whose GGUF changed since, are rebuilt, never used."""
+    import lmlab.weights.gguf as gguf_mod
+    from lmlab.weights import packed_cache
+
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
+    V, path = len(tiny_vocab["tokens"]), tmp_path / "m.gguf"
+    write_gguf(path, _hf_llama(V, 2, tied), tiny_vocab, qtype)
+    monkeypatch.setenv("LMLAB_PACKED_CACHE", "0")
+    fresh, tok = load_gguf(path, "cpu", torch.float32)  # a fresh repack, the cache off
+    monkeypatch.setenv("LMLAB_PACKED_CACHE", "1")
+    load_gguf(path, "cpu", torch.float32)  # packs, and writes the entry
+    tensors, plan = packed_cache.entry_paths(packed_cache.cache_key(path, None, 32, torch.float32))
+    assert tensors.is_file() and plan.is_file()
+
+    def no_file(*a, **k):
+        raise AssertionError("the GGUF was read: the cache was not used")
+
+    with monkeypatch.context() as m:
+        m.setattr(gguf_mod, "GGUFFile", no_file)
+        cached, ctok = load_gguf(path, "cpu", torch.float32)
+    a, b = fresh.state_dict(), cached.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(_logits(cached, V), _logits(fresh, V))
+    assert ctok.encode("hello world") == tok.encode("hello world") and ctok.eos_ids == tok.eos_ids
+    shared = cached.lm_head.weight.data_ptr() == cached.wte.weight.data_ptr()
+    assert shared == (tied and qtype == "Q8_0")  # one int8 table serves both when tied, in the cache too
+    size = tensors.stat().st_size
+    with open(tensors, "r+b") as f:  # a kill mid-copy, a full disk: half an entry
+        f.truncate(size // 2)
+    again, _ = load_gguf(path, "cpu", torch.float32)  # rebuilt from the GGUF
+    assert torch.equal(_logits(again, V), _logits(fresh, V)) and tensors.stat().st_size == size
+    write_gguf(path, _hf_llama(V, 2, tied, seed=1), tiny_vocab, qtype)  # the file changes under the same name
+    monkeypatch.setenv("LMLAB_PACKED_CACHE", "0")
+    new_fresh, _ = load_gguf(path, "cpu", torch.float32)
+    monkeypatch.setenv("LMLAB_PACKED_CACHE", "1")
+    new = load_gguf(path, "cpu", torch.float32)[0]
+    assert torch.equal(_logits(new, V), _logits(new_fresh, V))
+    assert not torch.equal(_logits(new, V), _logits(fresh, V))
+    assert not tensors.exists() and len(list(tensors.parent.glob("*.pt"))) == 1  # the old version's entry is gone
+
+
+LOAD_AND_MEASURE = """
+import sys, torch
+from lmlab.config import ModelConfig
+from lmlab.model import Transformer
+from lmlab.quant import quantize_model
+from lmlab.weights.gguf import load_gguf
+
+def rss(field):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field))
+
+# what any process pays once, whatever it loads: torch's meta-device machinery (about 70 MB of modules), the
+# int8 kernels' first call
+with torch.device("meta"):
+    Transformer(ModelConfig(family="llama", vocab_size=64, context_length=16, d_model=64, n_layers=1, n_heads=2))
+tiny = quantize_model(Transformer(ModelConfig(family="llama", vocab_size=64, context_length=16, d_model=64,
+                                              n_layers=1, n_heads=2)), "int8")
+with torch.no_grad():
+    tiny(torch.zeros(1, 8, dtype=torch.long))
+before = rss("VmRSS:")
+model, _ = load_gguf(sys.argv[1])
+with torch.no_grad():
+    model(torch.zeros(1, 8, dtype=torch.long))
+packed = sum(t.nbytes for t in {t.data_ptr(): t for t in model.state_dict().values()}.values())
+print(rss("VmHWM:") - before, packed)
+"""
+
+
+def test_a_load_through_the_cache_stays_within_the_files_size(tmp_path, tiny_vocab):
+    """Peak RSS of loading a quantized GGUF through the cache, in a fresh process, and running it: at most the
+    file's size plus 32 MiB (the CRC's read buffer, the model's skeleton, a forward's activations) over what the
+    process held after its one-time start-up: the entry's pages are mapped, not copied, and nothing is packed
+    again. The first load (which packs and writes the entry) runs in a process of its own before."""
+    from tests.conftest import subprocess_env
+
+    V = len(tiny_vocab["tokens"])
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=1024, intermediate_size=2816, num_hidden_layers=3,
+                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    torch.manual_seed(0)
+    path = tmp_path / "big.gguf"
+    write_gguf(path, transformers.LlamaForCausalLM(cfg).eval(), tiny_vocab, "Q8_0")
+    env = subprocess_env(LMLAB_CACHE=str(tmp_path / "cache"))
+    runs = [subprocess.run([sys.executable, "-c", LOAD_AND_MEASURE, str(path)], env=env, capture_output=True,
+                           text=True, timeout=300) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
+    assert list((tmp_path / "cache" / "packed").glob("*.pt"))  # the second load came from the entry
+    grown, packed = map(int, runs[1].stdout.split())
+    size = path.stat().st_size
+    assert size > 30 * 2**20 and packed < 1.1 * size
+    assert grown <= size + 32 * 2**20, (grown / 2**20, size / 2**20)

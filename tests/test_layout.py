@@ -28,7 +28,8 @@ LAYERS = [
 # Inside a folder, bottom to top (a name missing here is a module the test below reports).
 INSIDE = {
     "data": [{"fetch"}, {"sources"}, {"tokens"}, {"__init__"}],
-    "weights": [{"keymap", "gguf_tokenizer", "safetensors_dir", "gguf_quant", "gguf_packed"}, {"hf", "gguf"},
+    "weights": [{"keymap", "gguf_tokenizer", "safetensors_dir", "gguf_quant", "gguf_packed", "packed_cache"},
+                {"hf", "gguf"},
                 {"gguf_export", "export", "adapter"}, {"__init__"}],
     "infer": [{"sampling", "text", "evaluate", "fuse"}, {"engine"}, {"generate"}, {"chat"}, {"__init__"}],
     "training": [{"optim", "distributed", "metrics", "fastpath"}, {"loop", "plot"}, {"sft"}, {"finetune"},

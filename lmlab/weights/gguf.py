@@ -338,12 +338,20 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     """A GGUF file -> (Transformer in eval mode, BPETokenizer or None when the file carries no tokenizer).
 
     `quantize` as lmlab.load takes it: None keeps quantized tensors packed (weights/gguf_packed.py), "int8" or
-    "int4" packs every matmul so, "off" dequantizes everything to `dtype`."""
+    "int4" packs every matmul so, "off" dequantizes everything to `dtype`. A packed load is kept in lmlab's cache
+    (weights/packed_cache.py) and later ones of the same file and settings read it back in seconds."""
     from lmlab.model import Transformer
     from lmlab.quant import check_device
+    from lmlab.weights import packed_cache
     from lmlab.weights.gguf_packed import load_packed
 
     device = torch.device(device)
+    key = None
+    if quantize != "off" and device.type == "cpu" and packed_cache.cache_enabled() and Path(path).is_file():
+        key = packed_cache.cache_key(Path(path), quantize, group_size, dtype)
+        hit = packed_cache.load_cached(key)
+        if hit is not None:
+            return hit
     f = GGUFFile(path)
     cfg = config_from_gguf(f)
     with torch.device("meta"):
@@ -364,4 +372,7 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch
         return model, gguf_tokenizer(f)
     check_device(device)
     load_packed(model, f, keymaps()[cfg.family], quantize, group_size, dtype)
-    return model, gguf_tokenizer(f)
+    tok = gguf_tokenizer(f)
+    if key is not None:
+        packed_cache.save_cached(key, model, tok)
+    return model, tok

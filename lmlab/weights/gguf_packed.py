@@ -17,6 +17,7 @@ another size, or int4 from an 8-bit tensor, go through float, one tensor at a ti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -124,10 +125,13 @@ def fuse(cfg: ModelConfig, fn, parts: list[Part]) -> Part:
 def load_packed(model, f, keymap, mode: str | None, group_size: int, dtype: torch.dtype) -> None:
     """Fill a meta-device model from GGUFFile `f`: matmul weights packed (see the module docstring), the rest
     float in `dtype`, one stored tensor at a time."""
+    from tqdm.auto import tqdm
+
     cfg = model.cfg
     matmuls = {name + ".weight" for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
     state: dict[str, torch.Tensor] = {}
-    for key in list(model.state_dict()):
+    keys = list(model.state_dict())  # a bar on a terminal: an 8B file takes about a minute, once (then it is cached)
+    for key in tqdm(keys, desc=f"packing {Path(f.path).name}", unit="tensor", disable=None, leave=False):
         if key == "lm_head.weight" and cfg.tie_embeddings:
             continue
         names, fn = keymap.match(key)

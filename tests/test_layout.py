@@ -31,7 +31,7 @@ INSIDE = {
     "weights": [{"keymap", "gguf_tokenizer", "safetensors_dir", "gguf_quant", "gguf_packed"}, {"hf", "gguf"},
                 {"gguf_export", "export", "adapter"}, {"__init__"}],
     "infer": [{"sampling", "text", "evaluate", "fuse"}, {"engine"}, {"generate"}, {"chat"}, {"__init__"}],
-    "training": [{"optim", "distributed", "metrics", "fastpath"}, {"loop", "plot"}, {"sft"}, {"finetune"},
+    "training": [{"optim", "distributed", "metrics", "fastpath", "runs"}, {"loop", "plot"}, {"sft"}, {"finetune"},
                  {"__init__"}],
     "serve": [{"scheduler"}, {"protocol"}, {"app"}, {"__init__"}],
     "study": [{"plots", "text", "core"}, {"dropout_topk"}, {"dropout", "optimizers", "sampling"}, {"__init__"}],

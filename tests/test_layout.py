@@ -34,7 +34,7 @@ INSIDE = {
               {"__init__"}],
     "training": [{"optim", "distributed", "metrics", "fastpath", "runs"}, {"loop", "plot"}, {"sft"}, {"finetune"},
                  {"__init__"}],
-    "serve": [{"scheduler"}, {"protocol"}, {"app"}, {"__init__"}],
+    "serve": [{"scheduler", "reports"}, {"protocol"}, {"app", "loads"}, {"lab"}, {"__init__"}],
     "study": [{"plots", "text", "core"}, {"dropout_topk"}, {"dropout", "optimizers", "sampling"}, {"__init__"}],
 }
 TOP = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -99,3 +99,19 @@ def index_reachable() -> bool:
         except (OSError, ValueError):
             continue
     return False
+
+
+def browser(width: int = 1000, height: int = 700):
+    """Headless system Chromium under Selenium (the chat page's and the lab page's tests), or a skip where
+    Debian's chromium and chromium-driver are not."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    binary, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if binary is None or driver_path is None:
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={width},{height}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import corpus_text, lmlab_cmd, subprocess_env
+from tests.conftest import browser, corpus_text, lmlab_cmd, subprocess_env
 
 openai = pytest.importorskip("openai")
 KEY = "test-key"
@@ -397,27 +397,12 @@ def test_cache_view_writes_through():
     assert caches[0].k[1, :, :4].abs().sum() == 0 and caches[0].k[1, :, 10:].abs().sum() == 0
 
 
-def _browser():
-    """Headless system Chromium under Selenium, or a skip where Debian's chromium and chromium-driver are not."""
-    import shutil
-
-    webdriver = pytest.importorskip("selenium.webdriver")
-    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if browser is None or driver_path is None:
-        pytest.skip("needs Debian's chromium and chromium-driver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,700"):
-        options.add_argument(flag)
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
-
-
 def test_chat_page_in_a_real_browser(server, tmp_path):
     """Headless system Chromium opens /, sends a message and sees a streamed reply; the screenshot is kept."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = _browser()
+    driver = browser()
     try:
         driver.get(server + "/")
         driver.find_element(By.ID, "key").send_keys(KEY)
@@ -448,7 +433,7 @@ def test_stop_button_cancels_generation_in_a_real_browser(slow_server):
     body = {"messages": [{"role": "user", "content": "Hello there"}], "temperature": 0, "max_tokens": clear_run}
     assert httpx.post(slow_server + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0][
         "finish_reason"] == "length"  # greedy: no EOS in the reply's first 1500 tokens
-    driver = _browser()
+    driver = browser()
     try:
         driver.get(slow_server + "/")
         for field, value in (("temperature", "0"), ("max_tokens", "4000")):

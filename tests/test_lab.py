@@ -215,6 +215,7 @@ def test_http_errors_are_openai_error_json(lab, runs_root):
         (post("/lab/dropout", {"model": source, "prompt": "ROMEO", "rate": 1.5}), 400, "rate must be"),
         (post("/lab/steps", {"model": source, "prompt": "ROMEO", "steps": 30}), 400, "context is 32"),
         (httpx.get(lab + "/lab/events", params={"run": "../etc"}, headers=AUTH), 404, "no run"),
+        (httpx.post(lab + "/lab/models", content=json.dumps({"source": source}), headers=AUTH), 415, "as JSON"),
     ]
     for r, status, says in cases:
         assert r.status_code == status and says in r.json()["error"]["message"], (r.status_code, r.text)

@@ -192,6 +192,15 @@ async def _follow(request: Request, runs: dict[str, Path]) -> AsyncIterator[str]
         await asyncio.sleep(POLL_S)
 
 
+async def _json(request: Request, model: type[BaseModel]) -> Any:
+    """The body as `model`, sent as JSON: another site's page can post a form or text to this one without asking
+    (no CORS preflight), but not JSON, so nothing it sends reaches the model loader."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise P.APIError("send the body as JSON, with Content-Type: application/json", status=415,
+                         code="unsupported_media_type")
+    return await read_body(request, model)
+
+
 def _sampling(body: Look) -> SamplingConfig:
     """The request's filters as SamplingConfig, whose checks name the setting that is wrong."""
     try:
@@ -224,7 +233,7 @@ def _model_routes(app: FastAPI) -> None:
 
     @app.post("/lab/models")
     async def load(request: Request):
-        body = await read_body(request, Source)
+        body = await _json(request, Source)
         try:
             return loads.start(body.source).status()
         except LmlabError as e:
@@ -232,20 +241,20 @@ def _model_routes(app: FastAPI) -> None:
 
     @app.post("/lab/next")
     async def next_token(request: Request):
-        body = await read_body(request, Look)
+        body = await _json(request, Look)
         s, top = _sampling(body), _top(body.top)
         return await _with_model(app, body.model, lambda lm: D.next_token(lm.model, lm.tokenizer, body.prompt, s, top))
 
     @app.post("/lab/steps")
     async def steps(request: Request):
-        body = await read_body(request, Look)
+        body = await _json(request, Look)
         s, top = _sampling(body), _top(body.top)
         return {"steps": await _with_model(app, body.model, lambda lm: D.step_through(
             lm.model, lm.tokenizer, body.prompt, s, body.steps, top))}
 
     @app.post("/lab/dropout")
     async def dropout(request: Request):
-        body = await read_body(request, Dropout)
+        body = await _json(request, Dropout)
         top = _top(body.top)
         return await _with_model(app, body.model, lambda lm: D.dropout_spread(
             lm.model, lm.tokenizer, body.prompt, body.passes, body.rate, top))

@@ -101,6 +101,23 @@ def index_reachable() -> bool:
     return False
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def browser(width: int = 1000, height: int = 700):
     """Headless system Chromium under Selenium (the chat page's and the lab page's tests), or a skip where
     Debian's chromium and chromium-driver are not."""

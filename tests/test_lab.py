@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from lmlab.cli import main
-from tests.conftest import browser, lmlab_cmd, subprocess_env
+from tests.conftest import browser, free_port, lmlab_cmd, stop_process, subprocess_env
 
 KEY = "lab-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -52,16 +52,10 @@ def runs_root(tmp_path_factory, char_data) -> Path:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def lab(runs_root):
     """The lab server: the real command, with an API key and the finished run's model loading at start."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(lmlab_cmd("lab", "--runs", str(runs_root), "--port", str(port), "--api-key", KEY,
                                       "--device", "cpu", "--model", str(runs_root / "pre")),
                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -76,11 +70,7 @@ def lab(runs_root):
         proc.kill()
         pytest.fail(proc.communicate()[0])
     yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_process(proc)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ of 64 makes the scheduler move rows within the cache often, and --prefill-chunk 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import threading
 import time
@@ -20,6 +19,8 @@ import pytest
 import torch
 
 from tests.conftest import browser, corpus_text, lmlab_cmd, subprocess_env
+from tests.conftest import free_port as _free_port
+from tests.conftest import stop_process as _stop
 
 openai = pytest.importorskip("openai")
 KEY = "test-key"
@@ -41,12 +42,6 @@ def _tiny_model(path, context: int):
     return save_model(path, model, tok)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(model, *flags: str):
     port = _free_port()
     proc = subprocess.Popen(lmlab_cmd("serve", "--model", str(model), "--port", str(port), "--device", "cpu", *flags),
@@ -63,14 +58,6 @@ def _start(model, *flags: str):
         time.sleep(0.1)
     proc.kill()
     raise AssertionError(f"server did not start: {proc.stdout.read()}")
-
-
-def _stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")

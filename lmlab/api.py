@@ -118,14 +118,11 @@ def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
     to apply, ours (a `lmlab finetune --lora` run) or PEFT's (adapter_config.json), folded into float weights (a
     packed GGUF base keeps it beside them). A LoRA run given as `source` loads the base it names, with itself."""
     from lmlab.checkpoint import load_model, read_meta
-    from lmlab.quant import check_device, check_mode, quantize_model
+    from lmlab.quant import quantize_model
     from lmlab.weights.gguf import load_gguf
     from lmlab.weights.hf import load_hf_dir
 
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
-    if quantize not in (None, "off"):
-        check_mode(quantize, group_size)
-        check_device(dev)
+    dev, dt = check_load_settings(device, dtype, quantize, group_size)
     kind, path = resolve_source(source)
     if kind == "lmlab" and "adapter" in read_meta(path):  # a LoRA fine-tune: its base, with it applied
         if adapter is not None:
@@ -151,6 +148,18 @@ def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
 
         compile_decoding(model)
     return LM(model, tok, name, meta)
+
+
+def check_load_settings(device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = None,
+                        quantize: str | None = None, group_size: int = 32) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype `load` uses, its quantization settings checked: a bad one fails before any load."""
+    from lmlab.quant import check_device, check_mode
+
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if quantize not in (None, "off"):
+        check_mode(quantize, group_size)
+        check_device(dev)
+    return dev, dt
 
 
 def _is_gguf(path: Path) -> bool:

@@ -161,7 +161,8 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            parser_class=lambda **kw: Parser(allow_abbrev=False, **kw))
     for add in (_info_parser, _generate_parser, _prepare_parser, _train_parser, _finetune_parser, _eval_parser,
-                _plot_parser, _chat_parser, _export_parser, _bench_parser, _demo_parser, _study_parser, _serve_parser):
+                _plot_parser, _chat_parser, _export_parser, _bench_parser, _demo_parser, _study_parser, _serve_parser,
+                _lab_parser):
         add(sub)
     return p
 
@@ -585,21 +586,31 @@ def _serve_parser(sub: Sub) -> None:
     sv.add_argument("--model", required=True, metavar="SOURCE",
                     help="a named model, GGUF file, HF directory or lmlab run")
     config_flags(sv, ServeConfig, "serve")
-    sv.add_argument("--api-key-file", default=None, metavar="FILE",
-                    help="read --api-key from FILE's first line (keeps the key out of the process list)")
+    _key_file_flag(sv)
     sv.add_argument("--check", action="store_true", help="load the model, check the settings and exit")
     _load_flags(sv)
     sv.set_defaults(func=cmd_serve)
 
 
+def _key_file_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="read --api-key from FILE's first line (keeps the key out of the process list)")
+
+
+def _key_from_file(args: argparse.Namespace, tag: str) -> dict[str, str]:
+    """{"api_key": the first line of --api-key-file} where one is given (not with --api-key too), else {}."""
+    from lmlab.serve import read_key_file
+
+    if args.api_key_file is not None and getattr(args, f"{tag}_api_key") is not None:
+        raise LmlabError("give --api-key or --api-key-file, not both")
+    return {"api_key": read_key_file(args.api_key_file)} if args.api_key_file is not None else {}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from lmlab.config import ServeConfig
-    from lmlab.serve import check_address, read_key_file, serve
+    from lmlab.serve import check_address, serve
 
-    if args.api_key_file is not None and args.serve_api_key is not None:
-        raise LmlabError("give --api-key or --api-key-file, not both")
-    key = {"api_key": read_key_file(args.api_key_file)} if args.api_key_file is not None else {}
-    cfg = config_from(args, ServeConfig, "serve", **key)
+    cfg = config_from(args, ServeConfig, "serve", **_key_from_file(args, "serve"))
     check_address(cfg)
     lm = _load(args)
     if lm.tokenizer is None:
@@ -608,6 +619,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"lmlab serve: {lm.source} would be served at http://{cfg.host}:{cfg.port} (--check: not started)")
         return 0
     serve(lm, cfg)
+    return 0
+
+
+def _lab_parser(sub: Sub) -> None:
+    from lmlab.config import LabConfig
+
+    lb = sub.add_parser("lab", help="a local page: runs watched live and compared, sampling and dropout laid open",
+                        description="A page at / (plain HTML/JS, nothing from elsewhere): every run under --runs with "
+                                    "its settings, status and loss curves, updated live as it trains; a model's "
+                                    "next-token distribution as bars, cut live by temperature, top-k, top-p, min-p "
+                                    "and repetition penalty, and stepped through a generation; dropout's spread in "
+                                    "train mode beside eval mode; the study reports.")
+    lb.add_argument("--model", default=None, metavar="SOURCE",
+                    help="a model to load at start (the page can load others): an lmlab run or checkpoint, an HF "
+                         "directory, a GGUF file or a named model")
+    config_flags(lb, LabConfig, "lab")
+    _key_file_flag(lb)
+    lb.add_argument("--check", action="store_true", help="check the settings (and load --model), then exit")
+    _load_flags(lb, compile_flag=False, adapter_flag=False)
+    lb.set_defaults(func=cmd_lab)
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from lmlab.config import LabConfig
+    from lmlab.serve import run_lab
+
+    cfg = config_from(args, LabConfig, "lab", **_key_from_file(args, "lab"))
+    settings = dict(device=args.device, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
+    run_lab(cfg, settings, model=args.model, check=args.check)
     return 0
 
 

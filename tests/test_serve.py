@@ -10,7 +10,6 @@ of 64 makes the scheduler move rows within the cache often, and --prefill-chunk 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import threading
 import time
@@ -19,7 +18,9 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import corpus_text, lmlab_cmd, subprocess_env
+from tests.conftest import browser, corpus_text, lmlab_cmd, subprocess_env
+from tests.conftest import free_port as _free_port
+from tests.conftest import stop_process as _stop
 
 openai = pytest.importorskip("openai")
 KEY = "test-key"
@@ -41,12 +42,6 @@ def _tiny_model(path, context: int):
     return save_model(path, model, tok)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(model, *flags: str):
     port = _free_port()
     proc = subprocess.Popen(lmlab_cmd("serve", "--model", str(model), "--port", str(port), "--device", "cpu", *flags),
@@ -63,14 +58,6 @@ def _start(model, *flags: str):
         time.sleep(0.1)
     proc.kill()
     raise AssertionError(f"server did not start: {proc.stdout.read()}")
-
-
-def _stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -397,27 +384,12 @@ def test_cache_view_writes_through():
     assert caches[0].k[1, :, :4].abs().sum() == 0 and caches[0].k[1, :, 10:].abs().sum() == 0
 
 
-def _browser():
-    """Headless system Chromium under Selenium, or a skip where Debian's chromium and chromium-driver are not."""
-    import shutil
-
-    webdriver = pytest.importorskip("selenium.webdriver")
-    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if browser is None or driver_path is None:
-        pytest.skip("needs Debian's chromium and chromium-driver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,700"):
-        options.add_argument(flag)
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
-
-
 def test_chat_page_in_a_real_browser(server, tmp_path):
     """Headless system Chromium opens /, sends a message and sees a streamed reply; the screenshot is kept."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = _browser()
+    driver = browser()
     try:
         driver.get(server + "/")
         driver.find_element(By.ID, "key").send_keys(KEY)
@@ -448,7 +420,7 @@ def test_stop_button_cancels_generation_in_a_real_browser(slow_server):
     body = {"messages": [{"role": "user", "content": "Hello there"}], "temperature": 0, "max_tokens": clear_run}
     assert httpx.post(slow_server + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0][
         "finish_reason"] == "length"  # greedy: no EOS in the reply's first 1500 tokens
-    driver = _browser()
+    driver = browser()
     try:
         driver.get(slow_server + "/")
         for field, value in (("temperature", "0"), ("max_tokens", "4000")):

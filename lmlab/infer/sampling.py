@@ -1,4 +1,5 @@
-"""Selecting the next token: small pure functions on logits (B, V), and `select`, which applies them.
+"""Selecting the next token: small pure functions on logits (B, V), and `select`, which applies them (the
+distribution it draws from is `probabilities`: lmlab lab draws it).
 
 The filters run in the order HF transformers applies its logits processors (`GenerationMixin._get_logits_processor`):
 repetition penalty, then temperature, top-k, top-p (Holtzman et al. 2020), min-p (Nguyen et al. 2024). Greedy
@@ -68,11 +69,18 @@ def process_logits(logits: torch.Tensor, s: SamplingConfig, seen: torch.Tensor |
     return logits
 
 
+def probabilities(logits: torch.Tensor, s: SamplingConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The distribution (B, V) that `select` picks from: the softmax of the filtered logits (0 where a filter cut
+    the token, the rest renormalised), or all the mass on the argmax when greedy."""
+    logits = process_logits(logits, s, seen)
+    if s.greedy:
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    return F.softmax(logits, dim=-1)
+
+
 def select(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None = None,
            seen: torch.Tensor | None = None) -> torch.Tensor:
     """Next token ids (B,) from logits (B, V): the argmax when greedy, else a draw from the filtered softmax."""
-    logits = process_logits(logits, s, seen)
     if s.greedy:
-        return logits.argmax(dim=-1)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return process_logits(logits, s, seen).argmax(dim=-1)
+    return torch.multinomial(probabilities(logits, s, seen), 1, generator=generator).squeeze(-1)

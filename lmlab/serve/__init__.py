@@ -4,19 +4,23 @@ scheduler.py  the thread that owns the model: a batched KV cache whose rows requ
               decoding steps (continuous batching), chunked prefill, per-request sampling and seeds
 protocol.py   OpenAI's request and response shapes, validated into lmlab.infer.generate's SamplingConfig
 app.py        the FastAPI routes, server-sent events, API key, CORS, /metrics
-static/       the chat page served at /
+static/       the chat page served at /, and the lab's page
 
-The server binds to 127.0.0.1 unless told otherwise; see `serve`.
+`lmlab lab` is a second app on the same pieces (lab.py): runs watched live, sampling and dropout laid open, study
+reports (loads.py: models loaded on threads; reports.py: report.md as HTML).
+
+Both bind to 127.0.0.1 unless told otherwise; see `serve` and `run_lab`.
 """
 
 from __future__ import annotations
 
 import socket
+from typing import Any
 
-from lmlab.config import ServeConfig
+from lmlab.config import LabConfig, ServeConfig
 from lmlab.errors import LmlabError
 
-__all__ = ["ServeConfig", "check_address", "create_app", "read_key_file", "serve"]
+__all__ = ["LabConfig", "ServeConfig", "check_address", "create_app", "read_key_file", "run_lab", "serve"]
 
 
 def create_app(lm, cfg: ServeConfig):
@@ -25,7 +29,7 @@ def create_app(lm, cfg: ServeConfig):
     return make(lm, cfg)
 
 
-def check_address(cfg: ServeConfig) -> None:
+def check_address(cfg: ServeConfig | LabConfig) -> None:
     """Fail before the model loads, with the fix, when the address cannot be bound (taken, or not this host's)."""
     try:
         infos = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM)
@@ -57,4 +61,27 @@ def serve(lm, cfg: ServeConfig) -> None:
     where = f"http://{cfg.host}:{cfg.port}"
     print(f"lmlab serve: {lm.source} at {where} (chat page {where}/, API {where}/v1; {cfg.max_batch} rows of "
           f"{app.state.scheduler.S} tokens){'; API key required' if cfg.api_key else ''}", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=2)
+
+
+def run_lab(cfg: LabConfig, load_settings: dict[str, Any], model: str | None = None,
+            check: bool = False) -> None:
+    """Serve the lab page until interrupted. `model` (a source lmlab.load reads) starts loading at once, on a
+    thread: the page shows its progress. `check`: validate everything, load `model` here, and return."""
+    import uvicorn
+
+    from lmlab.serve.lab import create_lab_app
+
+    app = create_lab_app(cfg, load_settings)  # checks the folders and the load settings
+    if model is not None and check:
+        app.state.loads.load_now(model)
+    elif model is not None:
+        app.state.loads.start(model)  # refuses an unknown name at once; the rest is on the page
+    check_address(cfg)
+    where = f"http://{cfg.host}:{cfg.port}"
+    if check:
+        print(f"lmlab lab: the runs in {app.state.runs} would be shown at {where} (--check: not started)")
+        return
+    print(f"lmlab lab: the runs in {app.state.runs} at {where}{'; API key required' if cfg.api_key else ''}",
+          flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=2)

@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmlab.config import ServeConfig
@@ -125,12 +125,12 @@ def create_app(lm, cfg: ServeConfig) -> FastAPI:
     if cfg.api_key is not None:
         app.add_middleware(KeyCheck, key=cfg.api_key)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
-    _add_error_handlers(app)
+    add_error_handlers(app)
     _add_routes(app, lm, scheduler)
     return app
 
 
-def _add_error_handlers(app: FastAPI) -> None:
+def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(P.APIError)
     async def api_error(request: Request, e: P.APIError):
         return _error_response(e)
@@ -152,7 +152,7 @@ def _check_model(app: FastAPI, body: P.Sampling) -> None:
                          "(GET /v1/models)", "model", status=404, code="model_not_found")
 
 
-async def _body(request: Request, model: type[P.Sampling]) -> P.Sampling:
+async def read_body(request: Request, model: type[BaseModel]) -> BaseModel:
     """The JSON body as `model`, whatever the Content-Type says (curl -d sends a form type)."""
     raw = await request.body()
     try:
@@ -189,7 +189,7 @@ def _add_routes(app: FastAPI, lm, scheduler: Scheduler) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await _body(request, P.ChatRequest)
+        body = await read_body(request, P.ChatRequest)
         _check_model(app, body)
         P.check_sampling(body, max_batch, vocab)
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
@@ -200,7 +200,7 @@ def _add_routes(app: FastAPI, lm, scheduler: Scheduler) -> None:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _body(request, P.CompletionRequest)
+        body = await read_body(request, P.CompletionRequest)
         _check_model(app, body)
         P.check_sampling(body, max_batch, vocab)
         if body.logprobs is not None and not 0 <= body.logprobs <= 20:

@@ -6,9 +6,10 @@
                        -> save RUN/best on improvement, RUN/last always -> early stop after `patience`
 
 A run directory holds best/ and last/ (our checkpoint format, swapped in crash-safely), metrics.jsonl (one JSON
-object per event, see lmlab/training/metrics.py), and TensorBoard events when tensorboard is installed. `resume=True`
-continues from last/ exactly: weights, optimizer state, RNG state and step are restored, and batches are a pure
-function of the step, so the continued run equals the uninterrupted one, even after a SIGKILL at any instant.
+object per event, see lmlab/training/metrics.py), TensorBoard events when tensorboard is installed, and
+running.json while the loop runs (lmlab/training/runs.py). `resume=True` continues from last/ exactly: weights,
+optimizer state, RNG state and step are restored, and batches are a pure function of the step, so the continued
+run equals the uninterrupted one, even after a SIGKILL at any instant.
 Ctrl-C (or SIGTERM) finishes the step in flight, saves last/, and exits; a NaN or inf loss stops the run and
 keeps the last good checkpoint.
 
@@ -64,6 +65,7 @@ from lmlab.training.distributed import (
 from lmlab.training.fastpath import check_fp8, float8_training, pad_vocab, vocab_multiple
 from lmlab.training.metrics import Metrics
 from lmlab.training.optim import Optimizers, build_optimizer, dropout_factor, lr_factor
+from lmlab.training.runs import running_marker
 from lmlab.utils import current_dir
 
 TRAIN_STATE = "train_state.pt"
@@ -110,7 +112,9 @@ def train_job(job: Pretrain, mc: ModelConfig, tc: TrainConfig, run_dir: str | Pa
     if tc.threads:
         torch.set_num_threads(tc.threads)
     try:
-        result = _train(build_run(job, mc, tc, Path(run_dir), resume, info), quiet)
+        run = build_run(job, mc, tc, Path(run_dir), resume, info)
+        with running_marker(run.run_dir, info.is_main):  # RUN/running.json: the run's status for readers
+            result = _train(run, quiet)
         barrier(info)  # leave together: gloo aborts a rank that tears down while its peer still talks
         return result
     finally:

@@ -2,12 +2,14 @@
 TensorBoard scalars.
 
 Lines are only ever appended, so a kill can tear the last line and no other: readers drop a torn last line
-(`read_events`), and a resumed run rewrites the file without it and without the events it will redo.
+(`read_events`; `EventTail`, which follows a run while it writes, waits for its end), and a resumed run rewrites
+the file without it and without the events it will redo.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from lmlab.errors import LmlabError
@@ -21,21 +23,68 @@ def read_events(path: Path) -> list[dict]:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         raise LmlabError(f"cannot read {path}: {e.strerror}") from None
-    lines = text.split("\n")  # a complete file ends with "\n": the last piece is "" or the torn line
+    return parse_events(text, path)[0]
+
+
+def parse_events(text: str, path: Path, first_line: int = 1, whole: bool = True) -> tuple[list[dict], int]:
+    """The events in `text` (lines of metrics.jsonl from line `first_line` on) and how many characters were read.
+
+    The piece after the last newline is a line not finished yet: an append in progress, or one a kill tore.
+    Reading a whole file (`whole`), it counts if it is an event and is dropped if not; following a file that is
+    being written (EventTail), it is left for the next read. A damaged line before it is an error."""
+    lines = text.split("\n")
+    last = lines.pop()  # "" when the text ends with a newline
     events = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for i, line in enumerate(lines, first_line):
+        if line.strip():
+            event = _event(line)
+            if event is None:
+                raise LmlabError(f"{path} line {i} is not a JSON event; the file is damaged")
+            events.append(event)
+    if whole and _event(last) is not None:
+        events.append(_event(last))
+        return events, len(text)
+    return events, len(text) - len(last)
+
+
+def _event(line: str) -> dict | None:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and "event" in event else None
+
+
+class EventTail:
+    """Follows a metrics.jsonl while its run appends to it: each `read()` gives the events of the lines finished
+    since the previous one (a line still being written waits for its newline, as read_events drops a torn one).
+    A file replaced since (a resumed run rewrites its log, a new run starts one) is read again from its start."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.line, self.inode = path, 0, 1, None
+
+    def read(self) -> tuple[list[dict], bool]:
+        """(the new events, whether the file started over: the events read before are void)."""
         try:
-            event = json.loads(line)
-        except ValueError:
-            event = None
-        if not isinstance(event, dict) or "event" not in event:
-            if i == len(lines):  # no newline after it: the append never finished
-                break
-            raise LmlabError(f"{path} line {i} is not a JSON event; the file is damaged") from None
-        events.append(event)
-    return events
+            with open(self.path, "rb") as f:
+                inode = os.fstat(f.fileno()).st_ino
+                restart = self.inode is not None and (inode != self.inode or os.fstat(f.fileno()).st_size <
+                                                      self.offset)
+                if restart:
+                    self.offset, self.line = 0, 1
+                self.inode = inode
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:  # not written yet (or between a rewrite's unlink and its first line)
+            return [], False
+        except OSError as e:
+            raise LmlabError(f"cannot read {self.path}: {e.strerror}") from None
+        done = data[:data.rfind(b"\n") + 1]  # whole lines only: no UTF-8 character is cut either
+        text = done.decode("utf-8", errors="replace")
+        events, _ = parse_events(text, self.path, self.line, whole=False)
+        self.offset += len(done)
+        self.line += text.count("\n")
+        return events, restart
 
 
 class Metrics:

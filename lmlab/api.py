@@ -143,6 +143,7 @@ def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
         apply_adapter(model, adapter)
     if kind != "gguf" and quantize not in (None, "off"):
         quantize_model(model, quantize, group_size)
+    fuse_quantized(model)
     if compile:
         from lmlab.infer.engine import compile_decoding
 
@@ -160,6 +161,17 @@ def check_load_settings(device: str | torch.device | None = "auto", dtype: str |
         check_mode(quantize, group_size)
         check_device(dev)
     return dev, dt
+
+
+def fuse_quantized(model) -> None:
+    """A quantized SwiGLU's gate and up projections as one packed matmul (lmlab.infer.fuse): one kernel call a
+    layer where there were two, the same numbers. Float models keep their layout: they may be trained or given
+    LoRA layers, which name gate and up."""
+    from lmlab.infer.fuse import fuse_gate_up
+    from lmlab.quant import QuantLinear
+
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        fuse_gate_up(model)
 
 
 def _is_gguf(path: Path) -> bool:

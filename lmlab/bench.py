@@ -33,7 +33,7 @@ import torch
 from lmlab.config import MAX_DEFAULT_CONTEXT, ModelConfig, TrainConfig
 from lmlab.errors import LmlabError, unknown
 from lmlab.model import Transformer
-from lmlab.quant import check_device, check_mode, quantize_model, weight_bytes, weights_description
+from lmlab.quant import check_device, check_mode, kernels_description, quantize_model, weight_bytes, weights_description
 from lmlab.utils import atomic_write_text, default_dtype, resolve_device, resolve_dtype
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -407,7 +407,7 @@ def bench_generate(model: str | None = None, *, preset: str | None = None, batch
         row["bandwidth_utilisation"] = wbytes / row["decode_step_s"] / bandwidth
     dt = str(resolve_dtype(dtype)).removeprefix("torch.")  # the activations' dtype (quantized weights are not)
     return dict(command="generate", model=name, **_setup(dev, n, dt, quantize, compile),
-                weights=weights_description(net),
+                weights=weights_description(net), kernels=kernels_description(net),
                 params=net.cfg.num_params(), prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
                 warmup=warmup, compile_s=compile_s, batches=rows, weight_bytes=wbytes,
                 bandwidth_bytes_per_s=bandwidth, bandwidth_convention=BANDWIDTH_CONVENTION,
@@ -463,6 +463,8 @@ def format_table(r: dict[str, Any]) -> str:
             ("threads", r["threads"]), ("dtype", r["dtype"])]
     if r["command"] == "generate":
         rows.append(("quantization", f"{r['quantization'] or 'none (as stored)'}: weights {r['weights']}"))
+        if r.get("kernels"):
+            rows.append(("kernels", r["kernels"]))
     rows.append(("compile", r["compile"] or "off (eager)"))
     if r["compile_s"] is not None:
         rows.append(("compile time", f"{r['compile_s']:.2f} s (first call, apart from the medians)"))

@@ -22,6 +22,7 @@ copy (weights/gguf.py).
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import torch.nn as nn
@@ -33,15 +34,36 @@ QUANT_MODES = ("int8", "int4")
 COMPUTE_DTYPE = torch.bfloat16  # the activations' dtype inside the kernels: see the module docstring
 
 
-# From this many rows of input on, unpacking the weight and running a float GEMM beats the int kernels, whose time
-# grows in step with the rows (~20 us a row for a 1536 x 576 weight, int8 or int4, on the 2-core AVX2 box): the
-# crossovers measured with benchmarks/quant_kernels.py for SmolLM2's layers lie between 64 and 96 rows for int8
-# and near 64 for int4. (For a 49152 x 576 head they lie higher, ~160 rows for int8: its unpacked float copy no
-# longer fits in cache; only an eval runs a head over that many rows, and at 512 the GEMM wins again.)
+# From this many rows of input on, unpacking the weight and running a float GEMM beats the int kernels on an AVX2 CPU,
+# where their time grows in step with the rows (~20 us a row for a 1536 x 576 weight, int8 or int4, on the 2-core
+# AVX2 box): the crossovers measured with benchmarks/quant_kernels.py for SmolLM2's layers lie between 64 and 96 rows
+# for int8 and near 64 for int4. (For a 49152 x 576 head they lie higher, ~160 rows for int8: its unpacked float copy
+# no longer fits in cache; only an eval runs a head over that many rows, and at 512 the GEMM wins again.)
+# torch's AVX-512 build of the kernels is another matter: on a 2-core Zen 4 they ran at 300-350 GFLOP/s from 32 rows
+# to 512, for SmolLM2's shapes and Llama-3.1-8B's alike, 2-10x the unpack and float32 GEMM (benchmarks/results.md),
+# so there they take every row count. The table is chosen once, from the vector extensions torch dispatches to here.
 # Only inputs of more than one token per sequence (prefill, eval) switch: a decoding step, one token per row, always
 # takes the kernel, which computes every row alike whatever the batch, so a row's logits do not depend on how many
 # others share its step (the server's seeded requests; a 16-row step once switched the int8 head to the GEMM).
-GEMM_ROWS = {"int8": 80, "int4": 64}
+AVX2_GEMM_ROWS = {"int8": 80, "int4": 64}
+NEVER = sys.maxsize
+
+
+def gemm_rows_for(capability: str) -> dict[str, int]:
+    """The GEMM switch for a CPU whose vector extensions torch names `capability` (torch.backends.cpu)."""
+    return {"int8": NEVER, "int4": NEVER} if capability.startswith("AVX512") else dict(AVX2_GEMM_ROWS)
+
+
+GEMM_ROWS = gemm_rows_for(torch.backends.cpu.get_cpu_capability())
+
+
+def kernel_description(mode: str) -> str:
+    """Which matmuls a `mode` layer runs on this machine, for reports (lmlab bench generate names it)."""
+    kernel = "_weight_int8pack_mm" if mode == "int8" else "_weight_int4pack_mm_for_cpu"
+    cap = torch.backends.cpu.get_cpu_capability()
+    if GEMM_ROWS[mode] == NEVER:
+        return f"{kernel} ({cap}) at every row count"
+    return f"{kernel} ({cap}) below {GEMM_ROWS[mode]} rows a prefill, unpacked float GEMM from there"
 
 
 @functools.cache
@@ -210,6 +232,26 @@ class QuantLinear(nn.Module):
             return cls.from_int8(*quantize_int8(weight), bias)
         return cls.from_int4(*quantize_int4(weight, group_size), bias)
 
+    @classmethod
+    def cat(cls, layers: list[QuantLinear]) -> QuantLinear | None:
+        """One layer whose outputs are `layers`' outputs side by side (a SwiGLU's gate and up, read with one kernel
+        call), or None where they cannot share one: another mode, group size or input size, a bias, or an int4
+        output size off the kernel's row blocks. Each output column is computed as before, bit for bit: the int4
+        tiles hold whole blocks of rows, so the packed weights stack as they are, and so do their scales."""
+        first = layers[0]
+        same = all((m.mode, m.group_size, m.in_features) == (first.mode, first.group_size, first.in_features)
+                   for m in layers)
+        BN = (int4_layout() or (0,))[0] if first.mode == "int4" else 1
+        if not same or any(m.bias is not None for m in layers) or not BN or any(m.out_features % BN for m in layers):
+            return None
+        layer = cls(first.in_features, sum(m.out_features for m in layers), first.mode, first.group_size, None)
+        for name, dim in cls.SPLITS.items():
+            if hasattr(first, name):
+                layer.register_buffer(name, torch.cat([getattr(m, name) for m in layers], dim=dim))
+        return layer
+
+    SPLITS = {"weight": 0, "scale": 0, "scales_zeros": 1}  # each buffer's output dimension
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         decoding = x.dim() > 2 and x.shape[-2] == 1
@@ -354,6 +396,12 @@ def weight_bytes(model) -> int:
         elif isinstance(m, nn.Linear):
             total += m.weight.nbytes
     return total
+
+
+def kernels_description(model) -> str:
+    """The quantized matmuls' kernels of `model` on this machine ("" for a float model)."""
+    modes = dict.fromkeys(m.mode for m in model.modules() if isinstance(m, QuantLinear))
+    return "; ".join(f"{mode}: {kernel_description(mode)}" for mode in modes)
 
 
 def weights_description(model) -> str:

@@ -64,11 +64,14 @@ def test_int4_unpacking_matches_the_kernel():
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_many_rows_take_the_float_gemm_path(mode):
+def test_many_rows_take_the_float_gemm_path(mode, monkeypatch):
     """From GEMM_ROWS rows on (prefill, eval) the layer unpacks and runs a float GEMM: the same weight, so the
-    same result as the int kernel up to its bf16 activations."""
-    from lmlab.quant import GEMM_ROWS
+    same result as the int kernel up to its bf16 activations. (The AVX2 switch, set here: an AVX-512 machine's
+    kernels take every row count.)"""
+    import lmlab.quant as quant
 
+    monkeypatch.setattr(quant, "GEMM_ROWS", quant.gemm_rows_for("AVX2"))
+    GEMM_ROWS = quant.GEMM_ROWS
     g = torch.Generator().manual_seed(4)
     layer = QuantLinear.from_float(torch.randn(64, 128, generator=g), torch.randn(64, generator=g), mode)
     rows = GEMM_ROWS[mode]
@@ -79,11 +82,14 @@ def test_many_rows_take_the_float_gemm_path(mode):
 
 
 @pytest.mark.parametrize("mode,exact_top", [("int8", 0), ("int4", 0), ("int8", 32)])
-def test_a_decoding_step_of_many_rows_gives_each_row_its_solo_result(mode, exact_top):
+def test_a_decoding_step_of_many_rows_gives_each_row_its_solo_result(mode, exact_top, monkeypatch):
     """A decoding step, one token per sequence, takes the int kernel however many rows it has, so a row's output
     is bit for bit what it is alone (a server's seeded request gives the same text beside others); a head's
-    recomputed top logits too."""
-    from lmlab.quant import GEMM_ROWS
+    recomputed top logits too. (With the AVX2 switch, the one a step could cross.)"""
+    import lmlab.quant as quant
+
+    monkeypatch.setattr(quant, "GEMM_ROWS", quant.gemm_rows_for("AVX2"))
+    GEMM_ROWS = quant.GEMM_ROWS
 
     g = torch.Generator().manual_seed(5)
     layer = QuantLinear.from_float(torch.randn(64, 128, generator=g), None, mode)
@@ -92,6 +98,17 @@ def test_a_decoding_step_of_many_rows_gives_each_row_its_solo_result(mode, exact
     together = layer(x)
     for i in (0, 1, x.shape[0] - 1):
         assert torch.equal(together[i], layer(x[i:i + 1])[0])
+
+
+def test_the_gemm_switch_follows_the_cpus_vector_extensions():
+    """AVX-512 builds of the kernels take every row count; others switch to the float GEMM at the AVX2
+    crossovers; and this machine's table is the one for what torch dispatches to here."""
+    import lmlab.quant as quant
+
+    assert quant.gemm_rows_for("AVX512") == {"int8": quant.NEVER, "int4": quant.NEVER}
+    assert quant.gemm_rows_for("AVX2") == quant.gemm_rows_for("DEFAULT") == {"int8": 80, "int4": 64}
+    assert quant.GEMM_ROWS == quant.gemm_rows_for(torch.backends.cpu.get_cpu_capability())
+    assert "_weight_int4pack_mm_for_cpu" in quant.kernel_description("int4")
 
 
 def test_int8_head_top_logits_are_those_of_its_weights():
@@ -153,6 +170,35 @@ def test_quantize_model_logits_close_and_smaller():
         assert _rel(model(idx), ref) < 0.02
     assert weight_bytes(model) < before / 3.5
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fused_quantized_gate_up_gives_the_same_numbers_and_state_dict(mode):
+    """A quantized SwiGLU's gate and up as one packed matmul (what lmlab.load does to a quantized model): the
+    unfused model's logits bit for bit, for a decoding step, a short prompt (the kernel) and a long one (the
+    float GEMM), and the unfused state dict, which loads back either way."""
+    from lmlab.config import ModelConfig
+    from lmlab.infer.fuse import FusedSwiGLU, fuse_gate_up
+    from lmlab.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="llama", vocab_size=96, context_length=128, d_model=128, n_layers=2, n_heads=4,
+                      n_kv_heads=2, d_ff=192)  # d_ff: three of the int4 kernel's 64-row blocks on x86
+    plain = quantize_model(Transformer(cfg), mode)
+    fused = copy.deepcopy(plain)
+    assert fuse_gate_up(fused) == 2 and isinstance(fused.blocks[1].mlp, FusedSwiGLU)
+    assert fused.blocks[0].mlp.gate_up.out_features == 2 * cfg.d_ff
+    with torch.no_grad():
+        for idx in (torch.randint(0, 96, (3, 1)), torch.randint(0, 96, (2, 9)), torch.randint(0, 96, (1, 100))):
+            assert torch.equal(fused(idx), plain(idx))
+    a, b = plain.state_dict(), fused.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    back = copy.deepcopy(plain)
+    back.load_state_dict(b)
+    fused.load_state_dict(a)
+    idx = torch.randint(0, 96, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(fused(idx), back(idx))
 
 
 def test_bad_mode_group_and_device():

@@ -3,8 +3,9 @@
 `fuse_gate_up`: a SwiGLU MLP's gate and up projections become one (2 d_ff, C) matmul, so a decoding step reads
 its input once and launches one GEMM where it launched two (q, k and v already share one, `Attention.qkv`). The
 fused module keeps the unfused one's state-dict keys (gate.*, up.*, down.*) through state-dict hooks, so saving,
-exporting or reloading a fused model reads and writes what an unfused one does. Quantized or LoRA-wrapped
-projections are left as they are.
+exporting or reloading a fused model reads and writes what an unfused one does. Quantized projections of one
+form (lmlab.quant.QuantLinear: int8, or int4 of one group size) fuse too, their packed weights and scales stacked
+(`QuantLinear.cat`); LoRA-wrapped ones are left as they are.
 """
 
 from __future__ import annotations
@@ -14,21 +15,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.model import MLP, Transformer
+from lmlab.quant import QuantLinear
 
 
 class FusedSwiGLU(nn.Module):
     """down(silu(g) * u) with (g, u) the halves of one matmul by cat(gate.weight, up.weight) (2 d_ff, C)."""
 
-    def __init__(self, mlp: MLP) -> None:
+    def __init__(self, mlp: MLP, gate_up: nn.Module) -> None:
         super().__init__()
-        gate, up = mlp.gate, mlp.up
-        self.d_ff, self.swiglu = up.out_features, True
-        self.gate_up = nn.Linear(up.in_features, 2 * self.d_ff, bias=up.bias is not None, device="meta")
-        self.gate_up.weight = nn.Parameter(torch.cat([gate.weight.detach(), up.weight.detach()]),
-                                           requires_grad=False)
-        if up.bias is not None:
-            self.gate_up.bias = nn.Parameter(torch.cat([gate.bias.detach(), up.bias.detach()]), requires_grad=False)
-        self.down = mlp.down
+        self.d_ff, self.swiglu = mlp.up.out_features, True
+        self.gate_up, self.down = gate_up, mlp.down
         self._register_state_dict_hook(_split_keys)
         self._register_load_state_dict_pre_hook(_join_keys)
 
@@ -37,26 +33,48 @@ class FusedSwiGLU(nn.Module):
         return self.down(F.silu(g) * u)
 
 
+# Each stored tensor of a projection and the dimension its outputs run along (a float weight and bias, a
+# QuantLinear's packed codes and scales): the fused tensor is the gate's and the up's stacked along it.
+PARTS = {"weight": 0, "bias": 0, **QuantLinear.SPLITS}
+
+
 def _split_keys(module: FusedSwiGLU, state: dict, prefix: str, local_metadata) -> None:
-    for kind in ("weight", "bias"):
+    for kind, dim in PARTS.items():
         fused = state.pop(f"{prefix}gate_up.{kind}", None)
         if fused is not None:
-            state[f"{prefix}gate.{kind}"], state[f"{prefix}up.{kind}"] = fused.split(module.d_ff)
+            state[f"{prefix}gate.{kind}"], state[f"{prefix}up.{kind}"] = fused.chunk(2, dim=dim)  # equal halves
 
 
 def _join_keys(state: dict, prefix: str, *args) -> None:
-    for kind in ("weight", "bias"):
+    for kind, dim in PARTS.items():
         if f"{prefix}gate.{kind}" in state:
             state[f"{prefix}gate_up.{kind}"] = torch.cat([state.pop(f"{prefix}gate.{kind}"),
-                                                          state.pop(f"{prefix}up.{kind}")])
+                                                          state.pop(f"{prefix}up.{kind}")], dim=dim)
+
+
+def _gate_up(mlp: MLP) -> nn.Module | None:
+    """The fused projection of a SwiGLU's gate and up, or None where they are not of one fusable form."""
+    gate, up = mlp.gate, mlp.up
+    if type(gate) is QuantLinear and type(up) is QuantLinear:
+        return QuantLinear.cat([gate, up])
+    if type(gate) is not nn.Linear or type(up) is not nn.Linear:
+        return None
+    fused = nn.Linear(up.in_features, 2 * up.out_features, bias=up.bias is not None, device="meta")
+    fused.weight = nn.Parameter(torch.cat([gate.weight.detach(), up.weight.detach()]), requires_grad=False)
+    if up.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([gate.bias.detach(), up.bias.detach()]), requires_grad=False)
+    return fused
 
 
 def fuse_gate_up(model: Transformer) -> int:
-    """Fuse every block's float SwiGLU gate and up projections in place; returns how many were fused."""
+    """Fuse every block's SwiGLU gate and up projections in place (float, or quantized alike); returns how many
+    were fused."""
     n = 0
     for block in model.blocks:
         mlp = block.mlp
-        if type(mlp) is MLP and mlp.swiglu and type(mlp.gate) is nn.Linear and type(mlp.up) is nn.Linear:
-            block.mlp = FusedSwiGLU(mlp)
-            n += 1
+        if type(mlp) is MLP and mlp.swiglu:
+            gate_up = _gate_up(mlp)
+            if gate_up is not None:
+                block.mlp = FusedSwiGLU(mlp, gate_up)
+                n += 1
     return n

@@ -594,7 +594,7 @@ def _serve_parser(sub: Sub) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from lmlab.config import ServeConfig
-    from lmlab.serve import check_address, read_key_file, serve
+    from lmlab.serve import check_address, read_key_file, serve, window_note
 
     if args.api_key_file is not None and args.serve_api_key is not None:
         raise LmlabError("give --api-key or --api-key-file, not both")
@@ -606,6 +606,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LmlabError(f"{lm.source} has no tokenizer, so it cannot serve text; add its tokenizer file")
     if args.check:
         print(f"lmlab serve: {lm.source} would be served at http://{cfg.host}:{cfg.port} (--check: not started)")
+        note = window_note(cfg, lm.config.context_length)
+        if note is not None:
+            print(note)
         return 0
     serve(lm, cfg)
     return 0

@@ -30,6 +30,9 @@ def knob(default: Any = dataclasses.MISSING, help: str = "", repeat: bool = Fals
 
 # Where a default context is "the model's, at most this": SmolLM2's 8K windows cost 8x the attention of 1K ones.
 MAX_DEFAULT_CONTEXT = 1024
+# The server's default window, "the model's context, at most this": its static KV cache holds max_batch rows of it
+# (for SmolLM2-135M, 94 MB per row at 2048), allocated when it starts.
+SERVE_MAX_DEFAULT_CONTEXT = 2048
 
 FAMILIES = ("gpt2", "llama")
 NORMS = ("layernorm", "rmsnorm")
@@ -624,14 +627,18 @@ CHAT_SAMPLING = SamplingConfig(temperature=0.3, top_p=0.9, max_new_tokens=512)
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """The server's knobs, validated once. `context` 0 means the model's context, at most 2048 slots: the cache
-    holds max_batch x context tokens of keys and values (for SmolLM2-135M, 94 MB per row at 2048)."""
+    """The server's knobs, validated once. `context` is the window a reply decodes in (`window`): the model's
+    context, or less where `context` (0: SERVE_MAX_DEFAULT_CONTEXT) is smaller, since the cache holds max_batch x
+    window tokens of keys and values. A reply that fills its window slides it as everywhere in lmlab, so replies
+    longer than a window smaller than the model's context differ from `lmlab generate`'s past it."""
 
     host: str = knob("127.0.0.1", "address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)")
     port: int = knob(8000, "TCP port")
     max_batch: int = knob(8, "requests decoded together at most")
     max_queue: int = knob(64, "requests waiting for a row at most; more get HTTP 503 with Retry-After")
-    context: int = knob(0, "tokens per request, prompt and reply (0: the model's context, at most 2048)")
+    context: int = knob(0, "the window a request decodes in, prompt and reply (0: the model's context, at most "
+                           f"{SERVE_MAX_DEFAULT_CONTEXT}); below the model's context it saves memory, but a reply "
+                           "that fills it slides there, sooner than lmlab generate's")
     prefill_chunk: int = knob(256, "prompt tokens prefilled between two decoding steps at most")
     api_key: str | None = knob(None, "require the header Authorization: Bearer KEY on every route but /health and /")
     request_timeout: float = knob(0.0, "seconds a request may take in all, queue included; past it the request "
@@ -652,5 +659,6 @@ class ServeConfig:
         if self.api_key is not None and (not self.api_key or not self.api_key.isprintable() or " " in self.api_key):
             raise LmlabError("api_key must be a non-empty printable string without spaces")
 
-    def slots(self, model_context: int) -> int:
-        return min(model_context, self.context or 2048)
+    def window(self, model_context: int) -> int:
+        """The tokens a request decodes in: the model's context, or `context` (its default) where smaller."""
+        return min(model_context, self.context or SERVE_MAX_DEFAULT_CONTEXT)

@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from lmlab.errors import LmlabError
@@ -135,15 +135,13 @@ def config_from(args: argparse.Namespace, cls: type, tag: str, base: Any = None,
     try:
         return dataclasses.replace(base, **settings) if base is not None else cls(**settings)
     except LmlabError as e:
-        raise flag_error(e, cls, prefix) from None
+        raise flag_error(e, settings, prefix) from None
 
 
-def flag_error(e: LmlabError, cls: type, prefix: str = "") -> LmlabError:
-    """`e` with a leading field name ("temperature must ...", "config field port must ...") said as its flag."""
-    text = str(e).removeprefix("config field ")
-    name, _, rest = text.partition(" ")
-    if name in {f.name for f in dataclasses.fields(cls)}:
-        return LmlabError(f"--{prefix}{name.replace('_', '-')} {rest}")
+def flag_error(e: LmlabError, flags: Collection[str], prefix: str = "") -> LmlabError:
+    """`e` said of the flag --PREFIX-FIELD where its field (LmlabError.field) was set by one of `flags`."""
+    if e.field is not None and e.field in flags:
+        return e.naming(f"--{prefix}{e.field.replace('_', '-')}")
     return e
 
 
@@ -343,7 +341,7 @@ def _finetune_parser(sub: Sub) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from lmlab.checkpoint import saved_settings
-    from lmlab.config import DROPOUT_FIELDS, LoRAConfig, SFTConfig
+    from lmlab.config import DROPOUT_FIELDS, SFTConfig
     from lmlab.training.distributed import leave_worker
     from lmlab.training.finetune import finetune, finetune_config, lora_config
 
@@ -352,7 +350,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     try:
         lora = lora_config(args.lora, **given(args, "lora"))
     except LmlabError as e:
-        raise flag_error(e, LoRAConfig, "lora-") from None
+        raise flag_error(e, given(args, "lora"), "lora-") from None
     sft = config_from(args, SFTConfig, "sft")
     tc = finetune_config(flags, lora is not None, saved_settings(args.out) if args.resume else None)
     finetune(args.model, args.data, args.out, tc, sft, lora, dropout, resume=args.resume, quiet=args.quiet)

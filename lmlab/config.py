@@ -100,7 +100,7 @@ class ModelConfig:
         for name in ("vocab_size", "context_length", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads",
                      "rope_original_context"):
             if getattr(self, name) < 1:
-                raise LmlabError(f"config field {name} must be a positive integer, got {getattr(self, name)!r}")
+                raise LmlabError(f"must be a positive integer, got {getattr(self, name)!r}", name)
         for name, choices in (("norm", NORMS), ("pos", POSITIONS), ("mlp", MLPS), ("rope_scaling", ROPE_SCALINGS)):
             if getattr(self, name) not in choices:
                 raise unknown(f"config value for {name}:", getattr(self, name), choices)
@@ -108,7 +108,7 @@ class ModelConfig:
             check_rate(name, getattr(self, name))
         for name in ("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
             if not getattr(self, name) > 0:
-                raise LmlabError(f"config field {name} must be a positive number, got {getattr(self, name)!r}")
+                raise LmlabError(f"must be a positive number, got {getattr(self, name)!r}", name)
         if self.d_model % self.n_heads:
             raise LmlabError(f"config: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
@@ -192,19 +192,19 @@ def check_types(obj: Any) -> None:
             try:
                 value = float(value)
             except OverflowError:
-                raise LmlabError(f"config field {f.name} must be a finite number, got {value!r}") from None
+                raise LmlabError(f"must be a finite number, got {value!r}", f.name) from None
             object.__setattr__(obj, f.name, value)
         kind = {bool: "bool", int: "int", float: "float", str: "str"}.get(type(value))
         if kind not in kinds:
             wanted = " or ".join(KINDS[k] for k in kinds if k in KINDS)
-            raise LmlabError(f"config field {f.name} must be {wanted}, got {value!r}")
+            raise LmlabError(f"must be {wanted}, got {value!r}", f.name)
         if kind == "float" and not math.isfinite(value):
-            raise LmlabError(f"config field {f.name} must be a finite number, got {value!r}")
+            raise LmlabError(f"must be a finite number, got {value!r}", f.name)
 
 
 def check_rate(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise LmlabError(f"{name} must be a rate in [0, 1), got {value!r}")
+        raise LmlabError(f"must be a rate in [0, 1), got {value!r}", name)
 
 
 def check_keys(d: dict[str, Any], *classes: type) -> None:
@@ -330,33 +330,33 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise unknown(name, getattr(self, name), choices)
         if not self.lr > 0:
-            raise LmlabError(f"lr must be positive, got {self.lr!r}")
+            raise LmlabError(f"must be positive, got {self.lr!r}", "lr")
         if self.min_lr is None:
             object.__setattr__(self, "min_lr", self.lr / 10)
         if self.min_lr > self.lr:  # the "decay" would rise: a typo, not a schedule
-            raise LmlabError(f"min_lr ({self.min_lr:g}) must not exceed lr ({self.lr:g}): decaying schedules end "
-                             f"at min_lr")
+            raise LmlabError(f"({self.min_lr:g}) must not exceed lr ({self.lr:g}): decaying schedules end at min_lr",
+                             "min_lr")
         for name in ("min_lr", "weight_decay", "momentum", "eps", "grad_clip", "min_delta"):
             if not getattr(self, name) >= 0:
-                raise LmlabError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
+                raise LmlabError(f"must be a non-negative number, got {getattr(self, name)!r}", name)
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
-                raise LmlabError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+                raise LmlabError(f"must be in [0, 1), got {getattr(self, name)!r}", name)
         for name in ("decay_fraction", "dropout_until", "step_gamma"):
             if not 0 <= getattr(self, name) <= 1:
-                raise LmlabError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+                raise LmlabError(f"must be in [0, 1], got {getattr(self, name)!r}", name)
         if not 0 <= self.muon_momentum < 1:
-            raise LmlabError(f"muon_momentum must be in [0, 1), got {self.muon_momentum!r}")
+            raise LmlabError(f"must be in [0, 1), got {self.muon_momentum!r}", "muon_momentum")
         for name in ("batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval", "lbfgs_max_iter",
                      "lbfgs_history"):
             if getattr(self, name) < 1:
-                raise LmlabError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise LmlabError(f"must be a positive integer, got {getattr(self, name)!r}", name)
         for name in ("warmup_steps", "step_every", "max_steps", "max_tokens", "patience", "seed", "threads",
                      "pad_vocab", "eval_batch_size"):
             if getattr(self, name) < 0:
-                raise LmlabError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+                raise LmlabError(f"must be a non-negative integer, got {getattr(self, name)!r}", name)
         if self.seed >= 2**63:  # torch.manual_seed takes 64 bits, and each rank seeds with seed + rank
-            raise LmlabError(f"seed must be below 2**63, got {self.seed}")
+            raise LmlabError(f"must be below 2**63, got {self.seed}", "seed")
         if self.max_steps == 0 and self.max_tokens == 0:
             raise LmlabError("set max_steps or max_tokens (or both): training needs an end")
         if self.dtype not in ("float32", "bfloat16"):
@@ -456,13 +456,13 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise LmlabError(f"LoRA rank must be a positive integer, got {self.r!r}; try --lora-r 8")
+            raise LmlabError(f"must be a positive integer (the LoRA rank), got {self.r!r}; 8 is usual", "r")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
-            raise LmlabError(f"LoRA alpha must be a positive number, got {self.alpha!r}; try --lora-alpha 16")
+            raise LmlabError(f"must be a positive number (the LoRA alpha), got {self.alpha!r}; 16 is usual", "alpha")
         object.__setattr__(self, "alpha", float(self.alpha))
-        check_rate("LoRA dropout", self.dropout)
+        check_rate("dropout", self.dropout)
         if isinstance(self.targets, str) or not all(isinstance(t, str) and t for t in self.targets):
-            raise LmlabError(f"LoRA targets must be a list of module names, got {self.targets!r}")
+            raise LmlabError(f"must be a list of module names, got {self.targets!r}", "targets")
         object.__setattr__(self, "targets", tuple(self.targets))
 
     @property
@@ -497,9 +497,9 @@ class SFTConfig:
     def __post_init__(self) -> None:
         check_types(self)
         if not 0 < self.val_fraction < 1:
-            raise LmlabError(f"--val-fraction must be in (0, 1), got {self.val_fraction!r}")
+            raise LmlabError(f"must be in (0, 1), got {self.val_fraction!r}", "val_fraction")
         if self.max_length < 0:
-            raise LmlabError(f"--max-length must be a non-negative integer, got {self.max_length!r}")
+            raise LmlabError(f"must be a non-negative integer, got {self.max_length!r}", "max_length")
         if self.template not in TEMPLATES:
             raise unknown("template", self.template, TEMPLATES)
 
@@ -530,7 +530,7 @@ class PrepareConfig:
         if self.tokenizer not in TOKENIZERS:
             raise unknown("tokenizer", self.tokenizer, TOKENIZERS)
         if not 0 < self.val_fraction < 1:
-            raise LmlabError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+            raise LmlabError(f"must be in (0, 1), got {self.val_fraction}", "val_fraction")
 
 
 @dataclass(frozen=True)
@@ -549,7 +549,7 @@ class EvalConfig:
         for name, least in (("batch_size", 1), ("max_batches", 0), ("context", 0), ("stride", 0), ("chunk", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise LmlabError(f"--{name.replace('_', '-')} must be an integer of at least {least}, got {value!r}")
+                raise LmlabError(f"must be an integer of at least {least}, got {value!r}", name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -577,33 +577,33 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         def number(name: str, value, kind=(int, float)):
             if isinstance(value, bool) or not isinstance(value, kind):
-                raise LmlabError(f"{name} must be a number, got {value!r}")
+                raise LmlabError(f"must be a number, got {value!r}", name)
 
         number("max_new_tokens", self.max_new_tokens, int)
         if self.max_new_tokens < 0:
-            raise LmlabError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise LmlabError(f"must be >= 0, got {self.max_new_tokens}", "max_new_tokens")
         number("temperature", self.temperature)
         if not self.temperature >= 0:
-            raise LmlabError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+            raise LmlabError(f"must be >= 0 (0 means greedy), got {self.temperature}", "temperature")
         number("top_k", self.top_k, int)
         if self.top_k < 0:
-            raise LmlabError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+            raise LmlabError(f"must be >= 0 (0 turns it off), got {self.top_k}", "top_k")
         number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
-            raise LmlabError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
+            raise LmlabError(f"must be in (0, 1] (1 turns it off), got {self.top_p}", "top_p")
         number("min_p", self.min_p)
         if not 0 <= self.min_p <= 1:
-            raise LmlabError(f"min_p must be in [0, 1] (0 turns it off), got {self.min_p}")
+            raise LmlabError(f"must be in [0, 1] (0 turns it off), got {self.min_p}", "min_p")
         number("repetition_penalty", self.repetition_penalty)
         if not self.repetition_penalty > 0:
-            raise LmlabError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+            raise LmlabError(f"must be > 0 (1 turns it off), got {self.repetition_penalty}", "repetition_penalty")
         if self.seed is not None:
             number("seed", self.seed, int)
             if not 0 <= self.seed < 2**63:
-                raise LmlabError(f"seed must be in [0, 2**63), got {self.seed}")
+                raise LmlabError(f"must be in [0, 2**63), got {self.seed}", "seed")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-            raise LmlabError(f"stop must be a string or a list of strings, got {self.stop!r}")
+            raise LmlabError(f"must be a string or a list of strings, got {self.stop!r}", "stop")
         object.__setattr__(self, "stop", tuple(s for s in stop if s))
 
     def replace(self, **settings) -> SamplingConfig:
@@ -649,15 +649,15 @@ class ServeConfig:
                                 ("context", 0, 1 << 24), ("prefill_chunk", 1, 1 << 20)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise LmlabError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+                raise LmlabError(f"must be an integer in [{low}, {high}], got {value!r}", name)
         if isinstance(self.request_timeout, bool) or not isinstance(self.request_timeout, (int, float)) or \
                 not 0 <= self.request_timeout < float("inf"):
-            raise LmlabError(f"request_timeout must be a number of seconds >= 0 (0: no limit), got "
-                             f"{self.request_timeout!r}")
+            raise LmlabError(f"must be a number of seconds >= 0 (0: no limit), got {self.request_timeout!r}",
+                             "request_timeout")
         if not isinstance(self.host, str) or not self.host.strip():
-            raise LmlabError(f"host must be an address such as 127.0.0.1 or 0.0.0.0, got {self.host!r}")
+            raise LmlabError(f"must be an address such as 127.0.0.1 or 0.0.0.0, got {self.host!r}", "host")
         if self.api_key is not None and (not self.api_key or not self.api_key.isprintable() or " " in self.api_key):
-            raise LmlabError("api_key must be a non-empty printable string without spaces")
+            raise LmlabError("must be a non-empty printable string without spaces", "api_key")
 
     def window(self, model_context: int) -> int:
         """The tokens a request decodes in: the model's context, or `context` (its default) where smaller."""

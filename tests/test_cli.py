@@ -225,6 +225,27 @@ def test_truncate_lets_a_long_prompt_through(cli, ckpt):
     assert len(r.out) == len(prompt) + 5 + 1  # the prompt, 5 characters, a newline
 
 
+def test_a_settings_error_names_its_field_for_the_cli_and_the_server(cli):
+    """A config's validation names the setting at fault in LmlabError.field; the CLI says it as its flag and the
+    server as its request parameter, from that field (nothing parses the message's first word)."""
+    from lmlab.config import SamplingConfig
+    from lmlab.errors import LmlabError
+    from lmlab.serve.protocol import APIError, CompletionRequest, sampling_config
+
+    with pytest.raises(LmlabError) as e:
+        SamplingConfig(top_p=0.0)
+    assert (e.value.field, e.value.problem) == ("top_p", "must be in (0, 1] (1 turns it off), got 0.0")
+    assert str(e.value) == "top_p must be in (0, 1] (1 turns it off), got 0.0"
+    assert str(e.value.naming("--top-p")) == "--top-p must be in (0, 1] (1 turns it off), got 0.0"
+    line = assert_user_error(cli("serve", "--model", "unused", "--port", "70000"))
+    assert line == "lmlab: error: --port must be an integer in [0, 65535], got 70000"
+    line = assert_user_error(cli("prepare", "x", "--out", "unused", "--val-fraction", "1.5"))
+    assert line == "lmlab: error: --val-fraction must be in (0, 1), got 1.5"
+    with pytest.raises(APIError) as api:  # past the server's own range checks: the seed reaches SamplingConfig
+        sampling_config(CompletionRequest(prompt="x", seed=2**63), None, 1, 64)
+    assert (api.value.param, api.value.message) == ("seed", f"seed must be in [0, 2**63), got {2**63}")
+
+
 def test_seed_out_of_range(cli, ckpt):
     assert_user_error(cli("generate", "--model", str(ckpt), "--prompt", "ab", "--device", "cpu", "--seed",
                           str(2**70)), "--seed")

@@ -35,6 +35,7 @@ class APIError(Exception):
 
 
 TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+API_NAMES = {"max_new_tokens": "max_tokens"}  # SamplingConfig's fields by their names in a request, where they differ
 
 
 def validation_error(e: ValidationError | list) -> APIError:
@@ -158,7 +159,8 @@ def sampling_config(body: Sampling, max_tokens: int | None, prompt_len: int, con
                               repetition_penalty=float(body.repetition_penalty), seed=body.seed,
                               stop=body.stop or ())
     except LmlabError as e:
-        raise APIError(str(e), str(e).split(" ", 1)[0]) from None
+        param = API_NAMES.get(e.field, e.field)  # the request's name for the setting; None where it names none
+        raise APIError(str(e if param is None else e.naming(param)), param) from None
 
 
 def extras(body: Sampling) -> Extras:

@@ -33,7 +33,7 @@ import torch
 from lmlab.config import MAX_DEFAULT_CONTEXT, ModelConfig, TrainConfig
 from lmlab.errors import LmlabError, unknown
 from lmlab.model import Transformer
-from lmlab.quant import check_device, check_mode, quantize_model, weight_bytes, weights_description
+from lmlab.quant import GROUP_SIZE, check_device, check_mode, quantize_model, weight_bytes, weights_description
 from lmlab.utils import atomic_write_text, default_dtype, resolve_device, resolve_dtype
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -377,8 +377,8 @@ def generate_model(model: str | None, preset: str | None, device: str, dtype: st
 
 def bench_generate(model: str | None = None, *, preset: str | None = None, batch: int = 8,
                    prompt_tokens: int = 128, new_tokens: int = 32, runs: int = 3, warmup: int = 1,
-                   quantize: str | None = None, group_size: int = 32, device: str = "auto", dtype: str | None = None,
-                   compile: str | None = None, n_threads: int | None = None,
+                   quantize: str | None = None, group_size: int = GROUP_SIZE, device: str = "auto",
+                   dtype: str | None = None, compile: str | None = None, n_threads: int | None = None,
                    bandwidth_mib: int = 1024) -> dict[str, Any]:
     """Decode and prefill speed at batch 1 and at `batch`, peak memory, and bandwidth utilisation, for a model
     source (anything lmlab.load takes) or a preset's shape with random weights. See the module docstring for

@@ -166,13 +166,16 @@ def build_parser() -> Parser:
 
 def _load_flags(p: argparse.ArgumentParser, compile_flag: bool = True, adapter_flag: bool = True) -> None:
     """How a model is loaded for inference: device, dtype and weight quantization (the flags of lmlab.load)."""
+    from lmlab.quant import GROUP_SIZE, GROUP_SIZES
+
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--quantize", default=None, metavar="MODE",
                    help="int8 (per channel) or int4 (per group) weights (CPU: lmlab's packed kernels; CUDA: "
                         "torchao's); off dequantizes a GGUF to float (default: as stored: a GGUF's quantized tensors "
                         "stay packed on a CPU)")
-    p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default: 32)")
+    p.add_argument("--group-size", type=int, default=GROUP_SIZE,
+                   help=f"int4 group size: {', '.join(map(str, GROUP_SIZES))} (default: {GROUP_SIZE})")
     if adapter_flag:
         p.add_argument("--adapter", default=None, metavar="DIR",
                        help="a LoRA adapter to apply: a lmlab finetune --lora run, or a PEFT adapter directory")
@@ -467,6 +470,7 @@ BENCH_TRAIN_FIELDS = ("optimizer", "grad_clip", "pad_vocab", "fp8")  # the train
 
 def _bench_parser(sub: Sub) -> None:
     from lmlab.bench import COMPILE_MODES, bench_generate, bench_train
+    from lmlab.config import MAX_DEFAULT_CONTEXT
 
     be = sub.add_parser("bench", help="measure training or decoding speed, peak memory and bandwidth use",
                         description="Print a table of medians after warm-up (and write it as JSON with --json).")
@@ -486,7 +490,7 @@ def _bench_parser(sub: Sub) -> None:
         tr.add_argument("--" + flag.replace("_", "-"), type=kind, default=default_of(bench_train, flag),
                         help=f"{text} (default: {default_of(bench_train, flag)})")
     tr.add_argument("--context", type=int, default=None,
-                    help="tokens per sequence (default: the model's context, at most 1024)")
+                    help=f"tokens per sequence (default: the model's context, at most {MAX_DEFAULT_CONTEXT})")
     tr.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
     _model_and_train_flags(tr, model_title="model shape (override the preset's or the model's)",
                            skip=("context_length",), train_fields=BENCH_TRAIN_FIELDS)

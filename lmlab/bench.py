@@ -322,11 +322,14 @@ def decode_run(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int
     """One greedy generation with EOS ignored, so every row decodes exactly new_tokens tokens: (prefill seconds,
     [seconds of each decode step]). The engine yields once per token: its first yield follows the prefill,
     each later one follows one decode step. Each yield has copied the step's ids to the host (a sync), and on
-    CUDA the clock is read after an explicit one too."""
+    CUDA the clock is read after an explicit one too. Each run prefills its whole prompt: the model's prompt
+    cache, which holds the previous run's, is voided first."""
+    from lmlab.infer.engine import forget_prompt
     from lmlab.infer.generate import SamplingConfig, generate_ids
 
     dev = next(model.parameters()).device
     s = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
+    forget_prompt(model)
     sync(dev)
     stamps = [time.perf_counter()]
     for _ in generate_ids(model, prompts, s, eos_id=None):

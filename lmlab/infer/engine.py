@@ -194,11 +194,19 @@ def forget_prompt(model: Transformer) -> None:
 
 
 def weights_stamp(model: Transformer) -> tuple:
-    """Where each weight tensor lives and its in-place version (KV caches aside): an optimizer step,
-    load_state_dict, quantizing or applying LoRA changes it, and with it the keys and values of every prompt."""
-    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for m in model.modules()
-                 if not isinstance(m, KVCache) for t in (*m._parameters.values(), *m._buffers.values())
-                 if t is not None)
+    """Which tensor each weight is, where it lives and its in-place version (KV caches aside): an optimizer step,
+    load_state_dict, a move, quantizing or applying LoRA changes it, and with it the keys and values of any
+    prompt."""
+    return tuple(_stamp(t) for m in model.modules() if not isinstance(m, KVCache)
+                 for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    try:
+        where = t.data_ptr()
+    except RuntimeError:  # a tensor subclass without storage of its own
+        where = None
+    return id(t), where, str(t.device), t.dtype, 0 if t.is_inference() else t._version
 
 
 class Engine:

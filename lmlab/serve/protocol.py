@@ -4,7 +4,7 @@ Request fields follow the OpenAI API reference (https://platform.openai.com/docs
 /completions/create): their types are checked strictly ("0.5" is not a number), their ranges as OpenAI states
 them, and a bad one is an `APIError` naming the field as `param`. lmlab's own sampling knobs come as extra
 fields (`top_k`, `min_p`, `repetition_penalty`), as vLLM and llama.cpp's server take them; `top_k` -1 means off,
-as there. Every setting ends in lmlab.infer.generate's SamplingConfig, where its meaning lives.
+as there. Every setting ends in lmlab.config's SamplingConfig, where its meaning lives.
 """
 
 from __future__ import annotations

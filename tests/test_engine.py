@@ -146,15 +146,19 @@ def test_the_servers_compiled_step_gives_the_plain_engines_tokens(lm):
 
 
 def test_a_compiled_model_keeps_its_engine_and_cache_between_calls(lm):
+    """Also when the model decoded eagerly before it was compiled: the eager engine it kept is not reused."""
     from lmlab.infer.engine import _ENGINES, compile_decoding
 
     model = copy.deepcopy(lm.model)
-    compile_decoding(model)
     s = SamplingConfig(max_new_tokens=5, temperature=0)
+    eager = list(generate_ids(model, [[1, 2, 3]], s.replace(max_new_tokens=61)))[:5]  # a whole context's engine
+    assert _ENGINES[model].compiled is None and _ENGINES[model].S == lm.config.context_length
+    compile_decoding(model)
     first = list(generate_ids(model, [[1, 2, 3]], s))
     engine, address = _ENGINES[model], _ENGINES[model].main[0].k.data_ptr()
     second = list(generate_ids(model, [[1, 2, 3]], s))
-    assert first == second and _ENGINES[model] is engine and engine.main[0].k.data_ptr() == address
+    assert engine.compiled is not None and first == second == eager
+    assert _ENGINES[model] is engine and engine.main[0].k.data_ptr() == address
 
 
 def test_requests_admitted_together_with_n_choices_decode_as_alone(lm):

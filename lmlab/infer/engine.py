@@ -173,7 +173,7 @@ def engine_for(model: Transformer, tokenizer: Tokenizer | None, max_batch: int, 
     kept = _ENGINES.pop(model, None)  # one caller at a time owns it (the model's caches are one state anyway)
     if kept is not None and (not kept.idle or kept.weights != weights_stamp(model)):
         kept = None  # left mid-call, or the weights changed since (trained, moved, quantized): nothing of it fits
-    if kept is not None and kept.idle and kept.max_batch == max_batch and (
+    if kept is not None and kept.compiled is _COMPILED.get(model) and kept.max_batch == max_batch and (
             kept.S == slots if kept.compiled is not None else kept.S >= slots):
         engine = kept
         if not engine.main:  # parked eager engine: its batch cache was given back

@@ -145,6 +145,24 @@ def test_the_next_turn_prefills_only_what_follows_the_last_prompt(char_run, caps
     assert reply(lm, turns[-1][:-1], s) == changed and _ENGINES[lm.model].cached_tokens == len(prompts[0]) - 1
 
 
+def test_a_model_no_longer_used_is_freed_with_the_engine_it_kept():
+    """The registry of kept engines holds models weakly, and a parked eager engine lets go of its model."""
+    import gc
+    import weakref
+
+    from lmlab.infer.engine import _ENGINES
+    from lmlab.infer.generate import generate_ids
+
+    model = Transformer(ModelConfig(family="llama", vocab_size=64, context_length=64, d_model=32, n_layers=1,
+                                    n_heads=2)).eval()
+    list(generate_ids(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=3, temperature=0)))
+    assert model in _ENGINES
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A conversation longer than the context: a model with a 64-token context, like runs/baby.
 

@@ -175,7 +175,7 @@ def engine_for(model: Transformer, tokenizer: Tokenizer | None, max_batch: int, 
         kept = None  # left mid-call, or the weights changed since (trained, moved, quantized): nothing of it fits
     if kept is not None and kept.compiled is _COMPILED.get(model) and kept.max_batch == max_batch and (
             kept.S == slots if kept.compiled is not None else kept.S >= slots):
-        engine = kept
+        engine, engine.model = kept, model
         if not engine.main:  # parked eager engine: its batch cache was given back
             engine.main = model.make_cache(max_batch, engine.S)
     else:
@@ -235,12 +235,13 @@ class Engine:
     def park(self) -> None:
         """The call is over: the model keeps this engine for its next call (`engine_for`). An eager engine gives
         its batch cache back (max_batch x S tokens: memory between calls is the one staging row, the prompt
-        cache) and the model its cache views; a compiled one keeps both, at the addresses its graph uses."""
-        self.weights = weights_stamp(self.model)
-        if self.compiled is None:
-            self.main, self._views = [], None
-            self.model.clear_cache()
+        cache), the model its cache views, and lets go of the model (the registry holds models weakly: a model
+        no longer used is freed with its engine); a compiled one keeps all, at the addresses its graph uses."""
+        self.weights, self.events = weights_stamp(self.model), []
         _ENGINES[self.model] = self
+        if self.compiled is None:
+            self.model.clear_cache()
+            self.main, self._views, self.model = [], None, None
 
     def take_prompt(self, other: Engine) -> None:
         """Start from `other`'s prompt cache: the keys and values of its last prompt (as many as fit), copied."""

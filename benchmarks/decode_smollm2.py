@@ -32,6 +32,7 @@ def split(stamps: list[float], start: float, n_prompt: int, batch: int = 1) -> t
 def engines(args, ids: list[int], gguf_path):
     """name -> a function running one timed generation and returning (prefill tok/s, decode tok/s)."""
     import lmlab
+    from lmlab.infer.engine import forget_prompt
     from lmlab.infer.generate import SamplingConfig, generate_ids
 
     n = args.new_tokens
@@ -40,6 +41,7 @@ def engines(args, ids: list[int], gguf_path):
 
     def runner(model, batch: int = 1):
         def run():
+            forget_prompt(model)  # a cold prefill each run: the model keeps its last prompt's keys and values
             start, stamps = time.perf_counter(), []
             for _ in generate_ids(model, [ids] * batch, s, eos_id=None):
                 stamps.append(time.perf_counter())

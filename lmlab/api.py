@@ -20,6 +20,7 @@ from lmlab.config import ModelConfig, SamplingConfig
 from lmlab.errors import LmlabError
 from lmlab.infer.generate import generate_text, stream_text
 from lmlab.model import Transformer
+from lmlab.quant import GROUP_SIZE
 from lmlab.tokenizer import Tokenizer
 from lmlab.utils import resolve_device, resolve_dtype
 
@@ -107,7 +108,7 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
 
 
 def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
-         dtype: str | torch.dtype | None = None, quantize: str | None = None, group_size: int = 32,
+         dtype: str | torch.dtype | None = None, quantize: str | None = None, group_size: int = GROUP_SIZE,
          compile: bool = False, adapter: str | os.PathLike | None = None) -> LM:
     """Load a model for inference (eval mode). dtype defaults to float32. Sources: see resolve_source.
 

@@ -33,7 +33,15 @@ import torch
 from lmlab.config import MAX_DEFAULT_CONTEXT, ModelConfig, TrainConfig
 from lmlab.errors import LmlabError, unknown
 from lmlab.model import Transformer
-from lmlab.quant import check_device, check_mode, kernels_description, quantize_model, weight_bytes, weights_description
+from lmlab.quant import (
+    GROUP_SIZE,
+    check_device,
+    check_mode,
+    kernels_description,
+    quantize_model,
+    weight_bytes,
+    weights_description,
+)
 from lmlab.utils import atomic_write_text, default_dtype, resolve_device, resolve_dtype
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -322,11 +330,14 @@ def decode_run(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int
     """One greedy generation with EOS ignored, so every row decodes exactly new_tokens tokens: (prefill seconds,
     [seconds of each decode step]). The engine yields once per token: its first yield follows the prefill,
     each later one follows one decode step. Each yield has copied the step's ids to the host (a sync), and on
-    CUDA the clock is read after an explicit one too."""
+    CUDA the clock is read after an explicit one too. Each run prefills its whole prompt: the model's prompt
+    cache, which holds the previous run's, is voided first."""
+    from lmlab.infer.engine import forget_prompt
     from lmlab.infer.generate import SamplingConfig, generate_ids
 
     dev = next(model.parameters()).device
     s = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
+    forget_prompt(model)
     sync(dev)
     stamps = [time.perf_counter()]
     for _ in generate_ids(model, prompts, s, eos_id=None):
@@ -377,8 +388,8 @@ def generate_model(model: str | None, preset: str | None, device: str, dtype: st
 
 def bench_generate(model: str | None = None, *, preset: str | None = None, batch: int = 8,
                    prompt_tokens: int = 128, new_tokens: int = 32, runs: int = 3, warmup: int = 1,
-                   quantize: str | None = None, group_size: int = 32, device: str = "auto", dtype: str | None = None,
-                   compile: str | None = None, n_threads: int | None = None,
+                   quantize: str | None = None, group_size: int = GROUP_SIZE, device: str = "auto",
+                   dtype: str | None = None, compile: str | None = None, n_threads: int | None = None,
                    bandwidth_mib: int = 1024) -> dict[str, Any]:
     """Decode and prefill speed at batch 1 and at `batch`, peak memory, and bandwidth utilisation, for a model
     source (anything lmlab.load takes) or a preset's shape with random weights. See the module docstring for

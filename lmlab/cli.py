@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from lmlab.errors import LmlabError
@@ -135,15 +135,13 @@ def config_from(args: argparse.Namespace, cls: type, tag: str, base: Any = None,
     try:
         return dataclasses.replace(base, **settings) if base is not None else cls(**settings)
     except LmlabError as e:
-        raise flag_error(e, cls, prefix) from None
+        raise flag_error(e, settings, prefix) from None
 
 
-def flag_error(e: LmlabError, cls: type, prefix: str = "") -> LmlabError:
-    """`e` with a leading field name ("temperature must ...", "config field port must ...") said as its flag."""
-    text = str(e).removeprefix("config field ")
-    name, _, rest = text.partition(" ")
-    if name in {f.name for f in dataclasses.fields(cls)}:
-        return LmlabError(f"--{prefix}{name.replace('_', '-')} {rest}")
+def flag_error(e: LmlabError, flags: Collection[str], prefix: str = "") -> LmlabError:
+    """`e` said of the flag --PREFIX-FIELD where its field (LmlabError.field) was set by one of `flags`."""
+    if e.field is not None and e.field in flags:
+        return e.naming(f"--{prefix}{e.field.replace('_', '-')}")
     return e
 
 
@@ -169,13 +167,16 @@ def build_parser() -> Parser:
 
 def _load_flags(p: argparse.ArgumentParser, compile_flag: bool = True, adapter_flag: bool = True) -> None:
     """How a model is loaded for inference: device, dtype and weight quantization (the flags of lmlab.load)."""
+    from lmlab.quant import GROUP_SIZE, GROUP_SIZES
+
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--quantize", default=None, metavar="MODE",
                    help="int8 (per channel) or int4 (per group) weights (CPU: lmlab's packed kernels; CUDA: "
                         "torchao's); off dequantizes a GGUF to float (default: as stored: a GGUF's quantized tensors "
                         "stay packed on a CPU)")
-    p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default: 32)")
+    p.add_argument("--group-size", type=int, default=GROUP_SIZE,
+                   help=f"int4 group size: {', '.join(map(str, GROUP_SIZES))} (default: {GROUP_SIZE})")
     if adapter_flag:
         p.add_argument("--adapter", default=None, metavar="DIR",
                        help="a LoRA adapter to apply: a lmlab finetune --lora run, or a PEFT adapter directory")
@@ -344,7 +345,7 @@ def _finetune_parser(sub: Sub) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from lmlab.checkpoint import saved_settings
-    from lmlab.config import DROPOUT_FIELDS, LoRAConfig, SFTConfig
+    from lmlab.config import DROPOUT_FIELDS, SFTConfig
     from lmlab.training.distributed import leave_worker
     from lmlab.training.finetune import finetune, finetune_config, lora_config
 
@@ -353,7 +354,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     try:
         lora = lora_config(args.lora, **given(args, "lora"))
     except LmlabError as e:
-        raise flag_error(e, LoRAConfig, "lora-") from None
+        raise flag_error(e, given(args, "lora"), "lora-") from None
     sft = config_from(args, SFTConfig, "sft")
     tc = finetune_config(flags, lora is not None, saved_settings(args.out) if args.resume else None)
     finetune(args.model, args.data, args.out, tc, sft, lora, dropout, resume=args.resume, quiet=args.quiet)
@@ -470,6 +471,7 @@ BENCH_TRAIN_FIELDS = ("optimizer", "grad_clip", "pad_vocab", "fp8")  # the train
 
 def _bench_parser(sub: Sub) -> None:
     from lmlab.bench import COMPILE_MODES, bench_generate, bench_train
+    from lmlab.config import MAX_DEFAULT_CONTEXT
 
     be = sub.add_parser("bench", help="measure training or decoding speed, peak memory and bandwidth use",
                         description="Print a table of medians after warm-up (and write it as JSON with --json).")
@@ -489,7 +491,7 @@ def _bench_parser(sub: Sub) -> None:
         tr.add_argument("--" + flag.replace("_", "-"), type=kind, default=default_of(bench_train, flag),
                         help=f"{text} (default: {default_of(bench_train, flag)})")
     tr.add_argument("--context", type=int, default=None,
-                    help="tokens per sequence (default: the model's context, at most 1024)")
+                    help=f"tokens per sequence (default: the model's context, at most {MAX_DEFAULT_CONTEXT})")
     tr.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
     _model_and_train_flags(tr, model_title="model shape (override the preset's or the model's)",
                            skip=("context_length",), train_fields=BENCH_TRAIN_FIELDS)
@@ -608,7 +610,7 @@ def _key_from_file(args: argparse.Namespace, tag: str) -> dict[str, str]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from lmlab.config import ServeConfig
-    from lmlab.serve import check_address, serve
+    from lmlab.serve import check_address, serve, window_note
 
     cfg = config_from(args, ServeConfig, "serve", **_key_from_file(args, "serve"))
     check_address(cfg)
@@ -617,6 +619,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LmlabError(f"{lm.source} has no tokenizer, so it cannot serve text; add its tokenizer file")
     if args.check:
         print(f"lmlab serve: {lm.source} would be served at http://{cfg.host}:{cfg.port} (--check: not started)")
+        note = window_note(cfg, lm.config.context_length)
+        if note is not None:
+            print(note)
         return 0
     serve(lm, cfg)
     return 0

@@ -30,6 +30,9 @@ def knob(default: Any = dataclasses.MISSING, help: str = "", repeat: bool = Fals
 
 # Where a default context is "the model's, at most this": SmolLM2's 8K windows cost 8x the attention of 1K ones.
 MAX_DEFAULT_CONTEXT = 1024
+# The server's default window, "the model's context, at most this": its static KV cache holds max_batch rows of it
+# (for SmolLM2-135M, 94 MB per row at 2048), allocated when it starts.
+SERVE_MAX_DEFAULT_CONTEXT = 2048
 
 FAMILIES = ("gpt2", "llama")
 NORMS = ("layernorm", "rmsnorm")
@@ -97,7 +100,7 @@ class ModelConfig:
         for name in ("vocab_size", "context_length", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads",
                      "rope_original_context"):
             if getattr(self, name) < 1:
-                raise LmlabError(f"config field {name} must be a positive integer, got {getattr(self, name)!r}")
+                raise LmlabError(f"must be a positive integer, got {getattr(self, name)!r}", name)
         for name, choices in (("norm", NORMS), ("pos", POSITIONS), ("mlp", MLPS), ("rope_scaling", ROPE_SCALINGS)):
             if getattr(self, name) not in choices:
                 raise unknown(f"config value for {name}:", getattr(self, name), choices)
@@ -105,7 +108,7 @@ class ModelConfig:
             check_rate(name, getattr(self, name))
         for name in ("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
             if not getattr(self, name) > 0:
-                raise LmlabError(f"config field {name} must be a positive number, got {getattr(self, name)!r}")
+                raise LmlabError(f"must be a positive number, got {getattr(self, name)!r}", name)
         if self.d_model % self.n_heads:
             raise LmlabError(f"config: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
@@ -189,19 +192,19 @@ def check_types(obj: Any) -> None:
             try:
                 value = float(value)
             except OverflowError:
-                raise LmlabError(f"config field {f.name} must be a finite number, got {value!r}") from None
+                raise LmlabError(f"must be a finite number, got {value!r}", f.name) from None
             object.__setattr__(obj, f.name, value)
         kind = {bool: "bool", int: "int", float: "float", str: "str"}.get(type(value))
         if kind not in kinds:
             wanted = " or ".join(KINDS[k] for k in kinds if k in KINDS)
-            raise LmlabError(f"config field {f.name} must be {wanted}, got {value!r}")
+            raise LmlabError(f"must be {wanted}, got {value!r}", f.name)
         if kind == "float" and not math.isfinite(value):
-            raise LmlabError(f"config field {f.name} must be a finite number, got {value!r}")
+            raise LmlabError(f"must be a finite number, got {value!r}", f.name)
 
 
 def check_rate(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise LmlabError(f"{name} must be a rate in [0, 1), got {value!r}")
+        raise LmlabError(f"must be a rate in [0, 1), got {value!r}", name)
 
 
 def check_keys(d: dict[str, Any], *classes: type) -> None:
@@ -327,33 +330,33 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise unknown(name, getattr(self, name), choices)
         if not self.lr > 0:
-            raise LmlabError(f"lr must be positive, got {self.lr!r}")
+            raise LmlabError(f"must be positive, got {self.lr!r}", "lr")
         if self.min_lr is None:
             object.__setattr__(self, "min_lr", self.lr / 10)
         if self.min_lr > self.lr:  # the "decay" would rise: a typo, not a schedule
-            raise LmlabError(f"min_lr ({self.min_lr:g}) must not exceed lr ({self.lr:g}): decaying schedules end "
-                             f"at min_lr")
+            raise LmlabError(f"({self.min_lr:g}) must not exceed lr ({self.lr:g}): decaying schedules end at min_lr",
+                             "min_lr")
         for name in ("min_lr", "weight_decay", "momentum", "eps", "grad_clip", "min_delta"):
             if not getattr(self, name) >= 0:
-                raise LmlabError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
+                raise LmlabError(f"must be a non-negative number, got {getattr(self, name)!r}", name)
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
-                raise LmlabError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+                raise LmlabError(f"must be in [0, 1), got {getattr(self, name)!r}", name)
         for name in ("decay_fraction", "dropout_until", "step_gamma"):
             if not 0 <= getattr(self, name) <= 1:
-                raise LmlabError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+                raise LmlabError(f"must be in [0, 1], got {getattr(self, name)!r}", name)
         if not 0 <= self.muon_momentum < 1:
-            raise LmlabError(f"muon_momentum must be in [0, 1), got {self.muon_momentum!r}")
+            raise LmlabError(f"must be in [0, 1), got {self.muon_momentum!r}", "muon_momentum")
         for name in ("batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval", "lbfgs_max_iter",
                      "lbfgs_history"):
             if getattr(self, name) < 1:
-                raise LmlabError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise LmlabError(f"must be a positive integer, got {getattr(self, name)!r}", name)
         for name in ("warmup_steps", "step_every", "max_steps", "max_tokens", "patience", "seed", "threads",
                      "pad_vocab", "eval_batch_size"):
             if getattr(self, name) < 0:
-                raise LmlabError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+                raise LmlabError(f"must be a non-negative integer, got {getattr(self, name)!r}", name)
         if self.seed >= 2**63:  # torch.manual_seed takes 64 bits, and each rank seeds with seed + rank
-            raise LmlabError(f"seed must be below 2**63, got {self.seed}")
+            raise LmlabError(f"must be below 2**63, got {self.seed}", "seed")
         if self.max_steps == 0 and self.max_tokens == 0:
             raise LmlabError("set max_steps or max_tokens (or both): training needs an end")
         if self.dtype not in ("float32", "bfloat16"):
@@ -453,13 +456,13 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise LmlabError(f"LoRA rank must be a positive integer, got {self.r!r}; try --lora-r 8")
+            raise LmlabError(f"must be a positive integer (the LoRA rank), got {self.r!r}; 8 is usual", "r")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
-            raise LmlabError(f"LoRA alpha must be a positive number, got {self.alpha!r}; try --lora-alpha 16")
+            raise LmlabError(f"must be a positive number (the LoRA alpha), got {self.alpha!r}; 16 is usual", "alpha")
         object.__setattr__(self, "alpha", float(self.alpha))
-        check_rate("LoRA dropout", self.dropout)
+        check_rate("dropout", self.dropout)
         if isinstance(self.targets, str) or not all(isinstance(t, str) and t for t in self.targets):
-            raise LmlabError(f"LoRA targets must be a list of module names, got {self.targets!r}")
+            raise LmlabError(f"must be a list of module names, got {self.targets!r}", "targets")
         object.__setattr__(self, "targets", tuple(self.targets))
 
     @property
@@ -494,9 +497,9 @@ class SFTConfig:
     def __post_init__(self) -> None:
         check_types(self)
         if not 0 < self.val_fraction < 1:
-            raise LmlabError(f"--val-fraction must be in (0, 1), got {self.val_fraction!r}")
+            raise LmlabError(f"must be in (0, 1), got {self.val_fraction!r}", "val_fraction")
         if self.max_length < 0:
-            raise LmlabError(f"--max-length must be a non-negative integer, got {self.max_length!r}")
+            raise LmlabError(f"must be a non-negative integer, got {self.max_length!r}", "max_length")
         if self.template not in TEMPLATES:
             raise unknown("template", self.template, TEMPLATES)
 
@@ -527,7 +530,7 @@ class PrepareConfig:
         if self.tokenizer not in TOKENIZERS:
             raise unknown("tokenizer", self.tokenizer, TOKENIZERS)
         if not 0 < self.val_fraction < 1:
-            raise LmlabError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+            raise LmlabError(f"must be in (0, 1), got {self.val_fraction}", "val_fraction")
 
 
 @dataclass(frozen=True)
@@ -546,7 +549,7 @@ class EvalConfig:
         for name, least in (("batch_size", 1), ("max_batches", 0), ("context", 0), ("stride", 0), ("chunk", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise LmlabError(f"--{name.replace('_', '-')} must be an integer of at least {least}, got {value!r}")
+                raise LmlabError(f"must be an integer of at least {least}, got {value!r}", name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -574,33 +577,33 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         def number(name: str, value, kind=(int, float)):
             if isinstance(value, bool) or not isinstance(value, kind):
-                raise LmlabError(f"{name} must be a number, got {value!r}")
+                raise LmlabError(f"must be a number, got {value!r}", name)
 
         number("max_new_tokens", self.max_new_tokens, int)
         if self.max_new_tokens < 0:
-            raise LmlabError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise LmlabError(f"must be >= 0, got {self.max_new_tokens}", "max_new_tokens")
         number("temperature", self.temperature)
         if not self.temperature >= 0:
-            raise LmlabError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+            raise LmlabError(f"must be >= 0 (0 means greedy), got {self.temperature}", "temperature")
         number("top_k", self.top_k, int)
         if self.top_k < 0:
-            raise LmlabError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+            raise LmlabError(f"must be >= 0 (0 turns it off), got {self.top_k}", "top_k")
         number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
-            raise LmlabError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
+            raise LmlabError(f"must be in (0, 1] (1 turns it off), got {self.top_p}", "top_p")
         number("min_p", self.min_p)
         if not 0 <= self.min_p <= 1:
-            raise LmlabError(f"min_p must be in [0, 1] (0 turns it off), got {self.min_p}")
+            raise LmlabError(f"must be in [0, 1] (0 turns it off), got {self.min_p}", "min_p")
         number("repetition_penalty", self.repetition_penalty)
         if not self.repetition_penalty > 0:
-            raise LmlabError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+            raise LmlabError(f"must be > 0 (1 turns it off), got {self.repetition_penalty}", "repetition_penalty")
         if self.seed is not None:
             number("seed", self.seed, int)
             if not 0 <= self.seed < 2**63:
-                raise LmlabError(f"seed must be in [0, 2**63), got {self.seed}")
+                raise LmlabError(f"must be in [0, 2**63), got {self.seed}", "seed")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-            raise LmlabError(f"stop must be a string or a list of strings, got {self.stop!r}")
+            raise LmlabError(f"must be a string or a list of strings, got {self.stop!r}", "stop")
         object.__setattr__(self, "stop", tuple(s for s in stop if s))
 
     def replace(self, **settings) -> SamplingConfig:
@@ -630,23 +633,27 @@ PORT = dict(default=8000, help="TCP port")
 def check_listen(cfg: Any) -> None:
     """A server config's host, port and api_key."""
     if isinstance(cfg.port, bool) or not isinstance(cfg.port, int) or not 0 <= cfg.port <= 65535:
-        raise LmlabError(f"port must be an integer in [0, 65535], got {cfg.port!r}")
+        raise LmlabError(f"must be an integer in [0, 65535], got {cfg.port!r}", "port")
     if not isinstance(cfg.host, str) or not cfg.host.strip():
-        raise LmlabError(f"host must be an address such as 127.0.0.1 or 0.0.0.0, got {cfg.host!r}")
+        raise LmlabError(f"must be an address such as 127.0.0.1 or 0.0.0.0, got {cfg.host!r}", "host")
     if cfg.api_key is not None and (not cfg.api_key or not cfg.api_key.isprintable() or " " in cfg.api_key):
-        raise LmlabError("api_key must be a non-empty printable string without spaces")
+        raise LmlabError("must be a non-empty printable string without spaces", "api_key")
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """The server's knobs, validated once. `context` 0 means the model's context, at most 2048 slots: the cache
-    holds max_batch x context tokens of keys and values (for SmolLM2-135M, 94 MB per row at 2048)."""
+    """The server's knobs, validated once. `context` is the window a reply decodes in (`window`): the model's
+    context, or less where `context` (0: SERVE_MAX_DEFAULT_CONTEXT) is smaller, since the cache holds max_batch x
+    window tokens of keys and values. A reply that fills its window slides it as everywhere in lmlab, so replies
+    longer than a window smaller than the model's context differ from `lmlab generate`'s past it."""
 
     host: str = knob(**HOST)
     port: int = knob(**PORT)
     max_batch: int = knob(8, "requests decoded together at most")
     max_queue: int = knob(64, "requests waiting for a row at most; more get HTTP 503 with Retry-After")
-    context: int = knob(0, "tokens per request, prompt and reply (0: the model's context, at most 2048)")
+    context: int = knob(0, "the window a request decodes in, prompt and reply (0: the model's context, at most "
+                           f"{SERVE_MAX_DEFAULT_CONTEXT}); below the model's context it saves memory, but a reply "
+                           "that fills it slides there, sooner than lmlab generate's")
     prefill_chunk: int = knob(256, "prompt tokens prefilled between two decoding steps at most")
     api_key: str | None = knob(None, "require the header Authorization: Bearer KEY on every route but /health and /")
     request_timeout: float = knob(0.0, "seconds a request may take in all, queue included; past it the request "
@@ -658,14 +665,15 @@ class ServeConfig:
                                 ("prefill_chunk", 1, 1 << 20)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise LmlabError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+                raise LmlabError(f"must be an integer in [{low}, {high}], got {value!r}", name)
         if isinstance(self.request_timeout, bool) or not isinstance(self.request_timeout, (int, float)) or \
                 not 0 <= self.request_timeout < float("inf"):
-            raise LmlabError(f"request_timeout must be a number of seconds >= 0 (0: no limit), got "
-                             f"{self.request_timeout!r}")
+            raise LmlabError(f"must be a number of seconds >= 0 (0: no limit), got {self.request_timeout!r}",
+                             "request_timeout")
 
-    def slots(self, model_context: int) -> int:
-        return min(model_context, self.context or 2048)
+    def window(self, model_context: int) -> int:
+        """The tokens a request decodes in: the model's context, or `context` (its default) where smaller."""
+        return min(model_context, self.context or SERVE_MAX_DEFAULT_CONTEXT)
 
 
 @dataclass(frozen=True)
@@ -686,4 +694,4 @@ class LabConfig:
         check_types(self)
         check_listen(self)
         if not self.runs.strip():
-            raise LmlabError("runs must name a folder, got an empty string")
+            raise LmlabError("must name a folder, got an empty string", "runs")

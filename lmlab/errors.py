@@ -12,7 +12,20 @@ from collections.abc import Iterable
 
 
 class LmlabError(ValueError):
-    """Bad input from the user: the message says what is wrong and how to fix it, in one line."""
+    """Bad input from the user: the message says what is wrong and how to fix it, in one line.
+
+    A setting's error (a config field's validation) names the setting in `field` and says what is wrong with it
+    in `problem`; the message is the two together ("top_k must be >= 0 ..."). Whoever took the setting under
+    another name says it so through `naming` (the CLI its flag, --top-k; the server its API parameter): the field
+    is data, never parsed back out of the text."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message if field is None else f"{field} {message}")
+        self.field, self.problem = field, message
+
+    def naming(self, name: str) -> LmlabError:
+        """This error said of `name`, the setting's name where it was given (itself when it names no setting)."""
+        return self if self.field is None else LmlabError(self.problem, name)
 
 
 class TrainingDiverged(LmlabError):

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from lmlab.errors import LmlabError
 
 QUANT_MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)  # int4 groups the kernels take
+GROUP_SIZE = 32  # the default: llama.cpp's Q4_0 block, the finest (most accurate) of them
 COMPUTE_DTYPE = torch.bfloat16  # the activations' dtype inside the kernels: see the module docstring
 
 
@@ -118,13 +120,14 @@ def head_mode(mode: str | None) -> str | None:
     return "int8" if mode == "int4" else mode
 
 
-def check_mode(mode: str, group_size: int = 32) -> None:
+def check_mode(mode: str, group_size: int = GROUP_SIZE) -> None:
     """One line for a mode or group size this module cannot do."""
     if mode not in QUANT_MODES:
         raise LmlabError(f"unknown quantization {mode!r}; choose one of: {', '.join(QUANT_MODES)} "
                          "(or off, to dequantize to float)")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in (32, 64, 128, 256):
-        raise LmlabError(f"int4 group size must be 32, 64, 128 or 256 (the kernel's sizes), got {group_size!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in GROUP_SIZES:
+        sizes = ", ".join(map(str, GROUP_SIZES[:-1])) + f" or {GROUP_SIZES[-1]}"
+        raise LmlabError(f"int4 group size must be {sizes} (the kernel's sizes), got {group_size!r}")
 
 
 def check_device(device: torch.device) -> None:
@@ -142,7 +145,7 @@ def check_device(device: torch.device) -> None:
                          "or --quantize off to run in float on this device")
 
 
-def quantize_torchao(model, mode: str, group_size: int = 32):
+def quantize_torchao(model, mode: str, group_size: int = GROUP_SIZE):
     """torchao's weight-only quantization of every linear layer, the head included (the CUDA path of
     `quantize_model`): int8 with one scale per output channel (Int8WeightOnlyConfig), or int4 in groups of
     `group_size` (Int4WeightOnlyConfig, bf16 activations). The float weights are replaced in place; torchao's
@@ -227,7 +230,7 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, mode: str,
-                   group_size: int = 32) -> QuantLinear:
+                   group_size: int = GROUP_SIZE) -> QuantLinear:
         if mode == "int8":
             return cls.from_int8(*quantize_int8(weight), bias)
         return cls.from_int4(*quantize_int4(weight, group_size), bias)
@@ -333,7 +336,7 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("scale", scale.float().contiguous())
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, mode: str, group_size: int = 32) -> QuantEmbedding:
+    def from_float(cls, weight: torch.Tensor, mode: str, group_size: int = GROUP_SIZE) -> QuantEmbedding:
         if mode == "int8":
             return cls(*quantize_int8(weight), None)
         return cls(*quantize_int4(weight, group_size))
@@ -355,7 +358,7 @@ class QuantEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode}"
 
 
-def quantize_model(model, mode: str, group_size: int = 32):
+def quantize_model(model, mode: str, group_size: int = GROUP_SIZE):
     """Replace, in place, every linear layer of the blocks with a QuantLinear of `mode`, the head with one of
     `head_mode(mode)` and the token embedding with int8 rows. Returns the model (eval mode)."""
     check_mode(mode, group_size)

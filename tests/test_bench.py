@@ -171,6 +171,25 @@ print(hwm() - before, weights, {str(p.dtype) for p in model.parameters()})
 """
 
 
+def test_every_timed_run_prefills_its_whole_prompt():
+    """A model keeps its last prompt's keys and values between calls (lmlab.infer.engine.engine_for), which would
+    make every batch-1 run after the first prefill one token of its repeated prompt; bench voids them first."""
+    from lmlab.bench import decode_run, random_prompts
+    from lmlab.config import ModelConfig
+    from lmlab.infer.engine import _ENGINES
+    from lmlab.infer.generate import SamplingConfig, generate_ids
+    from lmlab.model import Transformer
+
+    model = Transformer(ModelConfig(family="llama", vocab_size=64, context_length=64, d_model=32, n_layers=1,
+                                    n_heads=2)).eval()
+    prompts = random_prompts(64, 1, 24)
+    for _ in range(3):
+        decode_run(model, prompts, 4)
+    assert _ENGINES[model].cached_tokens == 0
+    list(generate_ids(model, prompts, SamplingConfig(max_new_tokens=4, temperature=0)))  # not voided: reused
+    assert _ENGINES[model].cached_tokens == 23
+
+
 def test_a_bf16_random_model_never_allocates_its_float32_twin():
     """The peak RSS a bf16 random model adds while it is built (a fresh process, so the high-water mark is its
     own) stays near its bf16 bytes: building in float32 and casting would add twice them. float32 checks the

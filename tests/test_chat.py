@@ -97,6 +97,72 @@ def test_interactive_chat_commands(char_run):
     assert eof.returncode == 0 and "Traceback" not in eof.stderr
 
 
+def _shared(a: list[int], b: list[int]) -> int:
+    """How many tokens `b` takes from `a`'s start, its last token aside (it always runs, for its logits)."""
+    n = 0
+    while n < min(len(a), len(b) - 1) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_the_next_turn_prefills_only_what_follows_the_last_prompt(char_run, capsys):
+    """`lmlab chat`'s loop over an eager model: the model keeps its last engine's staging row between calls (its
+    batch cache given back), so turn 2 prefills only what follows turn 1's prompt, in a new engine when it needs
+    more slots, and a repeated first turn after /reset reuses all but its last token in the kept engine; each
+    reply is the one a fresh engine gives. Changed weights void the cache."""
+    from lmlab.infer.chat import repl, reply
+    from lmlab.infer.engine import _ENGINES
+
+    lm = lmlab.load(char_run, device="cpu")
+    s = SamplingConfig(max_new_tokens=20, temperature=0)
+    session = ChatSession(lm, s, system="Be kind.")
+    lines, seen, turns = iter(["Hello there", "What is your name", "/reset", "Hello there", "/exit"]), [], []
+
+    def read(_: str) -> str:  # called before each line: after each turn, the engine the model kept
+        e = _ENGINES.get(lm.model)
+        seen.append(None if e is None else (e, e.cached_tokens, list(e.staged_ids), e.main))
+        if session.messages[-1]["role"] == "assistant" and (not turns or session.messages != turns[-1]):
+            turns.append(list(session.messages))
+        return next(lines)
+
+    assert repl(session, read) == 0
+    capsys.readouterr()
+    tok = lm.tokenizer
+    prompts = [chat_prompt_ids(tok, t[:-1]) for t in turns]  # what each reply was written for, rendered anew
+    assert len(turns) == 3 and turns[2] == turns[0]
+    (e1, c1, ids1, main1), (e2, c2, ids2, _), _, (e3, c3, ids3, _) = seen[1:5]
+    assert (ids1, ids2, ids3) == (prompts[0], prompts[1], prompts[0]) and main1 == []  # one row kept
+    assert e2 is not e1 and c2 == _shared(prompts[0], prompts[1]) > 0  # more slots: a new engine, the prefix moved
+    assert len(prompts[1]) - c2 > 20  # turn 1's reply and turn 2's question are all it prefilled
+    assert e3 is e2 and c3 - c2 == len(prompts[0]) - 1  # after /reset: the first prompt again, but one token
+    for t in turns:
+        _ENGINES.pop(lm.model)  # a fresh engine: no prompt cache
+        assert reply(lm, t[:-1], s).strip() == t[-1]["content"]
+    with torch.no_grad():
+        lm.model.wte.weight.mul_(2)  # as an optimizer step would: the kept keys and values are not the model's
+    kept, changed = _ENGINES[lm.model], reply(lm, turns[-1][:-1], s)
+    assert _ENGINES[lm.model] is not kept and _ENGINES[lm.model].cached_tokens == 0  # a new engine, nothing reused
+    assert reply(lm, turns[-1][:-1], s) == changed and _ENGINES[lm.model].cached_tokens == len(prompts[0]) - 1
+
+
+def test_a_model_no_longer_used_is_freed_with_the_engine_it_kept():
+    """The registry of kept engines holds models weakly, and a parked eager engine lets go of its model."""
+    import gc
+    import weakref
+
+    from lmlab.infer.engine import _ENGINES
+    from lmlab.infer.generate import generate_ids
+
+    model = Transformer(ModelConfig(family="llama", vocab_size=64, context_length=64, d_model=32, n_layers=1,
+                                    n_heads=2)).eval()
+    list(generate_ids(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=3, temperature=0)))
+    assert model in _ENGINES
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A conversation longer than the context: a model with a 64-token context, like runs/baby.
 

@@ -225,6 +225,70 @@ def test_truncate_lets_a_long_prompt_through(cli, ckpt):
     assert len(r.out) == len(prompt) + 5 + 1  # the prompt, 5 characters, a newline
 
 
+def test_a_settings_error_names_its_field_for_the_cli_and_the_server(cli):
+    """A config's validation names the setting at fault in LmlabError.field; the CLI says it as its flag and the
+    server as its request parameter, from that field (nothing parses the message's first word)."""
+    from lmlab.config import SamplingConfig
+    from lmlab.errors import LmlabError
+    from lmlab.serve.protocol import APIError, CompletionRequest, sampling_config
+
+    with pytest.raises(LmlabError) as e:
+        SamplingConfig(top_p=0.0)
+    assert (e.value.field, e.value.problem) == ("top_p", "must be in (0, 1] (1 turns it off), got 0.0")
+    assert str(e.value) == "top_p must be in (0, 1] (1 turns it off), got 0.0"
+    assert str(e.value.naming("--top-p")) == "--top-p must be in (0, 1] (1 turns it off), got 0.0"
+    line = assert_user_error(cli("serve", "--model", "unused", "--port", "70000"))
+    assert line == "lmlab: error: --port must be an integer in [0, 65535], got 70000"
+    line = assert_user_error(cli("prepare", "x", "--out", "unused", "--val-fraction", "1.5"))
+    assert line == "lmlab: error: --val-fraction must be in (0, 1), got 1.5"
+    with pytest.raises(APIError) as api:  # past the server's own range checks: the seed reaches SamplingConfig
+        sampling_config(CompletionRequest(prompt="x", seed=2**63), None, 1, 64)
+    assert (api.value.param, api.value.message) == ("seed", f"seed must be in [0, 2**63), got {2**63}")
+
+
+def _configs():
+    from lmlab.config import (
+        CHAT_SAMPLING,
+        EvalConfig,
+        LoRAConfig,
+        PrepareConfig,
+        SamplingConfig,
+        ServeConfig,
+        SFTConfig,
+    )
+
+    tune = ["finetune", "--model", "m", "--data", "d", "--out", "o"]
+    return [(["serve", "--model", "m"], ServeConfig, "serve", "", None),
+            (["prepare", "x", "--out", "o"], PrepareConfig, "prep", "", None),
+            (["eval", "--model", "m", "--data", "d"], EvalConfig, "ev", "", None),
+            (tune, LoRAConfig, "lora", "lora-", None), (tune, SFTConfig, "sft", "", None),
+            (["generate", "--model", "m", "--prompt", "p"], SamplingConfig, "s", "", None),
+            (["chat"], SamplingConfig, "s", "", CHAT_SAMPLING)]
+
+
+@pytest.mark.parametrize("argv, cls, tag, prefix, base", _configs(),
+                         ids=["serve", "prepare", "eval", "finetune-lora", "finetune-sft", "generate", "chat"])
+def test_every_config_field_is_a_flag_with_the_configs_default(argv, cls, tag, prefix, base):
+    """Each command's flags are its config's fields, all of them, spelled --PREFIX-FIELD, with no default of the
+    CLI's own (unset flags leave the config's defaults, or chat's CHAT_SAMPLING)."""
+    import dataclasses
+
+    from lmlab.cli import build_parser, config_from
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    flags = {k[len(tag) + 1:]: v for k, v in vars(args).items() if k.startswith(tag + "_")}
+    assert sorted(flags) == sorted(f.name for f in dataclasses.fields(cls))
+    assert all(v is None for v in flags.values())
+    assert config_from(args, cls, tag, base) == (base if base is not None else cls())
+    for f in dataclasses.fields(cls):
+        default = getattr(base if base is not None else cls(), f.name)
+        value = {bool: "true", tuple: "q", type(None): "1" if "int" in str(f.type) else "k"}.get(type(default),
+                                                                                             str(default))
+        given = parser.parse_args([*argv, f"--{prefix}{f.name.replace('_', '-')}", value])
+        assert getattr(given, f"{tag}_{f.name}") is not None, f.name
+
+
 def test_seed_out_of_range(cli, ckpt):
     assert_user_error(cli("generate", "--model", str(ckpt), "--prompt", "ab", "--device", "cpu", "--seed",
                           str(2**70)), "--seed")

@@ -90,6 +90,7 @@ def test_one_reply_from_generate_chat_the_api_and_the_server(name, run, lm, serv
     text, answer = _solo(lm, case)
     assert len(lm.tokenizer.encode(text)) == N and len(set(text)) > 4  # a long reply, past the context
     assert answer and not answer[0].isspace()  # a chat reply's leading whitespace is not part of it, anywhere
+    assert len(lm.tokenizer.encode(answer)) > lm.config.context_length  # the chat reply too runs past the context
     assert _cli("generate", "--model", str(run), "--prompt", PROMPT, "--max-new-tokens", str(N), *_flags(case),
                 "--device", "cpu") == PROMPT + text + "\n"
     assert _cli("chat", "--model", str(run), "--prompt", MESSAGE, "--max-new-tokens", str(N), *_flags(case),
@@ -98,7 +99,7 @@ def test_one_reply_from_generate_chat_the_api_and_the_server(name, run, lm, serv
     model = client.models.list().data[0].id
     completion, chat = _api(client, model, "completion", case), _api(client, model, "chat", case)
     assert completion == (text, "length")  # N tokens: max_tokens reached, the context's end slid past
-    assert chat[0] == answer and chat[1] in ("stop", "length")
+    assert chat == (answer, "length")  # no stop string nor EOS: max_tokens reached, past the context's end
     with concurrent.futures.ThreadPoolExecutor(8) as pool:  # 8 at once: 4 completions and 4 chats share steps
         kinds = ["completion", "chat"] * 4
         got = list(pool.map(lambda k: _api(client, model, k, case), kinds))
@@ -145,15 +146,19 @@ def test_the_servers_compiled_step_gives_the_plain_engines_tokens(lm):
 
 
 def test_a_compiled_model_keeps_its_engine_and_cache_between_calls(lm):
+    """Also when the model decoded eagerly before it was compiled: the eager engine it kept is not reused."""
     from lmlab.infer.engine import _ENGINES, compile_decoding
 
     model = copy.deepcopy(lm.model)
-    compile_decoding(model)
     s = SamplingConfig(max_new_tokens=5, temperature=0)
+    eager = list(generate_ids(model, [[1, 2, 3]], s.replace(max_new_tokens=61)))[:5]  # a whole context's engine
+    assert _ENGINES[model].compiled is None and _ENGINES[model].S == lm.config.context_length
+    compile_decoding(model)
     first = list(generate_ids(model, [[1, 2, 3]], s))
     engine, address = _ENGINES[model], _ENGINES[model].main[0].k.data_ptr()
     second = list(generate_ids(model, [[1, 2, 3]], s))
-    assert first == second and _ENGINES[model] is engine and engine.main[0].k.data_ptr() == address
+    assert engine.compiled is not None and first == second == eager
+    assert _ENGINES[model] is engine and engine.main[0].k.data_ptr() == address
 
 
 def test_requests_admitted_together_with_n_choices_decode_as_alone(lm):

@@ -161,7 +161,7 @@ BAD = [
      "record 2: the messages must end with an assistant reply"),
     ('{"instruction": "a", "output": 3}\n', [], "line 1: 'output' is not a string"),
     (None, ["--lora", "--lora-targets", "q,qq"], "no LoRA target module 'qq'.*valid names: q, k, v, o, gate, up"),
-    (None, ["--lora", "--lora-r", "0"], "LoRA rank must be a positive integer"),
+    (None, ["--lora", "--lora-r", "0"], "error: --lora-r must be a positive integer \\(the LoRA rank\\), got 0"),
     (None, ["--lora", "--lora-r", "100"], "LoRA rank 100 is larger than the layer"),
     (None, ["--lora-r", "4"], "--lora-r sets up LoRA; add --lora"),
     (None, ["--val-fraction", "1"], "--val-fraction must be in \\(0, 1\\)"),

@@ -20,8 +20,10 @@ LAYERS = [
     {"data", "checkpoint.py"},  # text -> token files; our checkpoint format and the last step of every loader
     {"weights"},  # foreign formats in and out: HF, GGUF, PEFT
     {"infer"},  # sampling, the one engine, text, chat sessions, evaluation
-    {"api.py", "generate.py", "__init__.py"},  # the front door (lmlab.load, LM); lmlab.generate as users import it
+    # the front door (lmlab.load, LM); lmlab.generate and lmlab.chat as users import them
+    {"api.py", "generate.py", "chat.py", "__init__.py"},
     {"training"},  # the loop, its jobs (pretrain, fine-tune), optimizers, torchrun, metrics, fast paths
+    {"train.py", "finetune.py"},  # lmlab.train and lmlab.finetune as users import them: re-exports of training/
     {"serve", "study", "bench.py", "demo.py"},  # what runs over the library: the server, studies, benchmarks, demo
     {"cli.py", "__main__.py"},  # parsing and dispatch
 ]
@@ -98,3 +100,26 @@ def test_model_imports_torch_and_config_only():
     top |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
     assert top <= {"__future__", "math", "torch", "lmlab"}, top
     assert _imports(PKG / "model.py") <= {"config", "errors"}
+
+
+def test_old_import_paths_are_the_new_objects():
+    """The modules the README documented before the layers became folders (`from lmlab.train import train`,
+    `lmlab.chat.CHAT_SAMPLING`, `lmlab.finetune.finetune(...)`) still import, and hold the very objects of
+    their new homes, the chat templates that lived in lmlab.chat included."""
+    import lmlab.chat
+    import lmlab.finetune
+    import lmlab.train
+    from lmlab import config, templates
+    from lmlab.infer import chat
+    from lmlab.train import train
+    from lmlab.training import finetune, loop
+
+    assert train is loop.train and lmlab.train.TrainResult is loop.TrainResult
+    assert lmlab.train.train_job is loop.train_job and lmlab.train.Pretrain is loop.Pretrain
+    assert lmlab.chat.CHAT_SAMPLING is config.CHAT_SAMPLING is chat.CHAT_SAMPLING
+    for name in ("ChatSession", "reply", "answer", "repl", "read_messages", "fit_conversation"):
+        assert getattr(lmlab.chat, name) is getattr(chat, name), name
+    for name in ("render_chat", "chat_prompt_ids", "check_messages", "chat_stop", "ROLES", "PLAIN_TEMPLATE"):
+        assert getattr(lmlab.chat, name) is getattr(templates, name), name
+    for name in ("finetune", "finetune_config", "lora_config", "FineTune", "ADAPTER_FILE", "LORA_LR"):
+        assert getattr(lmlab.finetune, name) is getattr(finetune, name), name

@@ -120,8 +120,9 @@ def test_bad_lora_settings_are_refused(cfg, message):
 
 @pytest.mark.parametrize("value", [0, -1, True])
 def test_rank_below_one_is_refused(value):
-    with pytest.raises(LmlabError, match="LoRA rank must be a positive integer"):
+    with pytest.raises(LmlabError, match=r"^r must be a positive integer \(the LoRA rank\)") as e:
         LoRAConfig(r=value)
+    assert e.value.field == "r"
 
 
 def test_merge_folds_the_adapter_into_plain_linears():

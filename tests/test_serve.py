@@ -26,7 +26,9 @@ openai = pytest.importorskip("openai")
 KEY = "test-key"
 
 
-def _tiny_model(path, context: int):
+def _tiny_model(path, context: int, endless: bool = False):
+    """The tiny model; `endless`: its EOS logit is always 0, below the sharpened head's top logits, so its
+    replies run to max_tokens."""
     from lmlab.checkpoint import save_model
     from lmlab.config import ModelConfig
     from lmlab.model import Transformer
@@ -39,6 +41,8 @@ def _tiny_model(path, context: int):
     model = Transformer(cfg)
     with torch.no_grad():
         model.lm_head.weight.mul_(20)  # peaked distributions: greedy picks with clear margins
+        if endless:
+            model.lm_head.weight[list(tok.eos_ids)] = 0
     return save_model(path, model, tok)
 
 
@@ -182,6 +186,40 @@ def test_prompt_cache_reuses_a_shared_prefix(client, model_id, lm):
     again = client.completions.create(model=model_id, prompt=longer, temperature=0, max_tokens=12)
     assert again.usage.prompt_tokens_details.cached_tokens == len(b) - 1  # the last token runs for its logits
     assert again.choices[0].text == second.choices[0].text
+
+
+def test_a_window_below_the_models_context(tmp_path):
+    """The server decodes in its window: the model's context, or --context where smaller (a memory knob). A reply
+    that fills the window slides it as generate slides the model's context, so a server with a 96-token window
+    gives, greedy or seeded, the reply generate gives with a 96-token context; generate's own 256-token context
+    gives another reply past the first slide, and the server says so in one line when it starts."""
+    import lmlab
+    from lmlab.config import SamplingConfig, ServeConfig
+    from lmlab.infer.generate import generate_text
+    from lmlab.model import Transformer
+    from lmlab.serve import window_note
+
+    model = _tiny_model(tmp_path / "ckpt", context=256, endless=True)
+    lm = lmlab.load(model, device="cpu")
+    narrow = Transformer(lm.config.replace(context_length=96)).eval()  # the same weights, a 96-token context
+    narrow.load_state_dict(lm.model.state_dict())
+    proc, url = _start(model, "--context", "96")
+    try:
+        for case in (dict(temperature=0), dict(temperature=1.0, seed=5)):
+            body = {"prompt": PROMPT, "max_tokens": 200, **case}
+            r = httpx.post(url + "/v1/completions", json=body, timeout=120).json()
+            assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 200, r
+            s = SamplingConfig(max_new_tokens=200, **case)
+            assert r["choices"][0]["text"] == generate_text(narrow, lm.tokenizer, [PROMPT], s)[0]
+            assert r["choices"][0]["text"] != lm.generate(PROMPT, s)
+    finally:
+        _stop(proc)
+    lines = [line for line in proc.stdout.read().splitlines() if "decode in a window" in line]
+    assert lines == [window_note(ServeConfig(context=96), 256)]  # one line
+    assert lines[0].startswith("lmlab serve: requests decode in a window of 96 tokens, less than the model's "
+                               "context of 256") and "--context 256" in lines[0]
+    assert window_note(ServeConfig(), 256) is None and window_note(ServeConfig(context=4096), 256) is None
+    assert window_note(ServeConfig(), 8192) is not None  # the default window is at most 2048 tokens
 
 
 def _clean_window(text: str, size: int = 3) -> str | None:

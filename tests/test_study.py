@@ -1,17 +1,22 @@
 """lmlab study: each study at its tiny scale on the conftest corpus, checked from its results.json and report.md.
 
-The findings are recomputed here from the numbers in the same file, with the issue's definitions written out
-again (not imported); the report's conclusion must say what the findings say; resuming must not redo finished
-runs, and an interrupted run must continue to exactly the numbers of an uninterrupted one."""
+Every finding is recomputed here from the runs' own numbers, not from results.json: the training loop's
+metrics.jsonl of each run (read here), and for what sampling decides, samples drawn here from the runs' models with
+the study's settings, their diversity and log-probability counted by this file; the issue's definitions are written
+out again (not imported). results.json's numbers must be those numbers; the report's conclusion must say what the
+findings say; resuming must not redo finished runs, and an interrupted run must continue to exactly the numbers of
+an uninterrupted one."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmlab.cli import main
 
@@ -38,6 +43,48 @@ def finite_numbers(x, where="results"):
     elif isinstance(x, (int, float)) and not isinstance(x, bool):
         assert math.isfinite(x), where
         yield x
+
+
+def from_metrics(run_dir: Path) -> dict:
+    """A run's numbers from its metrics.jsonl, the training loop's own log: best and final val loss, the final
+    train-val gap (at the last evaluation), the median training tokens/s, training seconds per step (at the stop
+    event) and whether its loss blew up."""
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [e for e in events if e["event"] == "eval" and math.isfinite(e["val_loss"])]
+    stop = [e for e in events if e["event"] == "stop"][-1]
+    speeds = [e["tok_per_s"] for e in events if e["event"] == "train" and e.get("tok_per_s")]
+    return {"best_val": min(e["val_loss"] for e in evals), "final_val": evals[-1]["val_loss"],
+            "gap": evals[-1]["val_loss"] - evals[-1]["train_loss"], "steps": stop["step"],
+            "tok_per_s": statistics.median(speeds) if speeds else 0.0,
+            "s_per_step": stop.get("elapsed_s", 0.0) / max(stop["step"], 1),
+            "diverged": stop["reason"].startswith("loss became")}
+
+
+def distinct(texts: list[str], n: int) -> float:
+    """Distinct word n-grams over all of them, pooled over the texts (Li et al. 2016)."""
+    grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repeated(texts: list[str], n: int = 4) -> float:
+    """Word n-grams that occurred earlier in the same text, over all of them."""
+    hits = total = 0
+    for w in (t.split() for t in texts):
+        grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+        hits += sum(g in grams[:i] for i, g in enumerate(grams))
+        total += len(grams)
+    return hits / total if total else 0.0
+
+
+@torch.no_grad()
+def logprob_per_token(model, prompt: list[int], rows: list[list[int]]) -> float:
+    """The mean log-probability of the rows' tokens after the prompt, by one plain forward pass a row."""
+    lps = []
+    for row in rows:
+        x = torch.tensor([prompt + row])
+        lp = torch.log_softmax(model.eval()(x)[0, :-1].float(), dim=-1)  # (T-1, V): position t predicts t+1
+        lps += lp[len(prompt) - 1:].gather(1, x[0, len(prompt):, None]).flatten().tolist()
+    return sum(lps) / len(lps)
 
 
 def check_curve(run: dict, steps: int, interval: int) -> None:
@@ -80,32 +127,58 @@ def test_dropout_vs_topk_results(dvt):
     assert list(finite_numbers(r))
     by = {(c["dropout"], c["sampling"]): c for c in r["cells"]}
     runs = {0.0: r["runs"]["dropout-0"], 0.2: r["runs"]["dropout-0.2"]}
+    m = {p: from_metrics(dvt / "runs" / f"dropout-{p:g}") for p in runs}
     for (p, _), c in by.items():
         check_curve(runs[p], 30, 5)
-        assert c["best_val"] == runs[p]["best_val"] <= c["final_val"] + 1e-9
+        assert c["best_val"] == runs[p]["best_val"] == m[p]["best_val"] <= c["final_val"] + 1e-9
         # the cell's own measurement, after its sampling, equals the training loop's last evaluation
-        assert c["final_val"] == pytest.approx(runs[p]["final_val"], abs=1e-5)
-        assert c["gap"] == pytest.approx(c["final_val"] - c["final_train"], abs=1e-9)
+        assert c["final_val"] == pytest.approx(m[p]["final_val"], abs=1e-5)
+        assert c["gap"] == pytest.approx(m[p]["gap"], abs=1e-5)
         assert 0 <= c["distinct_2"] <= 1 and 0 <= c["repeated_4gram_rate"] <= 1
         assert 1 <= c["distinct_continuations"] <= r["settings"]["n_samples"]
     assert by[(0.0, "greedy")]["distinct_continuations"] == 1  # greedy: N identical samples
+    texts, same, spread = dvt_samples(dvt, r)
+    for key, c in by.items():  # the study's diversity numbers are those of the samples drawn here
+        assert (c["distinct_2"], c["distinct_continuations"]) == (distinct(texts[key], 2), len(set(texts[key])))
     f = r["findings"]
     assert f == {
-        "dropout_narrows_gap": by[(0.2, "greedy")]["gap"] < by[(0.0, "greedy")]["gap"]
-        and by[(0.2, "top_k=40")]["gap"] < by[(0.0, "top_k=40")]["gap"],
+        "dropout_narrows_gap": m[0.2]["gap"] < m[0.0]["gap"],
         "topk_changes_val_loss": any(abs(by[(p, "top_k=40")]["final_val"] - by[(p, "greedy")]["final_val"]) > 1e-6
-                                     for p in (0.0, 0.2)),
-        "topk_raises_diversity": all(by[(p, "top_k=40")]["distinct_2"] > by[(p, "greedy")]["distinct_2"]
-                                     and by[(p, "top_k=40")]["distinct_continuations"]
-                                     > by[(p, "greedy")]["distinct_continuations"] for p in (0.0, 0.2)),
-        "eval_deterministic": r["eval_max_abs_logit_diff"] == 0.0,
-        "mc_dropout_varies": r["mc_dropout_logit_std"] > 0,
+                                     for p in runs),
+        "topk_raises_diversity": all(distinct(texts[(p, "top_k=40")], 2) > distinct(texts[(p, "greedy")], 2)
+                                     and len(set(texts[(p, "top_k=40")])) > len(set(texts[(p, "greedy")]))
+                                     for p in runs),
+        "eval_deterministic": same,
+        "mc_dropout_varies": spread > 0,
     }
     assert r["eval_deterministic"] == f["eval_deterministic"]
     # what the tiny runs must find whatever the corpus: eval is deterministic and MC dropout is not, sampling
-    # leaves the val loss alone and (40 tokens to draw from against one) makes the samples more diverse
+    # leaves the val loss alone (both cells' equal the loop's last evaluation, above) and (40 tokens to draw from
+    # against one) makes the samples more diverse
     assert f["mc_dropout_varies"] and f["eval_deterministic"] and not f["topk_changes_val_loss"]
     assert f["topk_raises_diversity"]
+
+
+@torch.no_grad()
+def dvt_samples(dvt: Path, r: dict) -> tuple[dict, bool, float]:
+    """Each cell's samples, drawn here from its run's final model with the study's settings (N rows of the study's
+    prompt, row b seeded 0 + b); whether two eval-mode passes of every model agree exactly; and the mean spread of
+    the logits over 10 passes of the dropout model with its dropout on."""
+    import lmlab
+
+    n, new = r["settings"]["n_samples"], r["settings"]["max_new_tokens"]
+    texts, same = {}, True
+    for p in (0.0, 0.2):
+        lm = lmlab.load(dvt / "runs" / f"dropout-{p:g}" / "last", device="cpu")
+        prompt = r["runs"][f"dropout-{p:g}"]["prompt"]
+        for name, setting in (("greedy", dict(temperature=0.0)), ("top_k=40", dict(temperature=1.0, top_k=40))):
+            texts[(p, name)] = lm.generate([prompt] * n, max_new_tokens=new, seed=0, **setting)
+        x = torch.tensor([lm.tokenizer.encode(prompt)])
+        lm.model.eval()
+        same = same and torch.equal(lm.model(x), lm.model(x))
+    lm.model.train()  # the p = 0.2 model: MC dropout
+    spread = torch.stack([lm.model(x) for _ in range(10)]).std(dim=0).mean().item()
+    return texts, same, spread
 
 
 def test_dropout_vs_topk_report(dvt):
@@ -198,23 +271,26 @@ def test_dropout_study(tmp_path, char_data, capsys):
     by = {c["setting"]: c for c in r["cells"]}
     assert sorted(by) == sorted(["p0", "p0.1", "p0.2", "p0.3", "p0.2-early", "p0.2-linear", "p0.2-embed-only",
                                  "p0.2-attn-only", "p0.2-resid-only"])
+    m = {name: from_metrics(out / "runs" / name) for name in by}
     for name, c in by.items():
         run = r["runs"][name]
         check_curve(run, 30, 5)
         assert (c["best_val"], c["best_step"], c["final_val"]) == (run["best_val"], run["best_step"], run["final_val"])
+        assert (c["best_val"], c["final_val"]) == (m[name]["best_val"], m[name]["final_val"])
         assert c["gap"] == pytest.approx(c["final_val"] - c["final_train"], abs=1e-9)
+        assert c["gap"] == pytest.approx(m[name]["gap"], abs=1e-12)
     # the settings really differ where they should: the training loop logged the rates it used
     events = [json.loads(line) for line in (out / "runs" / "p0.2-attn-only" / "metrics.jsonl").read_text().splitlines()]
     assert {tuple(e["dropout"]) for e in events if e["event"] == "train"} == {(0.0, 0.2, 0.0)}
     early = [json.loads(line) for line in (out / "runs" / "p0.2-early" / "metrics.jsonl").read_text().splitlines()]
     rates = [e["dropout"][0] for e in early if e["event"] == "train"]
     assert rates[0] == 0.2 and rates[-1] == 0.0
-    gap = {n: c["gap"] for n, c in by.items()}
+    gap = {n: m[n]["gap"] for n in by}  # the loop's last evaluation of each run, from its metrics.jsonl
     const = [gap[n] for n in ("p0", "p0.1", "p0.2", "p0.3")]
     assert r["findings"] == {
         "dropout_narrows_gap": all(g < const[0] for g in const[1:]),
         "gap_falls_as_p_rises": const[1] < const[0] and const[2] < const[1] and const[3] < const[2],
-        "dropout_lowers_best_val": min(by[n]["best_val"] for n in ("p0.1", "p0.2", "p0.3")) < by["p0"]["best_val"],
+        "dropout_lowers_best_val": min(m[n]["best_val"] for n in ("p0.1", "p0.2", "p0.3")) < m["p0"]["best_val"],
         "every_site_narrows_gap": all(gap[f"p0.2-{s}-only"] < gap["p0"] for s in ("embed", "attn", "resid")),
         "all_sites_narrow_most": gap["p0.2"] < min(gap[f"p0.2-{s}-only"] for s in ("embed", "attn", "resid")),
         "early_ends_like_no_dropout": abs(gap["p0.2-early"] - gap["p0"]) < abs(gap["p0.2-early"] - gap["p0.2"]),
@@ -244,18 +320,21 @@ def test_sampling_study(tmp_path, char_run, capsys):
     assert by["greedy"]["distinct_continuations"] == by["greedy"]["prompts"]  # N identical samples per prompt
     # top-k 1 at temperature 1 and greedy pick the same tokens: the same text, the same log-probability
     assert by["top_k=1"]["mean_logprob"] == pytest.approx(by["greedy"]["mean_logprob"], abs=1e-6)
-    temps = [by[f"temperature={t}"] for t in ("0.7", "1.0", "1.3")]
-    full = by["temperature=1.0"]
+    got = sampled(char_run, r["settings"])  # the samples drawn here, counted here
+    for name, c in by.items():
+        for key in ("distinct_2", "repeated_4gram_rate", "mean_logprob"):
+            assert c[key] == pytest.approx(got[name][key], abs=1e-5), (name, key)
+    temps = [got[f"temperature={t}"] for t in ("0.7", "1.0", "1.3")]
+    full = got["temperature=1.0"]
     assert r["findings"] == {
-        "greedy_least_diverse": all(by["greedy"]["distinct_2"] <= c["distinct_2"] for c in by.values()),
-        "top_k1_is_greedy": by["top_k=1"]["distinct_2"] == by["greedy"]["distinct_2"]
-        and abs(by["top_k=1"]["mean_logprob"] - by["greedy"]["mean_logprob"]) < 1e-6,
+        "greedy_least_diverse": all(got["greedy"]["distinct_2"] <= c["distinct_2"] for c in got.values()),
+        "top_k1_is_greedy": got["top_k=1"]["texts"] == got["greedy"]["texts"],
         "temperature_trades_logprob_for_diversity": all(a["distinct_2"] <= b["distinct_2"]
                                                         and a["mean_logprob"] > b["mean_logprob"]
                                                         for a, b in ((temps[0], temps[1]), (temps[1], temps[2]))),
-        "truncation_raises_logprob": all(by[s]["mean_logprob"] > full["mean_logprob"]
+        "truncation_raises_logprob": all(got[s]["mean_logprob"] > full["mean_logprob"]
                                          for s in ("top_k=10", "top_p=0.9", "min_p=0.05")),
-        "repetition_penalty_cuts_repeats": by["repetition_penalty=1.2"]["repeated_4gram_rate"]
+        "repetition_penalty_cuts_repeats": got["repetition_penalty=1.2"]["repeated_4gram_rate"]
         <= full["repeated_4gram_rate"],
     }
     # the findings the settings decide whatever the model: top-k 1 is greedy, and nothing is less diverse
@@ -268,6 +347,36 @@ def test_sampling_study(tmp_path, char_run, capsys):
     assert len(marks) == 12
     rc, err = study(capsys, "sampling", "--scale", "tiny", "--model", str(char_run), "--out", str(out))
     assert rc == 0 and {p: p.stat().st_mtime_ns for p in marks} == marks
+
+
+# The sampling study's strategies and prompts, written out again (not imported).
+STRATEGIES = {"greedy": dict(temperature=0.0), "temperature=0.7": dict(temperature=0.7),
+              "temperature=1.0": dict(temperature=1.0), "temperature=1.3": dict(temperature=1.3),
+              "top_k=1": dict(temperature=1.0, top_k=1), "top_k=10": dict(temperature=1.0, top_k=10),
+              "top_k=50": dict(temperature=1.0, top_k=50), "top_k=full": dict(temperature=1.0, top_k=0),
+              "top_p=0.9": dict(temperature=1.0, top_p=0.9), "top_p=0.95": dict(temperature=1.0, top_p=0.95),
+              "min_p=0.05": dict(temperature=1.0, min_p=0.05),
+              "repetition_penalty=1.2": dict(temperature=1.0, repetition_penalty=1.2)}
+PROMPTS = ("ROMEO:\n", "The king said", "Once upon a time")
+
+
+def sampled(model_dir: Path, settings: dict) -> dict[str, dict]:
+    """Per strategy: N samples of each prompt drawn here (seed 0, row b seeded b), their distinct-2 and repeated
+    4-gram rate averaged over the prompts, and the mean over prompts of their tokens' log-probability under the
+    unfiltered model (one plain forward pass a sample)."""
+    import lmlab
+
+    lm = lmlab.load(model_dir, device="cpu")
+    n, new, tok = settings["n_samples"], settings["new_tokens"], lm.tokenizer
+    out = {}
+    for name, strategy in STRATEGIES.items():
+        texts = [lm.generate([p] * n, max_new_tokens=new, seed=0, **strategy) for p in PROMPTS]
+        out[name] = {"texts": texts, "distinct_2": statistics.mean(distinct(t, 2) for t in texts),
+                     "repeated_4gram_rate": statistics.mean(repeated(t) for t in texts),
+                     "mean_logprob": statistics.mean(logprob_per_token(lm.model, tok.encode(p), [tok.encode(x)
+                                                                                                for x in t])
+                                                     for p, t in zip(PROMPTS, texts, strict=True))}
+    return out
 
 
 def test_sampling_model_that_cannot_load(tmp_path, char_data, capsys):
@@ -323,9 +432,14 @@ def test_optimizers_study(opt_study):
         tc = json.loads((opt_study / "runs" / c["run"] / "last" / "lmlab.json").read_text())["train_config"]
         assert (tc["optimizer"], tc["lr"], tc["batch_size"], tc["init"]) == (c["optimizer"], c["lr"], c["batch_size"],
                                                                             c["init"])
+    m = {c["run"]: from_metrics(opt_study / "runs" / c["run"]) for c in cells}  # the loop's own numbers
+    for c in cells:
+        run = m[c["run"]]
+        assert (c["best_val"], c["diverged"], c["steps"]) == (run["best_val"], run["diverged"], run["steps"])
+        assert c["gap"] == pytest.approx(run["gap"], abs=1e-12)
     # the target and each time to it, from the curves
-    best = {o: min((grid[(o, lr)] for lr in lrs if not grid[(o, lr)]["diverged"]), key=lambda c: c["best_val"])
-            for o, lrs in OPT_GRIDS.items()}
+    best = {o: min((grid[(o, lr)] for lr in lrs if not m[grid[(o, lr)]["run"]]["diverged"]),
+                   key=lambda c: m[c["run"]]["best_val"]) for o, lrs in OPT_GRIDS.items()}
     vals = sorted(c["best_val"] for c in best.values())
     assert r["target_loss"] == pytest.approx((vals[3] + vals[4]) / 2)
     for c in cells:
@@ -333,18 +447,20 @@ def test_optimizers_study(opt_study):
         hits = [i for i, v in enumerate(curve["val"]) if v <= r["target_loss"]]
         assert c["time_to_target_s"] == (curve["elapsed_s"][hits[0]] if hits else None)
     assert {o: b["setting"] for o, b in r["best"].items()} == {o: c["setting"] for o, c in best.items()}
-    v = {o: c["best_val"] for o, c in best.items()}
-    step_s = {o: c["elapsed_s"] / c["steps"] for o, c in lb.items()}
+    v = {o: m[c["run"]]["best_val"] for o, c in best.items()}
+    bv, speed = ([m[c["run"]][k] for c in batch] for k in ("best_val", "tok_per_s"))
+    iv = {i: m[c["run"]]["best_val"] for i, c in init.items()}
+    lbm = {o: m[c["run"]] for o, c in lb.items()}
     assert r["findings"] == {
         "adaptive_beats_sgd": min(v["adagrad"], v["rmsprop"], v["adam"], v["adamw"]) < v["sgd"],
         "momentum_beats_sgd": min(v["momentum"], v["nesterov"]) < v["sgd"],
         "muon_or_adamw_best": min(v, key=v.get) in ("muon", "adamw"),
         "best_lr_inside_grid": all(c["lr"] == OPT_GRIDS[o][1] for o, c in best.items()),
-        "smaller_batches_better_per_token": batch[0]["best_val"] < batch[1]["best_val"] < batch[2]["best_val"],
-        "larger_batches_faster": batch[0]["tok_per_s"] < batch[1]["tok_per_s"] < batch[2]["tok_per_s"],
-        "gpt2_init_best": init["gpt2"]["best_val"] < min(init["xavier"]["best_val"], init["orthogonal"]["best_val"]),
-        "lbfgs_costlier_per_step": step_s["lbfgs"] > step_s["adamw"],
-        "lbfgs_overfits_its_batch": lb["lbfgs"]["gap"] > lb["adamw"]["gap"],
+        "smaller_batches_better_per_token": bv[0] < bv[1] < bv[2],
+        "larger_batches_faster": speed[0] < speed[1] < speed[2],
+        "gpt2_init_best": iv["gpt2"] < min(iv["xavier"], iv["orthogonal"]),
+        "lbfgs_costlier_per_step": lbm["lbfgs"]["s_per_step"] > lbm["adamw"]["s_per_step"],
+        "lbfgs_overfits_its_batch": lbm["lbfgs"]["gap"] > lbm["adamw"]["gap"],
     }
     assert r["findings"]["lbfgs_costlier_per_step"]  # 5 evaluations of its batch a step against AdamW's one
     text = conclusion(opt_study)

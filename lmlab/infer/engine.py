@@ -30,8 +30,12 @@ rows without penalties take one batched argmax. OpenAI's presence/frequency pena
 apply to the logits first. Each step reads its tokens to the host once.
 
 A model given to `compile_decoding` decodes through torch.compile: the step then always runs all max_batch rows
-and all S slots (idle rows attend to their own slot only), one static shape, captured as a CUDA graph on CUDA;
-such a model keeps its engine, and the cache the graph was recorded with, between calls (`engine_for`).
+and all S slots (idle rows attend to their own slot only), one static shape, captured as a CUDA graph on CUDA.
+
+Every model keeps its last engine between calls (`engine_for`), so a call whose prompt begins like the previous
+one's (a conversation's next turn) prefills only from where they part: a compiled model keeps the whole engine (a
+CUDA graph replays at the addresses it was recorded with), an eager one only its staging row, the prompt cache
+(`park`): one row of keys and values per model, and none once the weights change.
 """
 
 from __future__ import annotations
@@ -131,7 +135,7 @@ Event = tuple[Request, int, int, "str | None"]  # (request, choice index, token,
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled decoding step
 _GRAPHED: weakref.WeakSet = weakref.WeakSet()  # models whose step is a CUDA graph
-_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # compiled model -> the engine it keeps
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the engine it keeps between calls
 
 
 def compile_decoding(model: Transformer, mode: str | None = None) -> None:
@@ -158,18 +162,51 @@ def compile_decoding(model: Transformer, mode: str | None = None) -> None:
 
 def engine_for(model: Transformer, tokenizer: Tokenizer | None, max_batch: int, slots: int,
                prefill_chunk: int = DEFAULT_CHUNK) -> Engine:
-    """An idle engine of this shape: a new one, or for a compiled model the one it already has when the shape
-    matches (slots rounded up to a multiple of SLOT_BUCKET): a CUDA graph replays at the addresses it was
-    recorded with, and a new cache per call would make it record again (and give up after a few dozen)."""
-    if model not in _COMPILED:
-        return Engine(model, tokenizer, max_batch, slots, prefill_chunk)
-    slots = min(model.cfg.context_length, -(-slots // SLOT_BUCKET) * SLOT_BUCKET)
-    engine = _ENGINES.get(model)
-    if engine is None or engine.max_batch != max_batch or engine.S != slots or not engine.idle:
+    """An idle engine for one call, holding the model's prompt cache: the engine the model kept from its last call
+    when it fits, else a new one that takes that engine's prompt cache over; give it back with `park`. A compiled
+    model's engine fits only at its very shape, slots rounded up to a multiple of SLOT_BUCKET (static shapes; a
+    CUDA graph replays at the addresses it was recorded with, and a new cache per call would make it record again,
+    and give up after a few dozen); an eager one's also when it is longer (an eager step runs over the busy slots
+    alone, and a row slides only at the model's context, so a longer cache decodes the same tokens)."""
+    if model in _COMPILED:
+        slots = min(model.cfg.context_length, -(-slots // SLOT_BUCKET) * SLOT_BUCKET)
+    kept = _ENGINES.pop(model, None)  # one caller at a time owns it (the model's caches are one state anyway)
+    if kept is not None and (not kept.idle or kept.weights != weights_stamp(model)):
+        kept = None  # left mid-call, or the weights changed since (trained, moved, quantized): nothing of it fits
+    if kept is not None and kept.compiled is _COMPILED.get(model) and kept.max_batch == max_batch and (
+            kept.S == slots if kept.compiled is not None else kept.S >= slots):
+        engine, engine.model = kept, model
+        if not engine.main:  # parked eager engine: its batch cache was given back
+            engine.main = model.make_cache(max_batch, engine.S)
+    else:
         engine = Engine(model, tokenizer, max_batch, slots, prefill_chunk)
-        _ENGINES[model] = engine
+        if kept is not None:
+            engine.take_prompt(kept)
     engine.tokenizer = tokenizer
     return engine
+
+
+def forget_prompt(model: Transformer) -> None:
+    """Void the prompt cache the model keeps, its engine staying (for a benchmark that times cold prefills)."""
+    kept = _ENGINES.get(model)
+    if kept is not None:
+        kept.staged_ids = []
+
+
+def weights_stamp(model: Transformer) -> tuple:
+    """Which tensor each weight is, where it lives and its in-place version (KV caches aside): an optimizer step,
+    load_state_dict, a move, quantizing or applying LoRA changes it, and with it the keys and values of any
+    prompt."""
+    return tuple(_stamp(t) for m in model.modules() if not isinstance(m, KVCache)
+                 for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    try:
+        where = t.data_ptr()
+    except RuntimeError:  # a tensor subclass without storage of its own
+        where = None
+    return id(t), where, str(t.device), t.dtype, 0 if t.is_inference() else t._version
 
 
 class Engine:
@@ -193,6 +230,26 @@ class Engine:
         self.tokens = self.cached_tokens = 0  # counters: tokens sampled, prompt tokens not prefilled again
         self.events: list[Event] = []
         self._views: tuple[tuple[int, int], list[KVCache]] | None = None  # ((rows, first slot), their views)
+        self.weights: tuple | None = None  # the weights' stamp when parked: its prompt cache is theirs
+
+    def park(self) -> None:
+        """The call is over: the model keeps this engine for its next call (`engine_for`). An eager engine gives
+        its batch cache back (max_batch x S tokens: memory between calls is the one staging row, the prompt
+        cache), the model its cache views, and lets go of the model (the registry holds models weakly: a model
+        no longer used is freed with its engine); a compiled one keeps all, at the addresses its graph uses."""
+        self.weights, self.events = weights_stamp(self.model), []
+        _ENGINES[self.model] = self
+        if self.compiled is None:
+            self.model.clear_cache()
+            self.main, self._views, self.model = [], None, None
+
+    def take_prompt(self, other: Engine) -> None:
+        """Start from `other`'s prompt cache: the keys and values of its last prompt (as many as fit), copied."""
+        n = min(len(other.staged_ids), self.S)
+        for mine, theirs in zip(self.staging, other.staging, strict=True):
+            mine.k[:, :, :n] = theirs.k[:, :, :n]
+            mine.v[:, :, :n] = theirs.v[:, :, :n]
+        self.staged_ids = other.staged_ids[:n]
 
     # -- requests in and out ----------------------------------------------------------------------------------
 

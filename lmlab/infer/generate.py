@@ -59,7 +59,8 @@ def _row_settings(s: SamplingConfig, b: int) -> SamplingConfig:
 
 def _run(model: Transformer, tokenizer: Tokenizer | None, reqs: list[Request]) -> Iterator[list]:
     """Step an engine sized for `reqs` (every prompt admitted in the first step) until all are done; yields each
-    step's events. The model runs in eval mode meanwhile; a compiled one keeps its engine and cache."""
+    step's events. The model runs in eval mode meanwhile, and keeps the engine afterwards (`Engine.park`): the next
+    call's prompt is prefilled from where it parts from this one's."""
     C = model.cfg.context_length
     slots = min(C, max(len(r.prompt) for r in reqs) + max(r.s.max_new_tokens for r in reqs))
     engine = engine_for(model, tokenizer, len(reqs), slots)
@@ -69,14 +70,18 @@ def _run(model: Transformer, tokenizer: Tokenizer | None, reqs: list[Request]) -
         for req in reqs:
             engine.add(req)
         while not engine.idle:
-            yield engine.step()
+            try:
+                events = engine.step()
+            except BaseException:
+                engine.abort()  # a step cut short (Ctrl-C, an error) may have half-written the prompt cache
+                raise
+            yield events
     finally:
         for req in reqs:
             req.cancelled = True
         if not engine.idle:
-            engine.step()  # retire what an early exit left behind, so a kept engine starts clean
-        if engine.compiled is None:
-            model.clear_cache()
+            engine.step()  # retire what an early exit between steps left behind, so the kept engine starts clean
+        engine.park()
         model.train(was_training)
 
 

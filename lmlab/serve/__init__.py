@@ -1,15 +1,17 @@
 """`lmlab serve`: an OpenAI-compatible HTTP server with continuous batching and a chat page.
 
-scheduler.py  the thread that owns the model: a batched KV cache whose rows requests join and leave between
-              decoding steps (continuous batching), chunked prefill, per-request sampling and seeds
-protocol.py   OpenAI's request and response shapes, validated into lmlab.infer.generate's SamplingConfig
+scheduler.py  one thread and a queue around lmlab.infer.engine's engine (which holds the batched KV cache, the
+              chunked prefill, the prompt cache and per-row sampling, as for every other caller), the request
+              time limit and the Prometheus metrics
+protocol.py   OpenAI's request and response shapes, validated into lmlab.config's SamplingConfig
 app.py        the FastAPI routes, server-sent events, API key, CORS, /metrics
 static/       the chat page served at /, and the lab's page
 
 `lmlab lab` is a second app on the same pieces (lab.py): runs watched live, sampling and dropout laid open, study
 reports (loads.py: models loaded on threads; reports.py: report.md as HTML).
 
-Both bind to 127.0.0.1 unless told otherwise; see `serve` and `run_lab`.
+Both bind to 127.0.0.1 unless told otherwise; see `serve` and `run_lab`. The server's window (ServeConfig.window) is
+the model's context, or --context where smaller; it says so when it starts (`window_note`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 from lmlab.config import LabConfig, ServeConfig
 from lmlab.errors import LmlabError
 
-__all__ = ["LabConfig", "ServeConfig", "check_address", "create_app", "read_key_file", "run_lab", "serve"]
+__all__ = ["LabConfig", "ServeConfig", "check_address", "create_app", "read_key_file", "run_lab", "serve",
+           "window_note"]
 
 
 def create_app(lm, cfg: ServeConfig):
@@ -53,6 +56,18 @@ def read_key_file(path: str) -> str:
     return lines[0].strip()
 
 
+def window_note(cfg: ServeConfig, model_context: int) -> str | None:
+    """The line a server whose window is smaller than its model's context prints when it starts: there a long
+    reply slides its window sooner than `lmlab generate`'s and `lmlab chat`'s, so their texts part from there."""
+    window = cfg.window(model_context)
+    if window >= model_context:
+        return None
+    return (f"lmlab serve: requests decode in a window of {window} tokens, less than the model's context of "
+            f"{model_context}: a prompt and reply longer than {window} tokens slide the window there and differ "
+            f"from lmlab generate's; --context {model_context} widens it (the KV cache holds --max-batch x window "
+            "tokens)")
+
+
 def serve(lm, cfg: ServeConfig) -> None:
     """Serve `lm` (from lmlab.load) until interrupted."""
     import uvicorn
@@ -61,6 +76,9 @@ def serve(lm, cfg: ServeConfig) -> None:
     where = f"http://{cfg.host}:{cfg.port}"
     print(f"lmlab serve: {lm.source} at {where} (chat page {where}/, API {where}/v1; {cfg.max_batch} rows of "
           f"{app.state.scheduler.S} tokens){'; API key required' if cfg.api_key else ''}", flush=True)
+    note = window_note(cfg, lm.config.context_length)
+    if note is not None:
+        print(note, flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=2)
 
 

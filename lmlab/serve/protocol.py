@@ -4,7 +4,7 @@ Request fields follow the OpenAI API reference (https://platform.openai.com/docs
 /completions/create): their types are checked strictly ("0.5" is not a number), their ranges as OpenAI states
 them, and a bad one is an `APIError` naming the field as `param`. lmlab's own sampling knobs come as extra
 fields (`top_k`, `min_p`, `repetition_penalty`), as vLLM and llama.cpp's server take them; `top_k` -1 means off,
-as there. Every setting ends in lmlab.infer.generate's SamplingConfig, where its meaning lives.
+as there. Every setting ends in lmlab.config's SamplingConfig, where its meaning lives.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class APIError(Exception):
 
 
 TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+API_NAMES = {"max_new_tokens": "max_tokens"}  # SamplingConfig's fields by their names in a request, where they differ
 
 
 def validation_error(e: ValidationError | list) -> APIError:
@@ -158,7 +159,8 @@ def sampling_config(body: Sampling, max_tokens: int | None, prompt_len: int, con
                               repetition_penalty=float(body.repetition_penalty), seed=body.seed,
                               stop=body.stop or ())
     except LmlabError as e:
-        raise APIError(str(e), str(e).split(" ", 1)[0]) from None
+        param = API_NAMES.get(e.field, e.field)  # the request's name for the setting; None where it names none
+        raise APIError(str(e if param is None else e.naming(param)), param) from None
 
 
 def extras(body: Sampling) -> Extras:

@@ -84,7 +84,7 @@ class Scheduler:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, cfg: ServeConfig) -> None:
         self.cfg = cfg
-        self.S = cfg.slots(model.cfg.context_length)
+        self.S = cfg.window(model.cfg.context_length)  # the window every request decodes in
         model.eval()
         self.engine = Engine(model, tokenizer, cfg.max_batch, self.S, prefill_chunk=cfg.prefill_chunk,
                              step_prefill=cfg.prefill_chunk)

@@ -31,6 +31,7 @@ import torch
 from lmlab.checkpoint import load_converted
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
+from lmlab.quant import GROUP_SIZE
 from lmlab.weights.gguf_tokenizer import gguf_tokenizer
 from lmlab.weights.keymap import KeyMap, Row
 
@@ -334,7 +335,7 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
 
 
 def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-              quantize: str | None = None, group_size: int = 32):
+              quantize: str | None = None, group_size: int = GROUP_SIZE):
     """A GGUF file -> (Transformer in eval mode, BPETokenizer or None when the file carries no tokenizer).
 
     `quantize` as lmlab.load takes it: None keeps quantized tensors packed (weights/gguf_packed.py), "int8" or

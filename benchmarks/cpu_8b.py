@@ -3,14 +3,17 @@ synthetic file of benchmarks/synthetic_gguf.py: random quantized blocks in llama
 tokenizer and chat template), load time and peak RSS, prefill and decode tokens/s, and a one-line chat.
 
     python benchmarks/cpu_8b.py [--gguf /tmp/llama8b-q4_0.gguf] [--threads 2] [--new-tokens 32] [--repeats 3]
+                                [--compile]
 
 Loads run in fresh processes, alternating lmlab and llama.cpp (llama-cpp-python), so each peak RSS (VmHWM) is its
 own: lmlab's first load (the packed-form cache emptied: it packs the file and writes the cache) once, then its
 second loads (the cache read back, memory-mapped) against llama.cpp's (the file memory-mapped), each after the
-file is in the page cache. Prefill (a 32-token prompt) and decode run in one process holding both models,
-alternating run by run after a warm-up, medians reported; lmlab greedy through its engine, llama.cpp through its
-generator (temp 0), EOS ignored. The chat row renders one user message with the file's chat template and times
-the first token and the tokens/s of the reply, the same prompt ids for both.
+file is in the page cache. Both map their weights, so a load alone touches few pages: the peak RSS is read again
+after 8 greedy tokens, when every weight has been read once. Prefill and decode run in one process holding both
+models, alternating run by run after a warm-up, medians reported (and each run's decode figure); lmlab greedy
+through its engine, llama.cpp through its generator (temp 0), EOS ignored; prompts of 32 and 128 tokens, and a
+chat row: one user message rendered with the file's chat template, the same prompt ids for both. `--compile` adds
+lmlab with its decoding step compiled (lmlab.load(compile=True)), the compile time printed apart.
 """
 
 from __future__ import annotations
@@ -36,12 +39,17 @@ def hwm():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 t = time.perf_counter()
 if sys.argv[1] == "lmlab":
-    from lmlab.weights.gguf import load_gguf
-    load_gguf(sys.argv[2])
+    import lmlab
+    from lmlab.infer.generate import SamplingConfig
+    lm = lmlab.load(sys.argv[2], device="cpu")
+    load_s, loaded = time.perf_counter() - t, hwm()
+    lm.generate("Hello", SamplingConfig(max_new_tokens=8, temperature=0))
 else:
     from llama_cpp import Llama
-    Llama(model_path=sys.argv[2], n_ctx=512, n_threads=int(sys.argv[3]), verbose=False)
-print(json.dumps({"load_s": time.perf_counter() - t, "peak_rss": hwm()}))
+    llm = Llama(model_path=sys.argv[2], n_ctx=512, n_threads=int(sys.argv[3]), verbose=False)
+    load_s, loaded = time.perf_counter() - t, hwm()
+    llm("Hello", max_tokens=8, temperature=0.0)
+print(json.dumps({"load_s": load_s, "peak_rss": loaded, "peak_rss_8_tokens": hwm()}))
 """
 
 
@@ -59,7 +67,7 @@ def split(stamps: list[float], start: float, n_prompt: int) -> tuple[float, floa
     return n_prompt / (stamps[0] - start), (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def engines(gguf: Path, threads: int, n: int):
+def engines(gguf: Path, threads: int, n: int, compile: bool):
     import torch
     from llama_cpp import Llama
 
@@ -72,12 +80,14 @@ def engines(gguf: Path, threads: int, n: int):
     llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     s = SamplingConfig(max_new_tokens=n, temperature=0)
 
-    def ours(ids):
-        forget_prompt(lm.model)  # a cold prefill, as llama.cpp's after its reset
-        start, stamps = time.perf_counter(), []
-        for _ in generate_ids(lm.model, [ids], s, eos_id=None):
-            stamps.append(time.perf_counter())
-        return start, stamps
+    def ours(model):
+        def run(ids):
+            forget_prompt(model)  # a cold prefill, as llama.cpp's after its reset
+            start, stamps = time.perf_counter(), []
+            for _ in generate_ids(model, [ids], s, eos_id=None):
+                stamps.append(time.perf_counter())
+            return start, stamps
+        return run
 
     def theirs(ids):
         llm.reset()
@@ -88,7 +98,15 @@ def engines(gguf: Path, threads: int, n: int):
                 break
         return start, stamps
 
-    return lm, {"lmlab": ours, "llama.cpp": theirs}
+    run = {"lmlab": ours(lm.model), "llama.cpp": theirs}
+    if compile:
+        t = time.perf_counter()
+        compiled = lmlab.load(gguf, device="cpu", compile=True).model  # the cache's mapped pages, shared
+        ours(compiled)(lm.tokenizer.encode("Hello"))
+        print(f"lmlab --compile: first generation (compiling the decoding step) {time.perf_counter() - t:.0f} s",
+              flush=True)
+        run["lmlab --compile"] = ours(compiled)
+    return lm, run
 
 
 def main() -> int:
@@ -98,6 +116,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also time lmlab with its decoding step compiled")
     args = ap.parse_args()
     gguf = Path(args.gguf)
     if not gguf.exists():
@@ -112,7 +131,8 @@ def main() -> int:
     for name, rs in rows.items():
         times = [r["load_s"] for r in rs]
         print(f"{name}: {statistics.median(times):.1f} s ({', '.join(f'{t:.1f}' for t in times)}), "
-              f"peak RSS {max(r['peak_rss'] for r in rs) / 2**30:.2f} GiB", flush=True)
+              f"peak RSS {max(r['peak_rss'] for r in rs) / 2**30:.2f} GiB after the load, "
+              f"{max(r['peak_rss_8_tokens'] for r in rs) / 2**30:.2f} GiB after 8 tokens", flush=True)
     os.environ["LMLAB_CACHE"] = str(cache)
     speed(gguf, args)
     shutil.rmtree(cache, ignore_errors=True)
@@ -122,10 +142,11 @@ def main() -> int:
 def speed(gguf: Path, args) -> None:
     from lmlab.templates import chat_prompt_ids
 
-    lm, run = engines(gguf, args.threads, args.new_tokens)
-    prompt = lm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)[:32]
+    lm, run = engines(gguf, args.threads, args.new_tokens, args.compile)
+    text = lm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 40)
     chat = chat_prompt_ids(lm.tokenizer, [{"role": "user", "content": "Say hello in one line."}])
-    for ids, what in ((prompt, "32-token prompt"), (chat, f"chat, {len(chat)}-token prompt")):
+    for ids, what in ((text[:32], "32-token prompt"), (text[:128], "128-token prompt"),
+                      (chat, f"chat, {len(chat)}-token prompt")):
         got = {name: [] for name in run}
         for name in run:
             run[name](ids)  # warm-up
@@ -133,10 +154,12 @@ def speed(gguf: Path, args) -> None:
             for name, fn in run.items():
                 start, stamps = fn(ids)
                 got[name].append((stamps[0] - start, *split(stamps, start, len(ids))))
-        for name, rs in got.items():
-            ttft, pre, dec = (statistics.median(r[i] for r in rs) for i in range(3))
-            print(f"{what}, {name}: prefill {pre:.1f} tokens/s, decode {dec:.2f} tokens/s, first token "
-                  f"{ttft:.2f} s (decode runs {', '.join(f'{r[2]:.2f}' for r in rs)})", flush=True)
+        medians = {name: [statistics.median(r[i] for r in rs) for i in range(3)] for name, rs in got.items()}
+        base = medians["llama.cpp"]
+        for name, (ttft, pre, dec) in medians.items():
+            ratio = "" if name == "llama.cpp" else f" = {pre / base[1]:.2f}x / {dec / base[2]:.2f}x llama.cpp's"
+            print(f"{what}, {name}: prefill {pre:.1f} tokens/s, decode {dec:.2f} tokens/s{ratio}, first token "
+                  f"{ttft:.2f} s (decode runs {', '.join(f'{r[2]:.2f}' for r in got[name])})", flush=True)
 
 
 if __name__ == "__main__":

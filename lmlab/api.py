@@ -119,6 +119,7 @@ def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
     to apply, ours (a `lmlab finetune --lora` run) or PEFT's (adapter_config.json), folded into float weights (a
     packed GGUF base keeps it beside them). A LoRA run given as `source` loads the base it names, with itself."""
     from lmlab.checkpoint import load_model, read_meta
+    from lmlab.fuse import fuse_gate_up
     from lmlab.quant import quantize_model
     from lmlab.weights.gguf import load_gguf
     from lmlab.weights.hf import load_hf_dir
@@ -133,7 +134,8 @@ def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
     name = str(source) if kind == "gguf" and not Path(source).exists() else str(path)  # a named model keeps its name
     meta = None
     if kind == "gguf":
-        model, tok = load_gguf(path, dev, dt, quantize=quantize, group_size=group_size)
+        # fused in the cached packed form, unless an adapter's LoRA layers are to wrap gate and up apart
+        model, tok = load_gguf(path, dev, dt, quantize=quantize, group_size=group_size, fuse=adapter is None)
     elif kind == "lmlab":
         model, tok, meta = load_model(path, dev, dt)
     else:
@@ -144,7 +146,7 @@ def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
         apply_adapter(model, adapter)
     if kind != "gguf" and quantize not in (None, "off"):
         quantize_model(model, quantize, group_size)
-    fuse_quantized(model)
+    fuse_gate_up(model, quantized_only=True)  # one packed matmul for a quantized SwiGLU's gate and up (lmlab.fuse)
     if compile:
         from lmlab.infer.engine import compile_decoding
 
@@ -162,17 +164,6 @@ def check_load_settings(device: str | torch.device | None = "auto", dtype: str |
         check_mode(quantize, group_size)
         check_device(dev)
     return dev, dt
-
-
-def fuse_quantized(model) -> None:
-    """A quantized SwiGLU's gate and up projections as one packed matmul (lmlab.infer.fuse): one kernel call a
-    layer where there were two, the same numbers. Float models keep their layout: they may be trained or given
-    LoRA layers, which name gate and up."""
-    from lmlab.infer.fuse import fuse_gate_up
-    from lmlab.quant import QuantLinear
-
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
-        fuse_gate_up(model)
 
 
 def _is_gguf(path: Path) -> bool:

@@ -340,7 +340,7 @@ def test_fused_gate_up_gives_the_unfused_models_logits_and_state_dict(bias):
     into an unfused model."""
     import copy
 
-    from lmlab.infer.fuse import FusedSwiGLU, fuse_gate_up
+    from lmlab.fuse import FusedSwiGLU, fuse_gate_up
 
     plain, _ = _decode_models("cpu", torch.float32)
     if bias:

@@ -617,10 +617,12 @@ def _logits(model, V: int) -> torch.Tensor:
 @pytest.mark.parametrize("qtype, tied", [("Q4_0", False), ("Q8_0", True)])
 def test_the_cached_packed_form_loads_bit_identical_and_is_rebuilt_when_stale_or_truncated(qtype, tied, tmp_path,
                                                                                            tiny_vocab, monkeypatch):
-    """A packed load writes its form to the cache; the next load reads it back without opening the GGUF (the
-    reader is made to fail) and gives the fresh repack's tensors and logits bit for bit; a truncated entry, and
-    an entry whose GGUF changed since, are rebuilt, never used."""
+    """A packed load writes its form to the cache (its SwiGLU gate and up fused); the next load reads it back
+    without opening the GGUF (the reader is made to fail) and gives the fresh repack's tensors and logits bit for
+    bit, as does an unfused load; a truncated entry, and an entry whose GGUF changed since, are rebuilt, never
+    used."""
     import lmlab.weights.gguf as gguf_mod
+    from lmlab.fuse import FusedSwiGLU
     from lmlab.weights import packed_cache
 
     monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
@@ -642,6 +644,9 @@ def test_the_cached_packed_form_loads_bit_identical_and_is_rebuilt_when_stale_or
     a, b = fresh.state_dict(), cached.state_dict()
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(_logits(cached, V), _logits(fresh, V))
+    assert isinstance(cached.blocks[0].mlp, FusedSwiGLU)  # kept fused: mapped back, never concatenated again
+    unfused = load_gguf(path, "cpu", torch.float32, fuse=False)[0]  # as LoRA layers need it: an entry of its own
+    assert not isinstance(unfused.blocks[0].mlp, FusedSwiGLU) and torch.equal(_logits(unfused, V), _logits(fresh, V))
     assert ctok.encode("hello world") == tok.encode("hello world") and ctok.eos_ids == tok.eos_ids
     shared = cached.lm_head.weight.data_ptr() == cached.wte.weight.data_ptr()
     assert shared == (tied and qtype == "Q8_0")  # one int8 table serves both when tied, in the cache too

@@ -16,7 +16,8 @@ PKG = Path(__file__).resolve().parents[1] / "lmlab"
 LAYERS = [
     {"errors.py"},
     {"config.py", "utils.py"},  # every knob, once; small helpers
-    {"model.py", "tokenizer.py", "templates.py", "quant.py", "lora.py"},  # the model, and what wraps it from outside
+    # the model, and what wraps it from outside
+    {"model.py", "tokenizer.py", "templates.py", "quant.py", "lora.py", "fuse.py"},
     {"data", "checkpoint.py"},  # text -> token files; our checkpoint format and the last step of every loader
     {"weights"},  # foreign formats in and out: HF, GGUF, PEFT
     {"infer"},  # sampling, the one engine, text, chat sessions, evaluation
@@ -33,7 +34,7 @@ INSIDE = {
     "weights": [{"keymap", "gguf_tokenizer", "safetensors_dir", "gguf_quant", "gguf_packed", "packed_cache"},
                 {"hf", "gguf"},
                 {"gguf_export", "export", "adapter"}, {"__init__"}],
-    "infer": [{"sampling", "text", "evaluate", "fuse"}, {"engine", "distribution"}, {"generate"}, {"chat"},
+    "infer": [{"sampling", "text", "evaluate"}, {"engine", "distribution"}, {"generate"}, {"chat"},
               {"__init__"}],
     "training": [{"optim", "distributed", "metrics", "fastpath", "runs"}, {"loop", "plot"}, {"sft"}, {"finetune"},
                  {"__init__"}],

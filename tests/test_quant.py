@@ -178,7 +178,7 @@ def test_fused_quantized_gate_up_gives_the_same_numbers_and_state_dict(mode):
     unfused model's logits bit for bit, for a decoding step, a short prompt (the kernel) and a long one (the
     float GEMM), and the unfused state dict, which loads back either way."""
     from lmlab.config import ModelConfig
-    from lmlab.infer.fuse import FusedSwiGLU, fuse_gate_up
+    from lmlab.fuse import FusedSwiGLU, fuse_gate_up
     from lmlab.model import Transformer
 
     torch.manual_seed(0)

@@ -50,7 +50,7 @@ import torch
 
 from lmlab.config import SamplingConfig
 from lmlab.errors import LmlabError
-from lmlab.infer.fuse import fuse_gate_up
+from lmlab.fuse import fuse_gate_up
 from lmlab.infer.sampling import select
 from lmlab.infer.text import TextStream
 from lmlab.model import KVCache, Transformer
@@ -150,11 +150,11 @@ def compile_decoding(model: Transformer, mode: str | None = None) -> None:
     On CUDA (mode None there means "reduce-overhead") the step is also captured as a CUDA graph (gpt-fast's
     recipe): one replay launches the whole step. That needs the step as one graph (`fullgraph`: a graph break is
     an error, not a silent slowdown) and the cache at fixed addresses, so such a model keeps its engine. A float
-    SwiGLU model's gate and up projections are fused first (lmlab.infer.fuse; its state dict is unchanged)."""
+    SwiGLU model's gate and up projections are fused first (lmlab.fuse; its state dict is unchanged)."""
     if mode is None and model.wte.weight.device.type == "cuda":
         mode = "reduce-overhead"
     graphs = mode == "reduce-overhead"
-    fuse_gate_up(model)  # one GEMM for a SwiGLU's gate and up (lmlab.infer.fuse): the same numbers, fewer kernels
+    fuse_gate_up(model)  # one GEMM for a SwiGLU's gate and up (lmlab.fuse): the same numbers, fewer kernels
     _COMPILED[model] = torch.compile(model, dynamic=False, mode=mode, fullgraph=graphs)
     if graphs:
         _GRAPHED.add(model)

@@ -335,12 +335,14 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
 
 
 def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-              quantize: str | None = None, group_size: int = GROUP_SIZE):
+              quantize: str | None = None, group_size: int = GROUP_SIZE, fuse: bool = True):
     """A GGUF file -> (Transformer in eval mode, BPETokenizer or None when the file carries no tokenizer).
 
     `quantize` as lmlab.load takes it: None keeps quantized tensors packed (weights/gguf_packed.py), "int8" or
-    "int4" packs every matmul so, "off" dequantizes everything to `dtype`. A packed load is kept in lmlab's cache
-    (weights/packed_cache.py) and later ones of the same file and settings read it back in seconds."""
+    "int4" packs every matmul so, "off" dequantizes everything to `dtype`. A packed model's SwiGLU gate and up
+    become one packed matmul (lmlab.fuse; `fuse=False` keeps them apart, for LoRA layers to wrap). A packed load
+    is kept in lmlab's cache (weights/packed_cache.py), fused as it is used, and later ones of the same file and
+    settings map it back in seconds."""
     from lmlab.model import Transformer
     from lmlab.quant import check_device
     from lmlab.weights import packed_cache
@@ -349,7 +351,7 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     device = torch.device(device)
     key = None
     if quantize != "off" and device.type == "cpu" and packed_cache.cache_enabled() and Path(path).is_file():
-        key = packed_cache.cache_key(Path(path), quantize, group_size, dtype)
+        key = packed_cache.cache_key(Path(path), quantize, group_size, dtype, fuse)
         hit = packed_cache.load_cached(key)
         if hit is not None:
             return hit
@@ -372,7 +374,7 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch
             quantize_model(model, quantize, group_size)
         return model, gguf_tokenizer(f)
     check_device(device)
-    load_packed(model, f, keymaps()[cfg.family], quantize, group_size, dtype)
+    load_packed(model, f, keymaps()[cfg.family], quantize, group_size, dtype, fuse)
     tok = gguf_tokenizer(f)
     if key is not None:
         packed_cache.save_cached(key, model, tok)

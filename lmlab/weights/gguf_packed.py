@@ -122,10 +122,14 @@ def fuse(cfg: ModelConfig, fn, parts: list[Part]) -> Part:
     return parts[0].map(fn, cfg, parts[1:])
 
 
-def load_packed(model, f, keymap, mode: str | None, group_size: int, dtype: torch.dtype) -> None:
+def load_packed(model, f, keymap, mode: str | None, group_size: int, dtype: torch.dtype,
+                fuse_mlps: bool = False) -> None:
     """Fill a meta-device model from GGUFFile `f`: matmul weights packed (see the module docstring), the rest
-    float in `dtype`, one stored tensor at a time."""
+    float in `dtype`, one stored tensor at a time. `fuse_mlps`: each block's packed SwiGLU gate and up become one
+    matmul (lmlab.fuse) once both are in, before its down projection is read."""
     from tqdm.auto import tqdm
+
+    from lmlab.fuse import fuse_mlp
 
     cfg = model.cfg
     matmuls = {name + ".weight" for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
@@ -134,6 +138,8 @@ def load_packed(model, f, keymap, mode: str | None, group_size: int, dtype: torc
     for key in tqdm(keys, desc=f"packing {Path(f.path).name}", unit="tensor", disable=None, leave=False):
         if key == "lm_head.weight" and cfg.tie_embeddings:
             continue
+        if fuse_mlps and key.endswith(".mlp.down.weight"):
+            fuse_mlp(model.get_submodule(key.removesuffix(".mlp.down.weight")), quantized_only=True)
         names, fn = keymap.match(key)
         parts = [read_part(f, n) for n in names]
         for n, p in zip(names, parts, strict=True):

@@ -29,16 +29,17 @@ import torch.nn as nn
 from lmlab.config import ModelConfig
 from lmlab.data.fetch import cache_dir
 from lmlab.errors import LmlabError
+from lmlab.fuse import FusedSwiGLU
 from lmlab.model import Transformer
 from lmlab.quant import QuantEmbedding, QuantLinear, exact_head
 from lmlab.tokenizer import Tokenizer, load_tokenizer, tokenizer_meta
 from lmlab.utils import atomic_file
 
-FORMAT = 1  # of the entries written here: bump when the plan or the tensors' meaning changes
+FORMAT = 2  # of the entries written here: bump when the plan or the tensors' meaning changes
 CHUNK = 8 << 20  # bytes per read when checking an entry's CRC-32 (a small buffer: it adds to the peak RSS)
 
 
-def cache_key(path: Path, quantize: str | None, group_size: int, dtype: torch.dtype) -> dict:
+def cache_key(path: Path, quantize: str | None, group_size: int, dtype: torch.dtype, fuse: bool = True) -> dict:
     """What an entry must match to stand for this load of `path`."""
     st = path.stat()
     h = hashlib.sha256()
@@ -47,7 +48,7 @@ def cache_key(path: Path, quantize: str | None, group_size: int, dtype: torch.dt
         f.seek(max(0, st.st_size - (1 << 20)))
         h.update(f.read(1 << 20))
     return {"format": FORMAT, "file": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "head_tail_sha256": h.hexdigest(), "quantize": quantize, "group_size": group_size,
+            "head_tail_sha256": h.hexdigest(), "quantize": quantize, "group_size": group_size, "fuse": fuse,
             "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
@@ -121,9 +122,10 @@ def save_cached(key: dict, model: Transformer, tokenizer: Tokenizer | None) -> N
     try:
         tensors.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(tensors) as tmp:
-            torch.save(model.state_dict(), tmp)
+            torch.save(_tensors(model), tmp)
         plan = {"key": key, "size": tensors.stat().st_size, "crc32": crc32_file(tensors),
                 "config": model.cfg.to_dict(), "modules": _plan(model),
+                "fused": [i for i, b in enumerate(model.blocks) if isinstance(b.mlp, FusedSwiGLU)],
                 "tokenizer": None if tokenizer is None else tokenizer_meta(tokenizer)}
         if tokenizer is not None:
             with atomic_file(_tok_file(plan_file)) as tmp:
@@ -132,6 +134,19 @@ def save_cached(key: dict, model: Transformer, tokenizer: Tokenizer | None) -> N
             Path(tmp).write_text(json.dumps(plan))
     except OSError:
         forget(key)
+
+
+def _tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer under its module's own name (not the state dict, whose hooks give a
+    fused SwiGLU's tensors the unfused names: the entry holds the modules as they are); a tensor shared by two
+    modules (a tied head) is saved once and comes back shared."""
+    out = {}
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        out.update({prefix + k: t for k, t in m._parameters.items() if t is not None})
+        out.update({prefix + k: t for k, t in m._buffers.items()
+                    if t is not None and k not in m._non_persistent_buffers_set})
+    return out
 
 
 def _plan(model: Transformer) -> dict[str, dict]:
@@ -151,6 +166,8 @@ def _build(plan: dict, state: dict[str, torch.Tensor], tok_file: Path) -> tuple[
     """A model on the meta device, its packed layers' skeletons set in, every tensor of `state` assigned."""
     with torch.device("meta"):
         model = Transformer(ModelConfig.from_dict(plan["config"]))
+    for i in plan["fused"]:  # its gate_up layer is set in below, as every packed layer is
+        model.blocks[i].mlp = FusedSwiGLU(model.blocks[i].mlp, nn.Identity())
     for name, spec in plan["modules"].items():
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, _skeleton(spec))

@@ -201,7 +201,7 @@ def check_types(obj: Any) -> None:
 
 def check_rate(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise LmlabError(f"{name} must be a rate in [0, 1), got {value!r}")
+        raise LmlabError(f"{name} must be a rate in [0, 1), got {value!r}", param=name)
 
 
 def check_keys(d: dict[str, Any], *classes: type) -> None:

@@ -12,7 +12,12 @@ from collections.abc import Iterable
 
 
 class LmlabError(ValueError):
-    """Bad input from the user: the message says what is wrong and how to fix it, in one line."""
+    """Bad input from the user: the message says what is wrong and how to fix it, in one line. `param`: the
+    setting or field it is about, where it is one (an HTTP server names it as OpenAI's error `param`)."""
+
+    def __init__(self, message: str = "", param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class TrainingDiverged(LmlabError):

@@ -689,9 +689,13 @@ class LabConfig:
                              "searched a few levels down")
     studies: str | None = knob(None, "a folder of study reports (report.md and its PNGs) to show besides the ones "
                                      "under --runs; none: docs/studies of the lmlab source tree, where there is one")
+    max_models: int = knob(2, "models the page keeps loaded at most; loading one more unloads the one used least "
+                              "recently")
 
     def __post_init__(self) -> None:
         check_types(self)
         check_listen(self)
         if not self.runs.strip():
             raise LmlabError("must name a folder, got an empty string", "runs")
+        if not 1 <= self.max_models <= 64:
+            raise LmlabError(f"must be in [1, 64], got {self.max_models}", "max_models")

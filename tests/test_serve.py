@@ -365,6 +365,19 @@ def test_api_key_cors_routes_and_metrics(server, client):
     assert values["lmlab_time_to_first_token_seconds_count"] >= 1
 
 
+def test_a_foreign_host_header_is_refused(server):
+    """Against DNS rebinding (another site's name pointed at 127.0.0.1): a server on 127.0.0.1 answers only to
+    localhost's names and its own address."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for host in ("evil.example", "evil.example:8000", "0.0.0.0"):
+        r = httpx.get(server + "/v1/models", headers={**auth, "Host": host})
+        assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+        assert r.json()["error"]["code"] == "invalid_host" and "--host 0.0.0.0" in r.json()["error"]["message"]
+    port = server.rsplit(":", 1)[1]
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
+        assert httpx.get(server + "/v1/models", headers={**auth, "Host": host}).status_code == 200, host
+
+
 @pytest.fixture(scope="module")
 def slow_server(tmp_path_factory):
     """One row, one queue place, a long context: a request that runs for seconds unless its client leaves."""

@@ -1,18 +1,19 @@
 """A model's next-token distribution laid open, for people to look at (`lmlab lab`'s sampling and dropout views).
 
 `next_token`: the model's own distribution at the end of a prompt, and the one generation would draw from after
-the sampling filters (lmlab.infer.sampling.probabilities, what `select` draws from: cut tokens at 0, the rest
-renormalised). `step_through`: a generation token by token, each step's distribution with the token drawn; the draw
-is `select` with a generator seeded as the engine seeds a row, so the tokens are lmlab.generate's for the same
-prompt and settings. `dropout_spread`: the distribution in eval mode (the same on every pass) beside passes in
-train mode (Gal & Ghahramani 2016's MC dropout), whose masks perturb the model itself, while sampling only picks
-from a fixed distribution.
+the sampling filters (lmlab.infer.sampling.distribution: what `select` draws from, cut tokens at 0 and the rest
+renormalised, and which tokens the filters kept). `step_through`: a generation token by token, each step's
+distribution with the token drawn; the draw is `select` with a generator seeded as the engine seeds a row, so the
+tokens are lmlab.generate's for the same prompt and settings. `dropout_spread`: the distribution in eval mode (the
+same on every pass) beside passes in train mode (Gal & Ghahramani 2016's MC dropout), whose masks perturb the model
+itself, while sampling only picks from a fixed distribution.
 
 Each pass is a plain forward over the whole sequence (no KV cache): a few dozen tokens, for a person, not a server.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,13 +22,24 @@ import torch.nn.functional as F
 
 from lmlab.config import SamplingConfig, check_rate
 from lmlab.errors import LmlabError
-from lmlab.infer.sampling import probabilities, select
+from lmlab.infer.sampling import distribution, select
 from lmlab.model import Transformer
 from lmlab.tokenizer import Tokenizer
 
 TOP = 50  # tokens drawn as bars
 MAX_STEPS = 64  # tokens a step-through generates at most
-MAX_PASSES = 200  # forward passes of the dropout view at most
+MAX_PASSES = 200  # forward passes of the dropout view at most (in train mode)
+EVAL_PASSES = 3  # eval mode is deterministic: a few passes show it, more would only repeat it
+
+
+def _not_gone() -> bool:
+    return False
+
+
+def check_gone(gone: Callable[[], bool]) -> None:
+    """Stop a long computation whose asker has left (a server passes `gone`; the page was closed or moved on)."""
+    if gone():
+        raise LmlabError("stopped: the request's client went away")
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, context: int, room: int = 0) -> list[int]:
@@ -35,10 +47,10 @@ def encode_prompt(tokenizer: Tokenizer, text: str, context: int, room: int = 0) 
     fit the context: these passes never slide a window."""
     ids = tokenizer.encode(text)
     if not ids:
-        raise LmlabError("the prompt is empty (0 tokens); type some text")
+        raise LmlabError("is empty (0 tokens); type some text", "prompt")
     if len(ids) + room > context:
         need = f" plus the {room} tokens to generate" if room else ""
-        raise LmlabError(f"the prompt has {len(ids)} tokens{need}, but the model's context is {context}; shorten it")
+        raise LmlabError(f"has {len(ids)} tokens{need}, but the model's context is {context}; shorten it", "prompt")
     return ids
 
 
@@ -56,15 +68,15 @@ def token_text(tokenizer: Tokenizer, token: int) -> str:
 def table(tokenizer: Tokenizer, logits: torch.Tensor, s: SamplingConfig, seen: torch.Tensor | None,
           top: int = TOP) -> dict[str, Any]:
     """The `top` most likely tokens of logits (1, V): each one's probability under the model (p) and after the
-    filters of `s` (q: 0 where cut); how many tokens the filters keep in the whole vocabulary, and the filtered
-    mass outside the rows shown."""
+    filters of `s` (q: 0 where cut) and whether the filters kept it; how many tokens the filters keep in the whole
+    vocabulary, and the filtered mass outside the rows shown."""
     p = F.softmax(logits, dim=-1)[0]
-    q = probabilities(logits, s, seen)[0]
+    q, kept = (x[0] for x in distribution(logits, s, seen))
     shown = torch.topk(p, min(top, p.numel())).indices.tolist()
     qs = q[shown].tolist()
-    rows = [{"id": t, "text": token_text(tokenizer, t), "p": pt, "q": qt, "kept": qt > 0}
-            for t, pt, qt in zip(shown, p[shown].tolist(), qs, strict=True)]
-    return {"tokens": rows, "kept": int((q > 0).sum()), "vocab": int(q.numel()), "q_outside": max(0.0, 1 - sum(qs))}
+    rows = [{"id": t, "text": token_text(tokenizer, t), "p": pt, "q": qt, "kept": k}
+            for t, pt, qt, k in zip(shown, p[shown].tolist(), qs, kept[shown].tolist(), strict=True)]
+    return {"tokens": rows, "kept": int(kept.sum()), "vocab": int(q.numel()), "q_outside": max(0.0, 1 - sum(qs))}
 
 
 def _seen(ids: list[int], vocab: int, device: torch.device, s: SamplingConfig) -> torch.Tensor | None:
@@ -86,16 +98,17 @@ def next_token(model: Transformer, tokenizer: Tokenizer, text: str, s: SamplingC
 
 
 def step_through(model: Transformer, tokenizer: Tokenizer, text: str, s: SamplingConfig, steps: int,
-                 top: int = TOP) -> list[dict[str, Any]]:
+                 top: int = TOP, gone: Callable[[], bool] = _not_gone) -> list[dict[str, Any]]:
     """`steps` tokens generated one at a time (fewer if an EOS comes): each step's distribution (`table`) and the
     token drawn from it, as lmlab.generate draws (the filters, then `select` with the engine's seeded generator)."""
     if not 1 <= steps <= MAX_STEPS:
-        raise LmlabError(f"steps must be in [1, {MAX_STEPS}], got {steps}")
+        raise LmlabError(f"must be in [1, {MAX_STEPS}], got {steps}", "steps")
     ids = encode_prompt(tokenizer, text, model.cfg.context_length, room=steps)
     device = model.wte.weight.device
     gen = None if s.seed is None else torch.Generator(device=device).manual_seed(s.seed)
     seen, eos, out = None, set(getattr(tokenizer, "eos_ids", ()) or ()), []
     for _ in range(steps):
+        check_gone(gone)
         logits = last_logits(model, ids)
         if seen is None:
             seen = _seen(ids, logits.shape[-1], device, s)
@@ -130,21 +143,26 @@ def train_mode(model: Transformer, rate: float | None) -> Any:
 
 
 def dropout_spread(model: Transformer, tokenizer: Tokenizer, text: str, passes: int = 20, rate: float | None = None,
-                   top: int = 20) -> dict[str, Any]:
-    """The model's next-token distribution after `text`, `passes` times in eval mode and `passes` times in train
+                   top: int = 20, gone: Callable[[], bool] = _not_gone) -> dict[str, Any]:
+    """The model's next-token distribution after `text`, EVAL_PASSES times in eval mode and `passes` times in train
     mode (dropout at the model's own rates, or `rate` at every site): the `top` tokens of the eval distribution,
     each with its eval probability and its probability in every train-mode pass; how many distinct distributions
     each mode gave, and its spread: the mean total-variation distance of its passes from the eval distribution."""
     if isinstance(passes, bool) or not isinstance(passes, int) or not 2 <= passes <= MAX_PASSES:
-        raise LmlabError(f"passes must be an integer in [2, {MAX_PASSES}], got {passes!r}")
+        raise LmlabError(f"must be an integer in [2, {MAX_PASSES}], got {passes!r}", "passes")
     if rate is not None:
         check_rate("rate", rate)
     ids = encode_prompt(tokenizer, text, model.cfg.context_length)
-    evals = torch.stack([F.softmax(last_logits(model, ids)[0], dim=-1) for _ in range(passes)])  # (N, V)
+
+    def pass_() -> torch.Tensor:
+        check_gone(gone)
+        return F.softmax(last_logits(model, ids)[0], dim=-1)
+
+    evals = torch.stack([pass_() for _ in range(EVAL_PASSES)])  # (EVAL_PASSES, V)
     with train_mode(model, rate):
         rates = {"embed": model.drop_embed.p, "attn": model.blocks[0].attn.drop_probs.p,
                  "resid": model.blocks[0].drop_attn.p}
-        trains = torch.stack([F.softmax(last_logits(model, ids)[0], dim=-1) for _ in range(passes)])
+        trains = torch.stack([pass_() for _ in range(passes)])  # (passes, V)
     reference = evals[0]
     shown = torch.topk(reference, min(top, reference.numel())).indices.tolist()
     rows = [{"id": t, "text": token_text(tokenizer, t), "p": float(reference[t]), "train": trains[:, t].tolist(),
@@ -152,7 +170,8 @@ def dropout_spread(model: Transformer, tokenizer: Tokenizer, text: str, passes: 
 
     def summary(passes_: torch.Tensor) -> dict[str, Any]:
         tv = 0.5 * (passes_ - reference).abs().sum(dim=-1)  # (N,) total-variation distance of each pass
-        return {"distinct": int(torch.unique(passes_, dim=0).shape[0]), "spread": float(tv.mean())}
+        return {"distinct": int(torch.unique(passes_, dim=0).shape[0]), "spread": float(tv.mean()),
+                "passes": passes_.shape[0]}
 
     return {"tokens": rows, "eval": summary(evals), "train": summary(trains), "rates": rates, "passes": passes,
             "prompt_tokens": len(ids)}

@@ -1,5 +1,6 @@
 """Selecting the next token: small pure functions on logits (B, V), and `select`, which applies them (the
-distribution it draws from is `probabilities`: lmlab lab draws it).
+distribution it draws from is `probabilities`; `distribution` adds which tokens the filters kept: lmlab lab
+draws both).
 
 The filters run in the order HF transformers applies its logits processors (`GenerationMixin._get_logits_processor`):
 repetition penalty, then temperature, top-k, top-p (Holtzman et al. 2020), min-p (Nguyen et al. 2024). Greedy
@@ -72,10 +73,20 @@ def process_logits(logits: torch.Tensor, s: SamplingConfig, seen: torch.Tensor |
 def probabilities(logits: torch.Tensor, s: SamplingConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
     """The distribution (B, V) that `select` picks from: the softmax of the filtered logits (0 where a filter cut
     the token, the rest renormalised), or all the mass on the argmax when greedy."""
+    return distribution(logits, s, seen)[0]
+
+
+def distribution(logits: torch.Tensor, s: SamplingConfig,
+                 seen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`probabilities`, and beside it the (B, V) mask of the tokens the filters keep: those whose filtered logit is
+    finite (greedy: the argmax alone). A kept token's probability can still be 0 in float32 (temperature 0.01
+    sends most of a vocabulary's softmax below 1e-45), so what was cut is told by the filters, never by the
+    probability."""
     logits = process_logits(logits, s, seen)
     if s.greedy:
-        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
-    return F.softmax(logits, dim=-1)
+        probs = F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+        return probs, probs > 0
+    return F.softmax(logits, dim=-1), torch.isfinite(logits)
 
 
 def select(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None = None,

@@ -6,6 +6,12 @@ FastAPI's own validation errors and unknown routes included, is OpenAI's error o
 queue is a 503 with Retry-After, a request past --request-timeout a 408. Streaming is server-sent events,
 `data: {chunk}` lines ending in `data: [DONE]`, as the OpenAI API streams. A client that goes away (the stream's
 task is cancelled, or a plain request's connection closes) cancels its rows before the next decoding step.
+
+Shared with `lmlab lab` (lab.py): the API-key check, the Host check, the error handlers and `read_body`. The Host
+check is the defence against DNS rebinding: a page on another site can point its own name at 127.0.0.1 and then
+read a local server's answers as its own, so a server bound to one address answers only to that address and
+localhost's names. An unexpected exception is logged with its traceback (by uvicorn, once) and answered as a
+one-line 500 in the same error JSON.
 """
 
 from __future__ import annotations
@@ -25,12 +31,15 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmlab.config import ServeConfig
+from lmlab.errors import LmlabError
 from lmlab.infer.engine import Piece
 from lmlab.serve import protocol as P
 from lmlab.serve.scheduler import Failure, QueueFull, Scheduler
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 OPEN_PATHS = ("/health", "/")  # no key needed: liveness, and a page that holds no data (its requests send the key)
+LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
+EVERY_ADDRESS = {"0.0.0.0", "::", ""}  # --host values that listen on every address of the machine
 
 
 class KeyCheck:
@@ -49,6 +58,52 @@ class KeyCheck:
                 await JSONResponse(error.body(), error.status)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def host_names(host: str) -> set[str] | None:
+    """The names a request's Host header may give to a server listening on `host`: localhost's and `host`'s own;
+    None (any name) when it listens on every address, since whoever chose that wants it reached by other names."""
+    host = host.strip().strip("[]").lower()
+    return None if host in EVERY_ADDRESS else LOCAL_NAMES | {host}
+
+
+def _host_name(header: str) -> str:
+    """The name in a Host header, without its port: "[::1]:8000" -> "::1", "Localhost.:8000" -> "localhost"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0].rstrip(".") if ":" in header else header.rstrip(".")
+
+
+class HostCheck:
+    """Pure ASGI middleware: a request whose Host header names another server (DNS rebinding, see the module's
+    docstring) is a 400 in OpenAI's error JSON. A request without the header (HTTP/1.0) passes: a browser always
+    sends it."""
+
+    def __init__(self, app, host: str) -> None:
+        self.app, self.allowed, self.host = app, host_names(host), host
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.allowed is not None:
+            given = dict(scope["headers"]).get(b"host")
+            name = _host_name(given.decode("latin-1")) if given is not None else None
+            if name is not None and name not in self.allowed:
+                error = P.APIError(f"the Host header names {name!r}, but this server listens on {self.host} and "
+                                   f"answers only to {', '.join(sorted(self.allowed))}; to reach it by other names, "
+                                   "start it with --host 0.0.0.0", "host", code="invalid_host")
+                await JSONResponse(error.body(), error.status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def guard(app: FastAPI, host: str, api_key: str | None, cors: bool = False) -> None:
+    """The middleware both servers put before their routes, outermost last: the API key, CORS (serve's API is
+    for other origins' pages too; the lab's is not), and the Host check around everything."""
+    if api_key is not None:
+        app.add_middleware(KeyCheck, key=api_key)
+    if cors:
+        app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(HostCheck, host=host)
 
 
 class Call:
@@ -122,18 +177,23 @@ def create_app(lm, cfg: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="lmlab serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.model_id = scheduler, lm.source
-    if cfg.api_key is not None:
-        app.add_middleware(KeyCheck, key=cfg.api_key)
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    guard(app, cfg.host, cfg.api_key, cors=True)
     add_error_handlers(app)
     _add_routes(app, lm, scheduler)
     return app
 
 
 def add_error_handlers(app: FastAPI) -> None:
+    """Every failure as OpenAI's error JSON: ours (APIError), the library's refusals (LmlabError: a 400 naming its
+    field), FastAPI's validation and routing errors, and anything unexpected (a 500 whose one line names the
+    exception; Starlette raises it on after this answer, so uvicorn logs its traceback once)."""
     @app.exception_handler(P.APIError)
     async def api_error(request: Request, e: P.APIError):
         return _error_response(e)
+
+    @app.exception_handler(LmlabError)
+    async def refused(request: Request, e: LmlabError):
+        return _error_response(P.APIError(str(e), e.field))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
@@ -144,6 +204,12 @@ def add_error_handlers(app: FastAPI) -> None:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         message = f"{request.method} {request.url.path}: {e.detail}"
         return _error_response(P.APIError(message, status=e.status_code, code=kind))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):
+        what = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+        message = f"{request.method} {request.url.path} failed on the server ({what}); its log has the details"
+        return _error_response(P.APIError(message, status=500, type="server_error", code="internal_error"))
 
 
 def _check_model(app: FastAPI, body: P.Sampling) -> None:

@@ -1,7 +1,7 @@
 """`lmlab lab`: a local page to watch and compare runs live, and to look inside sampling and dropout.
 
-One FastAPI app on serve's pieces (the API-key middleware, OpenAI's error JSON for every failure, 127.0.0.1 unless
-told otherwise); the library does the work: lmlab.training.runs (settings, status), lmlab.training.metrics
+One FastAPI app on serve's pieces (the API-key and Host checks, OpenAI's error JSON for every failure, 127.0.0.1
+unless told otherwise); the library does the work: lmlab.training.runs (settings, status), lmlab.training.metrics
 (EventTail), lmlab.infer.distribution (the filters' and dropout's effect), lmlab/serve/loads.py (models loaded on
 threads) and lmlab/serve/reports.py (study reports). Routes:
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -34,11 +35,11 @@ from lmlab.config import LabConfig, SamplingConfig
 from lmlab.errors import LmlabError
 from lmlab.infer import distribution as D
 from lmlab.serve import protocol as P
-from lmlab.serve.app import KeyCheck, add_error_handlers, read_body
+from lmlab.serve.app import add_error_handlers, guard, read_body
 from lmlab.serve.loads import Loads
 from lmlab.serve.reports import find_studies, render_report, source_tree_studies
 from lmlab.training.metrics import EventTail
-from lmlab.training.runs import describe_run, find_runs, run_status
+from lmlab.training.runs import Progress, RunIndex, run_status, runs_by_name
 
 PAGE = Path(__file__).with_name("static") / "lab.html"
 POLL_S = 0.5  # how often a followed run's log is read: the page sees a new line within a second
@@ -96,9 +97,9 @@ def create_lab_app(cfg: LabConfig, load_settings: dict[str, Any] | None = None) 
     """The app. `load_settings` are lmlab.load's keywords for every model the page loads (device, dtype, ...)."""
     runs, studies = folders(cfg)
     app = FastAPI(title="lmlab lab", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.runs, app.state.studies, app.state.loads = runs, studies, Loads(load_settings or {})
-    if cfg.api_key is not None:
-        app.add_middleware(KeyCheck, key=cfg.api_key)
+    app.state.runs, app.state.studies = runs, studies
+    app.state.index, app.state.loads = RunIndex(runs), Loads(load_settings or {}, keep=cfg.max_models)
+    guard(app, cfg.host, cfg.api_key)
     add_error_handlers(app)
     _run_routes(app)
     _model_routes(app)
@@ -116,14 +117,15 @@ def finite(x: Any) -> Any:
     return x
 
 
-def _run_dir(app: FastAPI, name: str) -> Path:
-    """The run folder NAME under --runs; a 404 for a name that is not one of its runs."""
-    root = app.state.runs.resolve()
-    path = (root / name).resolve()
-    if not path.is_relative_to(root) or path not in [p.resolve() for p in find_runs(root)]:
-        raise P.APIError(f"no run {name!r} under {app.state.runs} (GET /lab/runs lists them)", "run", status=404,
-                         code="run_not_found")
-    return path
+async def _run_dirs(app: FastAPI, names: list[str]) -> dict[str, Path]:
+    """{name: folder} of the runs NAMES, looked up among the runs GET /lab/runs lists (never joined to a path:
+    ".." or a NUL is just a name that is not there); a 404 for the first that is not one of them."""
+    found = await asyncio.to_thread(runs_by_name, app.state.runs)
+    for name in names:
+        if name not in found:
+            raise P.APIError(f"no run {name!r} under {app.state.runs} (GET /lab/runs lists them)", "run",
+                             status=404, code="run_not_found")
+    return {name: found[name] for name in names}
 
 
 def _run_routes(app: FastAPI) -> None:
@@ -137,24 +139,21 @@ def _run_routes(app: FastAPI) -> None:
 
     @app.get("/lab/runs")
     async def runs():
-        root = app.state.runs
-        found = await asyncio.to_thread(lambda: [describe_run(p, root) for p in find_runs(root)])
-        return finite({"root": str(root), "runs": found})
+        return finite({"root": str(app.state.runs), "runs": await asyncio.to_thread(app.state.index.describe)})
 
     @app.get("/lab/events")
     async def events(request: Request, run: Annotated[list[str], Query()]):
-        runs = {name: _run_dir(app, name) for name in run}
-        return StreamingResponse(_follow(request, runs), media_type="text/event-stream",
+        return StreamingResponse(_follow(request, await _run_dirs(app, run)), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/lab/studies")
     async def studies():
-        found = find_studies(app.state.studies)
+        found = await asyncio.to_thread(find_studies, app.state.studies)
         return {"studies": [{"id": sid, "path": str(folder)} for sid, folder in found.items()]}
 
     @app.get("/lab/study")
     async def study(id: str):
-        found = find_studies(app.state.studies)
+        found = await asyncio.to_thread(find_studies, app.state.studies)
         if id not in found:
             raise P.APIError(f"no study report {id!r} (GET /lab/studies lists them)", "id", status=404)
         return {"id": id, "html": await asyncio.to_thread(render_report, found[id])}
@@ -167,25 +166,27 @@ def _sse(kind: str, run: str, data: Any) -> str:
 async def _follow(request: Request, runs: dict[str, Path]) -> AsyncIterator[str]:
     """Runs' events as server-sent events, on one connection (a browser opens six to a host at most): all of each
     run's events, then new ones as they are appended; its status when it changes; "restart" when its log was
-    rewritten (a resumed run); "error" for a damaged log, which is then no longer followed."""
+    rewritten (a resumed run); "error" for a damaged log, which is then no longer followed. Of the events only
+    their Progress is kept (the status needs no more); the connection stays open until the client leaves."""
     tails = {name: EventTail(path / "metrics.jsonl") for name, path in runs.items()}
-    logs: dict[str, list[dict]] = {name: [] for name in runs}
+    progress = {name: Progress() for name in runs}
     status: dict[str, dict] = {}
-    while tails and not await request.is_disconnected():
+    while not await request.is_disconnected():
         for name, tail in list(tails.items()):
+            error = None
             try:
                 new, restart = await asyncio.to_thread(tail.read)
             except LmlabError as e:
                 del tails[name]
-                yield _sse("error", name, {"message": str(e)})
-                continue
+                new, restart, error = [], False, str(e)
+                yield _sse("error", name, {"message": error})
             if restart:
-                logs[name] = []
+                progress[name] = Progress()
                 yield _sse("restart", name, {})
             if new:
-                logs[name] += new
+                progress[name].add(new)
                 yield _sse("events", name, new)
-            now = run_status(runs[name], logs[name])
+            now = await asyncio.to_thread(run_status, runs[name], progress[name], error)
             if now != status.get(name):
                 status[name] = now
                 yield _sse("status", name, now)
@@ -201,27 +202,39 @@ async def _json(request: Request, model: type[BaseModel]) -> Any:
     return await read_body(request, model)
 
 
+SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+
+
 def _sampling(body: Look) -> SamplingConfig:
-    """The request's filters as SamplingConfig, whose checks name the setting that is wrong."""
-    try:
-        return SamplingConfig(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
-                              repetition_penalty=body.repetition_penalty, seed=body.seed)
-    except LmlabError as e:
-        raise P.APIError(str(e), str(e).split(" ")[0]) from None
+    """The request's filters as SamplingConfig, whose checks say what is wrong; each setting is first checked
+    alone, so that the error names the one at fault as its param."""
+    settings = {name: getattr(body, name) for name in SAMPLING}
+    for name, value in settings.items():
+        try:
+            SamplingConfig(**{name: value})
+        except LmlabError as e:
+            raise P.APIError(str(e), name) from None
+    return SamplingConfig(**settings)
 
 
-async def _with_model(app: FastAPI, source: str, work: Callable[[Any], Any]) -> Any:
-    """`work(lm)` on a worker thread under the model's lock; a refusal of the library is a 400 with its line."""
-    entry = app.state.loads.get(source)
+async def _with_model(app: FastAPI, request: Request, source: str, work: Callable[[Any, Callable], Any]) -> Any:
+    """`work(lm, gone)` on a worker thread under the model's lock; `gone()` turns true once the client has left,
+    so that a long computation stops (the library's refusals, LmlabError, reach the error handler as 400s)."""
+    entry, left = app.state.loads.get(source), threading.Event()
 
     def locked():
         with entry.lock:
-            return work(entry.lm)
+            if entry.lm is None:
+                raise P.APIError(f"model {source!r} was unloaded to make room for another; load it again", "model",
+                                 status=404, code="model_not_found")
+            return work(entry.lm, left.is_set)
 
-    try:
-        return finite(await asyncio.to_thread(locked))
-    except LmlabError as e:
-        raise P.APIError(str(e), "prompt" if "prompt" in str(e) else None) from None
+    task = asyncio.ensure_future(asyncio.to_thread(locked))
+    while not task.done():
+        await asyncio.wait([task], timeout=0.5)
+        if not task.done() and await request.is_disconnected():
+            left.set()
+    return finite(task.result())
 
 
 def _model_routes(app: FastAPI) -> None:
@@ -236,28 +249,31 @@ def _model_routes(app: FastAPI) -> None:
         body = await _json(request, Source)
         try:
             return loads.start(body.source).status()
-        except LmlabError as e:
+        except LmlabError as e:  # an empty source is a bad request; one that names nothing is not found
+            if e.field == "source":
+                raise
             raise P.APIError(str(e), "source", status=404, code="model_not_found") from None
 
     @app.post("/lab/next")
     async def next_token(request: Request):
         body = await _json(request, Look)
         s, top = _sampling(body), _top(body.top)
-        return await _with_model(app, body.model, lambda lm: D.next_token(lm.model, lm.tokenizer, body.prompt, s, top))
+        return await _with_model(app, request, body.model, lambda lm, gone: D.next_token(
+            lm.model, lm.tokenizer, body.prompt, s, top))
 
     @app.post("/lab/steps")
     async def steps(request: Request):
         body = await _json(request, Look)
         s, top = _sampling(body), _top(body.top)
-        return {"steps": await _with_model(app, body.model, lambda lm: D.step_through(
-            lm.model, lm.tokenizer, body.prompt, s, body.steps, top))}
+        return {"steps": await _with_model(app, request, body.model, lambda lm, gone: D.step_through(
+            lm.model, lm.tokenizer, body.prompt, s, body.steps, top, gone))}
 
     @app.post("/lab/dropout")
     async def dropout(request: Request):
         body = await _json(request, Dropout)
         top = _top(body.top)
-        return await _with_model(app, body.model, lambda lm: D.dropout_spread(
-            lm.model, lm.tokenizer, body.prompt, body.passes, body.rate, top))
+        return await _with_model(app, request, body.model, lambda lm, gone: D.dropout_spread(
+            lm.model, lm.tokenizer, body.prompt, body.passes, body.rate, top, gone))
 
 
 def _top(top: int) -> int:

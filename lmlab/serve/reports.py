@@ -4,7 +4,8 @@ committed ones), its Markdown rendered to HTML here, its images inlined as data:
 
 The Markdown is the subset the reports are written in (lmlab/study/*.py's `report`): headings, paragraphs, pipe
 tables, bullet lists, fenced code, images, links, `code` and **bold**. The text is HTML-escaped before anything
-else: a report is text, never markup. An image is inlined only when it is a file of the report's own folder.
+else: a report is text, never markup. An image is inlined only when it is a file of the report's own folder (a
+link out of it is not followed); a link opens in a new tab and tells the other site nothing of the page.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import re
 from pathlib import Path
 
 from lmlab.errors import LmlabError
+from lmlab.training.runs import NOT_RUNS
 
 REPORT = "report.md"
 IMAGE_TYPES = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 MAX_DEPTH = 3
+LINK = r'<a href="\2" target="_blank" rel="noopener noreferrer">\1</a>'  # a new tab, no Referer, no window.opener
 
 
 def source_tree_studies() -> Path | None:
@@ -28,14 +31,26 @@ def source_tree_studies() -> Path | None:
 
 
 def find_studies(roots: dict[str, Path]) -> dict[str, Path]:
-    """{id: folder} of every report under the roots ({label: folder}); an id is LABEL/PATH-UNDER-THE-ROOT."""
+    """{id: folder} of every report under the roots ({label: folder}), MAX_DEPTH levels down at most and never
+    inside a run's checkpoints or logs (NOT_RUNS: best/, last/, tb/, ...); an id is LABEL/PATH-UNDER-THE-ROOT."""
     found = {}
     for label, root in roots.items():
-        for depth in range(MAX_DEPTH + 1):  # level by level: a run folder's checkpoints are not searched through
-            for report in sorted(root.glob("*/" * depth + REPORT)):
-                where = report.parent.relative_to(root).as_posix()
-                found[label if where == "." else f"{label}/{where}"] = report.parent
+        level = [root]
+        for _ in range(MAX_DEPTH + 1):  # level by level, as the ids sort
+            for folder in level:
+                if (folder / REPORT).is_file():
+                    where = folder.relative_to(root).as_posix()
+                    found[label if where == "." else f"{label}/{where}"] = folder
+            level = [child for folder in level for child in _subfolders(folder)]
     return found
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in NOT_RUNS
+                      and not p.name.startswith("."))
+    except OSError:  # unreadable: not ours to show
+        return []
 
 
 def render_report(folder: Path) -> str:
@@ -83,6 +98,8 @@ def _kind(line: str) -> str:
 def _table(lines: list[str], folder: Path) -> str:
     rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
     rows = [r for r in rows if not all(re.fullmatch(r":?-+:?", c) for c in r)]  # the |---| line
+    if not rows:  # a table of nothing but |---| lines
+        return ""
     head, body = rows[0], rows[1:]
     cells = lambda r, tag: "".join(f"<{tag}>{inline(c, folder)}</{tag}>" for c in r)  # noqa: E731
     return (f"<table><thead><tr>{cells(head, 'th')}</tr></thead><tbody>"
@@ -106,16 +123,23 @@ def inline(text: str, folder: Path) -> str:
             continue
         s = html.escape(part, quote=True)
         s = re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", lambda m: _image(m[1], html.unescape(m[2]), folder), s)
-        s = re.sub(r"\[([^\]]+)\]\((https?://[^)\s]+)\)", r'<a href="\2" rel="noreferrer">\1</a>', s)
+        s = re.sub(r"\[([^\]]+)\]\((https?://[^)\s]+)\)", LINK, s)
         out.append(re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", s))
     return "".join(out)
 
 
 def _image(alt: str, name: str, folder: Path) -> str:
-    """<img> with the file inlined, when `name` is a picture in the report's own folder; else the alt text."""
+    """<img> with the file inlined, when `name` is a picture in the report's own folder (not a link out of it, and
+    readable); else the alt text."""
     path = folder / name
     kind = IMAGE_TYPES.get(path.suffix.lower())
-    if kind is None or "/" in name or "\\" in name or not path.is_file():
-        return f"<em>[image {html.escape(name)} not found beside the report]</em>"
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    missing = f"<em>[image {html.escape(name)} not found beside the report]</em>"
+    if kind is None or "/" in name or "\\" in name:
+        return missing
+    try:
+        if not path.is_file() or path.resolve().parent != folder.resolve():
+            return missing
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+    except (OSError, ValueError):  # unreadable; a name no file can have (a NUL)
+        return missing
     return f'<img alt="{alt}" src="data:{kind};base64,{data}">'

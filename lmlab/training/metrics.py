@@ -58,21 +58,26 @@ def _event(line: str) -> dict | None:
 class EventTail:
     """Follows a metrics.jsonl while its run appends to it: each `read()` gives the events of the lines finished
     since the previous one (a line still being written waits for its newline, as read_events drops a torn one).
-    A file replaced since (a resumed run rewrites its log, a new run starts one) is read again from its start."""
+    A file replaced since (a resumed run rewrites its log, a new run starts one) is read again from its start.
+    Replaced is told by its inode, a size below what was read, or a first line that is not the one read before:
+    a new run's log, created right after the old one was removed, often gets the old inode back and may have
+    grown past the old size by the next look, but its first event (with its elapsed time) is not the old one's."""
+
+    HEAD = 4096  # bytes of the first line kept to compare
 
     def __init__(self, path: Path) -> None:
-        self.path, self.offset, self.line, self.inode = path, 0, 1, None
+        self.path, self.offset, self.line, self.inode, self.head = path, 0, 1, None, b""
 
     def read(self) -> tuple[list[dict], bool]:
         """(the new events, whether the file started over: the events read before are void)."""
         try:
             with open(self.path, "rb") as f:
-                inode = os.fstat(f.fileno()).st_ino
-                restart = self.inode is not None and (inode != self.inode or os.fstat(f.fileno()).st_size <
-                                                      self.offset)
+                st = os.fstat(f.fileno())
+                restart = self.offset > 0 and (st.st_ino != self.inode or st.st_size < self.offset or
+                                               f.read(len(self.head)) != self.head)
                 if restart:
-                    self.offset, self.line = 0, 1
-                self.inode = inode
+                    self.offset, self.line, self.head = 0, 1, b""
+                self.inode = st.st_ino
                 f.seek(self.offset)
                 data = f.read()
         except FileNotFoundError:  # not written yet (or between a rewrite's unlink and its first line)
@@ -82,6 +87,8 @@ class EventTail:
         done = data[:data.rfind(b"\n") + 1]  # whole lines only: no UTF-8 character is cut either
         text = done.decode("utf-8", errors="replace")
         events, _ = parse_events(text, self.path, self.line, whole=False)
+        if self.offset == 0:
+            self.head = done[:done.find(b"\n") + 1][:self.HEAD]
         self.offset += len(done)
         self.line += text.count("\n")
         return events, restart

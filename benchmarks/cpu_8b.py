@@ -75,6 +75,9 @@ def engines(gguf: Path, threads: int, n: int, compile: bool):
     from lmlab.infer.engine import forget_prompt
     from lmlab.infer.generate import SamplingConfig, generate_ids
 
+    sys.path.insert(0, str(HERE))
+    from decode_smollm2 import llamacpp_stamps
+
     torch.set_num_threads(threads)
     lm = lmlab.load(gguf, device="cpu")
     llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -90,13 +93,7 @@ def engines(gguf: Path, threads: int, n: int, compile: bool):
         return run
 
     def theirs(ids):
-        llm.reset()
-        start, stamps = time.perf_counter(), []
-        for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            stamps.append(time.perf_counter())
-            if len(stamps) == n:
-                break
-        return start, stamps
+        return llamacpp_stamps(llm, ids, n)
 
     run = {"lmlab": ours(lm.model), "llama.cpp": theirs}
     if compile:

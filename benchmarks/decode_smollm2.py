@@ -29,6 +29,17 @@ def split(stamps: list[float], start: float, n_prompt: int, batch: int = 1) -> t
     return prefill, decode
 
 
+def llamacpp_stamps(llm, ids: list[int], n: int) -> tuple[float, list[float]]:
+    """llama.cpp's greedy generation of n tokens after `ids` from a reset state: (start, each token's time)."""
+    llm.reset()
+    start, stamps = time.perf_counter(), []
+    for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        stamps.append(time.perf_counter())
+        if len(stamps) == n:
+            break
+    return start, stamps
+
+
 def engines(args, ids: list[int], gguf_path):
     """name -> a function running one timed generation and returning (prefill tok/s, decode tok/s)."""
     import lmlab
@@ -100,12 +111,7 @@ def llamacpp_engine(gguf_path, ids: list[int], n: int, threads: int):
     llm = Llama(model_path=str(gguf_path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def run():
-        llm.reset()
-        start, stamps = time.perf_counter(), []
-        for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            stamps.append(time.perf_counter())
-            if len(stamps) == n:
-                break
+        start, stamps = llamacpp_stamps(llm, ids, n)
         return split(stamps, start, len(ids))
 
     return run

@@ -122,6 +122,18 @@ def fuse(cfg: ModelConfig, fn, parts: list[Part]) -> Part:
     return parts[0].map(fn, cfg, parts[1:])
 
 
+def _place_embedding(model, part: Part, mode: str | None, group_size: int, state: dict, dtype: torch.dtype) -> None:
+    """The token table, and a tied head reading the same stored table packed for the matmul."""
+    emb = packed_embedding(part, mode)
+    _place(model, "wte", emb, state, dtype)
+    if model.cfg.tie_embeddings:
+        if isinstance(emb, QuantEmbedding) and emb.mode == "int8":  # one int8 table serves both
+            head = QuantLinear.from_int8(emb.weight, emb.scale)
+        else:
+            head = packed_linear("lm_head", part, head_mode(mode), group_size)
+        _place(model, "lm_head", head, state, dtype)
+
+
 def load_packed(model, f, keymap, mode: str | None, group_size: int, dtype: torch.dtype,
                 fuse_mlps: bool = False) -> None:
     """Fill a meta-device model from GGUFFile `f`: matmul weights packed (see the module docstring), the rest
@@ -161,14 +173,7 @@ def load_packed(model, f, keymap, mode: str | None, group_size: int, dtype: torc
             raise LmlabError(f"{f.path}: tensor for {key} has shape {part.codes.shape} but the metadata implies "
                              f"{expected}; the metadata and the weights do not match")
         if owner == "wte":
-            emb = packed_embedding(part, mode)
-            _place(model, "wte", emb, state, dtype)
-            if cfg.tie_embeddings:  # the head reads the same stored table, packed for the matmul
-                if isinstance(emb, QuantEmbedding) and emb.mode == "int8":  # one int8 table serves both
-                    head = QuantLinear.from_int8(emb.weight, emb.scale)
-                else:
-                    head = packed_linear("lm_head", part, head_mode(mode), group_size)
-                _place(model, "lm_head", head, state, dtype)
+            _place_embedding(model, part, mode, group_size, state, dtype)
         else:
             layer_mode = head_mode(mode) if owner == "lm_head" else mode
             _place(model, owner, packed_linear(owner, part, layer_mode, group_size), state, dtype)

@@ -42,7 +42,7 @@ from lmlab.quant import (
     weight_bytes,
     weights_description,
 )
-from lmlab.utils import atomic_write_text, default_dtype, resolve_device, resolve_dtype
+from lmlab.utils import atomic_write_text, default_dtype, progress, resolve_device, resolve_dtype
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 BANDWIDTH_CONVENTION = "tensor copy_: (bytes read + bytes written) / s, median of 5"  # 1 GiB: beyond any cache
@@ -71,14 +71,6 @@ def threads(n: int | None) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
-
-
-def progress(items, what: str):
-    """A progress bar on stderr for the timed loops (an 8B model's generations take minutes); tqdm leaves it out
-    when stderr is not a terminal."""
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=what, leave=False, disable=None)
 
 
 def sync(device: torch.device) -> None:

@@ -30,7 +30,7 @@ from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.model import Transformer
 from lmlab.tokenizer import Tokenizer, load_tokenizer, tokenizer_meta
-from lmlab.utils import atomic_dir, current_dir, read_json, trim_heap
+from lmlab.utils import atomic_dir, current_dir, progress, read_json, trim_heap
 
 META = "lmlab.json"
 FORMAT_VERSION = 1
@@ -194,7 +194,7 @@ def load_converted(model, pairs: Iterable[tuple[str, torch.Tensor]], device: tor
     `origin` names what set the expected shapes (config.json, the GGUF metadata) for the mismatch error."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = {}
-    for key, t in pairs:
+    for key, t in progress(pairs, f"reading {Path(source).name}", "tensor", total=len(expected)):
         if tuple(t.shape) != expected[key]:
             raise LmlabError(f"{source}: tensor for {key} has shape {tuple(t.shape)} but {origin} implies "
                              f"{expected[key]}; {origin} and the weights do not match")

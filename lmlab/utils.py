@@ -7,7 +7,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -237,3 +238,39 @@ def trim_heap() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+# Long loops (packing an 8B GGUF takes a minute) show a tqdm bar on a terminal; a caller that shows progress
+# elsewhere (the lab's page, for a load it runs on a thread) listens on its own thread instead.
+_listeners = threading.local()
+
+
+@contextmanager
+def progress_to(listener: Callable[[str, int, int], None]) -> Iterator[None]:
+    """Within this block, on this thread, `progress` loops report (what, done, total) to `listener` instead of
+    drawing a bar."""
+    before = getattr(_listeners, "fn", None)
+    _listeners.fn = listener
+    try:
+        yield
+    finally:
+        _listeners.fn = before
+
+
+def progress(items: Iterable, what: str, unit: str = "it", total: int | None = None) -> Iterator:
+    """`items`, with their progress shown: to this thread's listener (progress_to), else as a tqdm bar on stderr,
+    which tqdm leaves out when stderr is not a terminal. `total` for items without a length (a generator, which
+    is read lazily either way)."""
+    listener = getattr(_listeners, "fn", None)
+    if listener is None:
+        from tqdm.auto import tqdm
+
+        yield from tqdm(items, desc=what, unit=unit, total=total, leave=False, disable=None)
+        return
+    n = total if total is not None else len(items)  # type: ignore[arg-type]
+    done = 0
+    for item in items:
+        listener(what, done, n)
+        yield item
+        done += 1
+    listener(what, done, n)

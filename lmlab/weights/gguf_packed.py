@@ -26,7 +26,7 @@ import torch.nn as nn
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.quant import QuantEmbedding, QuantLinear, check_shape, exact_head, head_mode, quantize_int4, quantize_int8
-from lmlab.utils import trim_heap
+from lmlab.utils import progress, trim_heap
 
 
 @dataclass
@@ -139,15 +139,13 @@ def load_packed(model, f, keymap, mode: str | None, group_size: int, dtype: torc
     """Fill a meta-device model from GGUFFile `f`: matmul weights packed (see the module docstring), the rest
     float in `dtype`, one stored tensor at a time. `fuse_mlps`: each block's packed SwiGLU gate and up become one
     matmul (lmlab.fuse) once both are in, before its down projection is read."""
-    from tqdm.auto import tqdm
-
     from lmlab.fuse import fuse_mlp
 
     cfg = model.cfg
     matmuls = {name + ".weight" for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
     state: dict[str, torch.Tensor] = {}
     keys = list(model.state_dict())  # a bar on a terminal: an 8B file takes about a minute, once (then it is cached)
-    for key in tqdm(keys, desc=f"packing {Path(f.path).name}", unit="tensor", disable=None, leave=False):
+    for key in progress(keys, f"packing {Path(f.path).name}", "tensor"):
         if key == "lm_head.weight" and cfg.tie_embeddings:
             continue
         if fuse_mlps and key.endswith(".mlp.down.weight"):

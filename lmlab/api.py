@@ -155,7 +155,7 @@ def load(source: str | os.PathLike, device: str | torch.device | None = "auto",
 
 
 def check_load_settings(device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = None,
-                        quantize: str | None = None, group_size: int = 32) -> tuple[torch.device, torch.dtype]:
+                        quantize: str | None = None, group_size: int = GROUP_SIZE) -> tuple[torch.device, torch.dtype]:
     """The device and dtype `load` uses, its quantization settings checked: a bad one fails before any load."""
     from lmlab.quant import check_device, check_mode
 

@@ -73,7 +73,7 @@ def process_logits(logits: torch.Tensor, s: SamplingConfig, seen: torch.Tensor |
 def probabilities(logits: torch.Tensor, s: SamplingConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
     """The distribution (B, V) that `select` picks from: the softmax of the filtered logits (0 where a filter cut
     the token, the rest renormalised), or all the mass on the argmax when greedy."""
-    return distribution(logits, s, seen)[0]
+    return _softmax(process_logits(logits, s, seen), s)
 
 
 def distribution(logits: torch.Tensor, s: SamplingConfig,
@@ -83,10 +83,15 @@ def distribution(logits: torch.Tensor, s: SamplingConfig,
     sends most of a vocabulary's softmax below 1e-45), so what was cut is told by the filters, never by the
     probability."""
     logits = process_logits(logits, s, seen)
+    probs = _softmax(logits, s)
+    return probs, probs > 0 if s.greedy else torch.isfinite(logits)
+
+
+def _softmax(logits: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
+    """Filtered logits -> the distribution drawn from (one-hot on the argmax when greedy)."""
     if s.greedy:
-        probs = F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
-        return probs, probs > 0
-    return F.softmax(logits, dim=-1), torch.isfinite(logits)
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    return F.softmax(logits, dim=-1)
 
 
 def select(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None = None,

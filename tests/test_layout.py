@@ -21,10 +21,9 @@ LAYERS = [
     {"data", "checkpoint.py"},  # text -> token files; our checkpoint format and the last step of every loader
     {"weights"},  # foreign formats in and out: HF, GGUF, PEFT
     {"infer"},  # sampling, the one engine, text, chat sessions, evaluation
-    # the front door (lmlab.load, LM); lmlab.generate and lmlab.chat as users import them
-    {"api.py", "generate.py", "chat.py", "__init__.py"},
+    {"api.py", "__init__.py"},  # the front door (lmlab.load, LM)
     {"training"},  # the loop, its jobs (pretrain, fine-tune), optimizers, torchrun, metrics, fast paths
-    {"train.py", "finetune.py"},  # lmlab.train and lmlab.finetune as users import them: re-exports of training/
+    {"compat"},  # lmlab.generate, .chat, .train and .finetune as users import them: re-exports of infer/, training/
     {"serve", "study", "bench.py", "demo.py"},  # what runs over the library: the server, studies, benchmarks, demo
     {"cli.py", "__main__.py"},  # parsing and dispatch
 ]
@@ -38,6 +37,7 @@ INSIDE = {
               {"__init__"}],
     "training": [{"optim", "distributed", "metrics", "fastpath", "runs"}, {"loop", "plot"}, {"sft"}, {"finetune"},
                  {"__init__"}],
+    "compat": [{"generate", "chat", "train", "finetune"}, {"__init__"}],
     "serve": [{"scheduler", "reports"}, {"protocol"}, {"app", "loads"}, {"lab"}, {"__init__"}],
     "study": [{"plots", "text", "core"}, {"dropout_topk"}, {"dropout", "optimizers", "sampling"}, {"__init__"}],
 }
@@ -72,6 +72,11 @@ def _imports(path: Path) -> set[str]:
     return {m if (PKG / (m.replace(".", "/") + ".py")).exists() else f"{m}.__init__" for m in found}
 
 
+def test_at_most_16_modules_at_the_root():
+    """The layers are folders: `ls lmlab/` shows at most 16 modules beside them."""
+    assert len(list(PKG.glob("*.py"))) <= 16, sorted(p.name for p in PKG.glob("*.py"))
+
+
 def test_ls_lmlab_is_the_layering():
     """Every file and folder of lmlab/ (the static page folder of serve aside) has its layer, every module in a
     folder its place inside it, and no layer names something that is not there."""
@@ -104,16 +109,23 @@ def test_model_imports_torch_and_config_only():
 
 
 def test_old_import_paths_are_the_new_objects():
-    """The modules the README documented before the layers became folders (`from lmlab.train import train`,
-    `lmlab.chat.CHAT_SAMPLING`, `lmlab.finetune.finetune(...)`) still import, and hold the very objects of
-    their new homes, the chat templates that lived in lmlab.chat included."""
+    """The modules the README documented before the layers became folders (`lmlab.generate.SamplingConfig`,
+    `from lmlab.train import train`, `lmlab.chat.CHAT_SAMPLING`, `lmlab.finetune.finetune(...)`) still import (from
+    lmlab/compat/, under their old names), and hold the very objects of their new homes, the chat templates that
+    lived in lmlab.chat included; `lmlab.generate` works as an attribute too."""
     import lmlab.chat
     import lmlab.finetune
     import lmlab.train
-    from lmlab import config, templates
-    from lmlab.infer import chat
     from lmlab.train import train
+
+    from lmlab import config, templates
+    from lmlab.compat import generate as compat_generate
+    from lmlab.infer import chat
+    from lmlab.infer import generate as infer_generate
     from lmlab.training import finetune, loop
+
+    assert lmlab.generate is compat_generate and lmlab.generate.SamplingConfig is config.SamplingConfig
+    assert lmlab.generate.generate_ids is infer_generate.generate_ids
 
     assert train is loop.train and lmlab.train.TrainResult is loop.TrainResult
     assert lmlab.train.train_job is loop.train_job and lmlab.train.Pretrain is loop.Pretrain

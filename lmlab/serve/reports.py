@@ -2,18 +2,19 @@
 committed ones), its Markdown rendered to HTML here, its images inlined as data: URIs so the page needs no route
 (and no API key) to show them.
 
-The Markdown is the subset the reports are written in (lmlab/study/*.py's `report`): headings, paragraphs, pipe
-tables, bullet lists, fenced code, images, links, `code` and **bold**. The text is HTML-escaped before anything
-else: a report is text, never markup. An image is inlined only when it is a file of the report's own folder (a
-link out of it is not followed); a link opens in a new tab and tells the other site nothing of the page.
+The Markdown is rendered by markdown-it-py (CommonMark with GFM's pipe tables), with raw HTML off: a report is
+text, never markup. Two of its rules are ours: an image is inlined only when it is a file of the report's own
+folder (a link out of it is not followed), and a link opens in a new tab and tells the other site nothing of the
+page.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import re
+from functools import cache
 from pathlib import Path
+from urllib.parse import unquote
 
 from lmlab.errors import LmlabError
 from lmlab.training.runs import NOT_RUNS
@@ -21,7 +22,6 @@ from lmlab.training.runs import NOT_RUNS
 REPORT = "report.md"
 IMAGE_TYPES = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 MAX_DEPTH = 3
-LINK = r'<a href="\2" target="_blank" rel="noopener noreferrer">\1</a>'  # a new tab, no Referer, no window.opener
 
 
 def source_tree_studies() -> Path | None:
@@ -63,69 +63,29 @@ def render_report(folder: Path) -> str:
 
 
 def render(markdown: str, folder: Path) -> str:
-    """The Markdown subset (see the module's docstring) as HTML; images come from `folder`."""
-    lines, out, i = markdown.splitlines(), [], 0
-    while i < len(lines):
-        line = lines[i]
-        if not line.strip():
-            i += 1
-        elif line.startswith("```"):
-            end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), len(lines))
-            out.append(f"<pre><code>{html.escape(chr(10).join(lines[i + 1:end]))}</code></pre>")
-            i = end + 1
-        elif line.startswith("#"):
-            level = min(6, len(line) - len(line.lstrip("#")))
-            out.append(f"<h{level}>{inline(line.lstrip('#').strip(), folder)}</h{level}>")
-            i += 1
-        else:
-            kind = "table" if line.startswith("|") else "list" if line.startswith(("- ", "* ")) else "p"
-            j = i + 1
-            while j < len(lines) and lines[j].strip() and _kind(lines[j]) == kind:
-                j += 1
-            out.append(BLOCKS[kind](lines[i:j], folder))
-            i = j
-    return "\n".join(out)
+    """`markdown` as HTML (see the module's docstring); images come from `folder`."""
+    return _markdown().render(markdown, {"folder": folder})
 
 
-def _kind(line: str) -> str:
-    if line.startswith("|"):
-        return "table"
-    if line.startswith(("- ", "* ")):
-        return "list"
-    return "other" if line.startswith(("#", "```")) else "p"
+@cache
+def _markdown():
+    from markdown_it import MarkdownIt
 
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
 
-def _table(lines: list[str], folder: Path) -> str:
-    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
-    rows = [r for r in rows if not all(re.fullmatch(r":?-+:?", c) for c in r)]  # the |---| line
-    if not rows:  # a table of nothing but |---| lines
-        return ""
-    head, body = rows[0], rows[1:]
-    cells = lambda r, tag: "".join(f"<{tag}>{inline(c, folder)}</{tag}>" for c in r)  # noqa: E731
-    return (f"<table><thead><tr>{cells(head, 'th')}</tr></thead><tbody>"
-            + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in body) + "</tbody></table>")
+    def image(renderer, tokens, i, options, env) -> str:  # rules are bound to the renderer
+        token = tokens[i]
+        name = unquote(str(token.attrGet("src") or ""))  # markdown-it percent-encodes it
+        return _image(html.escape(token.content, quote=True), name, env["folder"])
 
+    def link_open(renderer, tokens, i, options, env) -> str:
+        tokens[i].attrSet("target", "_blank")  # a new tab, with no Referer and no window.opener
+        tokens[i].attrSet("rel", "noopener noreferrer")
+        return renderer.renderToken(tokens, i, options, env)
 
-BLOCKS = {
-    "table": _table,
-    "list": lambda lines, folder: "<ul>" + "".join(f"<li>{inline(ln[2:], folder)}</li>" for ln in lines) + "</ul>",
-    "p": lambda lines, folder: f"<p>{inline(' '.join(ln.strip() for ln in lines), folder)}</p>",
-}
-
-
-def inline(text: str, folder: Path) -> str:
-    """Escaped text with `code`, **bold**, images and links."""
-    parts = re.split(r"(`[^`]*`)", text)  # code spans first: nothing inside them is markup
-    out = []
-    for part in parts:
-        if part.startswith("`") and part.endswith("`") and len(part) > 1:
-            out.append(f"<code>{html.escape(part[1:-1])}</code>")
-            continue
-        s = html.escape(part, quote=True)
-        s = re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", lambda m: _image(m[1], html.unescape(m[2]), folder), s)
-        s = re.sub(r"\[([^\]]+)\]\((https?://[^)\s]+)\)", LINK, s)
-        out.append(re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", s))
-    return "".join(out)
+    md.add_render_rule("image", image)
+    md.add_render_rule("link_open", link_open)
+    return md
 
 
 def _image(alt: str, name: str, folder: Path) -> str:
